@@ -1,0 +1,54 @@
+"""athooks: attention transfer for any PyTorch teacher/student pair, inside your own training loop.
+
+Example:
+    ```python
+    import torch
+    import torch.nn.functional as F
+    import torchvision
+    import athooks
+
+    teacher = torchvision.models.resnet34(num_classes=10)
+    student = torchvision.models.resnet18(num_classes=10)
+    x, y = torch.randn(2, 3, 64, 64), torch.tensor([1, 2])
+    with athooks.Distiller(teacher, student, layers="layer?") as d:
+        loss = F.cross_entropy(student(x), y) + d.loss()
+        loss.backward()
+    ```
+"""
+
+from athooks.distiller import Distiller
+from athooks.errors import (
+    AthooksError,
+    CaptureError,
+    ConfigurationError,
+    LayerResolutionError,
+    PluginError,
+    UnknownNameError,
+)
+from athooks.layers import Layer, list_layers
+from athooks.losses import Loss, Step
+from athooks.mappings import Mapping
+from athooks.registry import get_plugin_manager, list_losses, list_mappings, loss, mapping
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AthooksError",
+    "CaptureError",
+    "ConfigurationError",
+    "Distiller",
+    "Layer",
+    "LayerResolutionError",
+    "Loss",
+    "Mapping",
+    "PluginError",
+    "Step",
+    "UnknownNameError",
+    "__version__",
+    "get_plugin_manager",
+    "list_layers",
+    "list_losses",
+    "list_mappings",
+    "loss",
+    "mapping",
+]

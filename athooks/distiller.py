@@ -1,0 +1,518 @@
+"""The Distiller: attention transfer inside the user's own training loop."""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from athooks.errors import CaptureError, ConfigurationError
+from athooks.layers import ResolvedPair, resolve_pairs, unwrap
+from athooks.losses.base import Loss, Step
+from athooks.mappings import Mapping
+from athooks.taps import Tap
+
+__all__ = ["Distiller"]
+
+CopyPolicy = Literal["auto", "always"]
+
+
+@dataclass
+class _StepState:
+    """The bookkeeping of one student forward."""
+
+    grad_enabled: bool
+    complete: bool = False
+    consumed: bool = False
+    student_output: Any = None
+    teacher_output: Any = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _TeacherState:
+    training: bool
+    requires_grad: list[tuple[nn.Parameter, bool]]
+
+
+class _RootHook:
+    """Forward pre-hook / post-hook on the student's root module (held weakly, deep-copy safe)."""
+
+    __slots__ = ("__weakref__", "_owner", "_start")
+
+    def __init__(self, owner: Distiller, start: bool) -> None:
+        self._owner = weakref.ref(owner)
+        self._start = start
+
+    def __call__(self, module: nn.Module, args: Any, kwargs: Any, *rest: Any) -> None:
+        owner = self._owner()
+        if owner is None or module is not owner.student:
+            return None
+        if self._start:
+            owner._on_student_start(args, kwargs)
+        else:
+            owner._on_student_end(rest[0] if rest else None)
+        return None
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _RootHook:
+        return self
+
+    def __reduce__(self) -> tuple[type, tuple[()]]:
+        from athooks.taps import _InertHook
+
+        return (_InertHook, ())
+
+
+def _remove_handles(handles: list[RemovableHandle]) -> None:
+    for handle in handles:
+        handle.remove()
+    handles.clear()
+
+
+class Distiller:
+    """Attention transfer from a teacher to a student, inside your own training loop.
+
+    Inside the ``with`` block, every call of ``student(...)`` first runs the teacher on the same
+    input (in eval mode, under ``torch.no_grad()``, parameters frozen), then the student; forward
+    hooks on the chosen layers reduce each feature map to the attention maps the losses need as it
+    is produced. ``d.loss()`` then returns the transfer loss of that step.
+
+    Args:
+        teacher: The teacher model.
+        student: The student model (the module you call in the training loop).
+        layers: Which layers to pair: a name or pattern used on both models (``"layer?"``), a
+            list of names/patterns or ``(teacher, student)`` tuples, or a dict teacher name ->
+            student name. Patterns: ``*`` and ``?`` stay within one dotted part, ``**`` crosses
+            parts, ``"re:..."`` is a full-match regular expression. Use :class:`athooks.Layer`
+            to choose a tensor from a tuple/dict output or to transform it.
+        losses: A loss name, a loss made by :func:`athooks.loss`, or a list of them.
+        teacher_input: Optional callable that adapts the student's inputs for the teacher; it is
+            called with the student's positional and keyword arguments and returns the teacher's
+            input (a tuple is spread as positional arguments).
+        copy_outputs: ``"auto"`` (default) copies a student layer's output only when something
+            overwrites it in place later, which the first forward detects; ``"always"`` copies
+            every tapped student output.
+
+    Example:
+        ```python
+        import torch
+        import torch.nn.functional as F
+        import torchvision
+        from athooks import Distiller
+
+        teacher = torchvision.models.resnet34(num_classes=10)
+        student = torchvision.models.resnet18(num_classes=10)
+        opt = torch.optim.SGD(student.parameters(), lr=0.1)
+        x, y = torch.randn(4, 3, 64, 64), torch.randint(0, 10, (4,))
+
+        with Distiller(teacher, student, layers="layer?") as d:
+            out = student(x)
+            loss = F.cross_entropy(out, y) + d.loss()
+            opt.zero_grad(); loss.backward(); opt.step()
+        print(d.pairs, {k: float(v) for k, v in d.terms.items()})
+        ```
+    """
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        student: nn.Module,
+        layers: Any,
+        losses: str | Loss | Sequence[str | Loss] = "at",
+        *,
+        teacher_input: Callable[..., Any] | None = None,
+        copy_outputs: CopyPolicy = "auto",
+    ) -> None:
+        for role, model in (("teacher", teacher), ("student", student)):
+            if not isinstance(model, nn.Module):
+                raise ConfigurationError(
+                    f"{role} must be a torch.nn.Module, got {type(model).__name__}: "
+                    f"{model!r:.80}; build the model first (e.g. timm.create_model('resnet18'))"
+                )
+        if teacher is student or unwrap(teacher)[0] is unwrap(student)[0]:
+            raise ConfigurationError(
+                "the teacher and the student are the same module; attention transfer needs two "
+                "networks (a trained teacher and the student being trained)"
+            )
+        if teacher_input is not None and not callable(teacher_input):
+            raise ConfigurationError(
+                f"teacher_input must be a callable taking the student's inputs, got "
+                f"{type(teacher_input).__name__}"
+            )
+        if copy_outputs not in ("auto", "always"):
+            raise ConfigurationError(
+                f"copy_outputs must be 'auto' or 'always', got {copy_outputs!r}"
+            )
+        self.teacher = teacher
+        self.student = student
+        self.teacher_input = teacher_input
+        self._losses = nn.ModuleList(_as_losses(losses))
+        self._labels = _unique_labels(self._losses)
+        mappings = _unique_mappings(self._losses)
+
+        resolved: list[ResolvedPair] = resolve_pairs(teacher, student, layers) if mappings else []
+        self._pairs = [(p.teacher_name, p.student_name) for p in resolved]
+        self._teacher_taps: list[Tap] = []
+        self._student_taps: list[Tap] = []
+        self._pair_taps: list[tuple[Tap, Tap]] = []
+        t_index: dict[tuple[str, Any], Tap] = {}
+        s_index: dict[tuple[str, Any], Tap] = {}
+        for p in resolved:
+            t_key = (p.teacher_name, p.teacher_layer)
+            if t_key not in t_index:
+                t_index[t_key] = Tap("teacher", p.teacher_name, p.teacher_module, p.teacher_layer, mappings)
+                self._teacher_taps.append(t_index[t_key])
+            s_key = (p.student_name, p.student_layer)
+            if s_key not in s_index:
+                s_index[s_key] = Tap(
+                    "student", p.student_name, p.student_module, p.student_layer, mappings,
+                    copy=copy_outputs,
+                )
+                self._student_taps.append(s_index[s_key])
+            self._pair_taps.append((t_index[t_key], s_index[s_key]))
+
+        self._needs_teacher_output = any(loss.needs_teacher_output for loss in self._losses)
+        self._handles: list[RemovableHandle] = []
+        self._finalizer: weakref.finalize[Any, Any] | None = None
+        self._teacher_state: _TeacherState | None = None
+        self._state: _StepState | None = None
+        self._in_student_forward = False
+        self._terms: dict[str, Tensor] = {}
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def pairs(self) -> list[tuple[str, str]]:
+        """The resolved ``(teacher_name, student_name)`` layer pairs, in order."""
+        return list(self._pairs)
+
+    @property
+    def losses(self) -> list[Loss]:
+        """The loss objects, in the order given."""
+        return list(self._losses)  # type: ignore[arg-type]
+
+    @property
+    def terms(self) -> dict[str, Tensor]:
+        """The value of each loss term at the last :meth:`loss` call, detached, for logging."""
+        return dict(self._terms)
+
+    @property
+    def attached(self) -> bool:
+        """Whether the hooks are in place (inside the ``with`` block)."""
+        return bool(self._handles)
+
+    def attach(self) -> Distiller:
+        """Put the hooks in place and freeze the teacher; what ``with Distiller(...)`` does.
+
+        Returns:
+            ``self``.
+
+        Raises:
+            ConfigurationError: If already attached.
+        """
+        if self._handles:
+            raise ConfigurationError(
+                "this Distiller is already attached; use it in one `with` block at a time"
+            )
+        teacher = self.teacher
+        self._teacher_state = _TeacherState(
+            training=teacher.training,
+            requires_grad=[(p, p.requires_grad) for p in teacher.parameters()],
+        )
+        teacher.eval()
+        for param, _ in self._teacher_state.requires_grad:
+            param.requires_grad_(False)
+        handles = self._handles
+        self._finalizer = weakref.finalize(self, _remove_handles, handles)
+        try:
+            for tap in (*self._teacher_taps, *self._student_taps):
+                handles.append(tap.attach())
+            handles.append(
+                self.student.register_forward_pre_hook(_RootHook(self, True), with_kwargs=True)
+            )
+            handles.append(
+                self.student.register_forward_hook(
+                    _RootHook(self, False), with_kwargs=True, always_call=True
+                )
+            )
+        except BaseException:
+            self.detach()
+            raise
+        return self
+
+    def detach(self) -> None:
+        """Remove every hook, restore the teacher's mode and ``requires_grad``, drop captures.
+
+        Safe to call more than once; ``with`` calls it on exit, also when the block raises.
+        """
+        if self._finalizer is not None:
+            self._finalizer()
+            self._finalizer = None
+        for tap in (*self._teacher_taps, *self._student_taps):
+            tap.detach()
+        if self._teacher_state is not None:
+            state = self._teacher_state
+            self.teacher.train(state.training)
+            for param, flag in state.requires_grad:
+                param.requires_grad_(flag)
+            self._teacher_state = None
+        self._state = None
+        self._in_student_forward = False
+
+    def __enter__(self) -> Distiller:
+        return self.attach()
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()
+
+    def loss(self, target: Tensor | None = None) -> Tensor:
+        """The transfer loss of the student's last forward: the sum of all loss terms.
+
+        Captured data is released once used: call the student again before the next ``loss()``.
+
+        Args:
+            target: The batch's labels, for losses that need them.
+
+        Returns:
+            A scalar tensor (with gradient towards the student when the forward had one).
+
+        Raises:
+            CaptureError: If there was no new student forward, a layer did not fire, a layer's
+                output was overwritten in place, or a student map carries no gradient.
+
+        Example:
+            ```python
+            import torch
+            import torchvision
+            from athooks import Distiller
+
+            t, s = torchvision.models.resnet34(), torchvision.models.resnet18()
+            with Distiller(t, s, layers=[("layer3", "layer3"), ("layer4", "layer4")]) as d:
+                s(torch.randn(2, 3, 64, 64))
+                total = d.loss()
+            assert torch.isclose(total, sum(d.terms.values()))
+            ```
+        """
+        state = self._check_ready()
+        try:
+            t_values, s_values = self._collect_values(state)
+            step = Step(
+                self._pairs,
+                t_values,
+                s_values,
+                student_output=state.student_output,
+                teacher_output=state.teacher_output,
+                target=target,
+            )
+            terms: dict[str, Tensor] = {}
+            for label, loss_fn in zip(self._labels, self._losses, strict=True):
+                value = loss_fn(step)
+                if not isinstance(value, Tensor) or value.numel() != 1:
+                    raise CaptureError(
+                        f"loss {label!r} returned {type(value).__name__}"
+                        f"{tuple(value.shape) if isinstance(value, Tensor) else ''}; a loss must "
+                        "return a scalar tensor"
+                    )
+                terms[label] = value.reshape(())
+            total = torch.stack([v.float() for v in terms.values()]).sum()
+            self._terms = {k: v.detach() for k, v in terms.items()}
+            return total
+        finally:
+            state.consumed = True
+            state.student_output = None
+            state.teacher_output = None
+            for tap in (*self._teacher_taps, *self._student_taps):
+                tap.capture = None
+
+    # ------------------------------------------------------------------ hook callbacks
+
+    def _on_student_start(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if self._in_student_forward:  # the student calling itself recursively: one step only
+            return
+        self._state = _StepState(grad_enabled=torch.is_grad_enabled())
+        for tap in self._student_taps:
+            tap.capture = None
+        if self._teacher_taps or self._needs_teacher_output:
+            self._state.teacher_output = self._run_teacher(args, kwargs)
+            if not self._needs_teacher_output:
+                self._state.teacher_output = None
+        for tap in self._student_taps:
+            tap.active = True
+        self._in_student_forward = True
+
+    def _on_student_end(self, output: Any) -> None:
+        if not self._in_student_forward:
+            return
+        self._in_student_forward = False
+        for tap in self._student_taps:
+            tap.active = False
+            tap.check_overwrite()
+        if self._state is not None:
+            self._state.student_output = output
+            self._state.complete = True
+
+    def _run_teacher(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        teacher = self.teacher
+        if teacher.training:  # something called .train() on it (e.g. a parent module)
+            teacher.eval()
+        if self.teacher_input is not None:
+            adapted = self.teacher_input(*args, **kwargs)
+            t_args, t_kwargs = (adapted if isinstance(adapted, tuple) else (adapted,)), {}
+        else:
+            t_args, t_kwargs = args, kwargs
+        for tap in self._teacher_taps:
+            tap.capture = None
+            tap.active = True
+        try:
+            with torch.no_grad():
+                return teacher(*t_args, **t_kwargs)
+        except Exception as err:
+            if hasattr(err, "add_note"):
+                err.add_note(
+                    "(raised while athooks ran the teacher on the student's input; adapt the "
+                    "input with Distiller(..., teacher_input=...) if the teacher expects another)"
+                )
+            raise
+        finally:
+            for tap in self._teacher_taps:
+                tap.active = False
+
+    # ------------------------------------------------------------------ checks
+
+    def _check_ready(self) -> _StepState:
+        if not self._handles:
+            raise CaptureError(
+                "the Distiller is not attached: call d.loss() inside `with Distiller(...) as d:` "
+                "(or after d.attach())"
+            )
+        state = self._state
+        if state is None:
+            raise CaptureError(
+                "d.loss() was called before any forward of the student inside the Distiller; "
+                "call student(x) first, then d.loss()"
+            )
+        if state.consumed:
+            raise CaptureError(
+                "d.loss() was already called for the student's last forward and its captures "
+                "were released; run student(x) again before the next d.loss() (the last values "
+                "are in d.terms)"
+            )
+        if not state.complete:
+            raise CaptureError(
+                "the student's last forward did not finish (it raised, or d.loss() was called "
+                "from inside it); call d.loss() after student(x) returns"
+            )
+        return state
+
+    def _collect_values(
+        self, state: _StepState
+    ) -> tuple[list[dict[Mapping, Tensor]], list[dict[Mapping, Tensor]]]:
+        t_values: list[dict[Mapping, Tensor]] = []
+        s_values: list[dict[Mapping, Tensor]] = []
+        for t_tap, s_tap in self._pair_taps:
+            if t_tap.capture is None:
+                raise CaptureError(
+                    f"teacher layer {t_tap.name!r} did not fire when athooks ran the teacher; "
+                    "the layer is not on the teacher's forward path for this input (a wrong "
+                    "branch, or a model that calls its stages directly)"
+                )
+            if s_tap.capture is None:
+                raise CaptureError(
+                    f"student layer {s_tap.name!r} did not fire during the student's last "
+                    "forward. Likely causes: the student was compiled with torch.compile before "
+                    "the Distiller was made (make the Distiller first), gradient checkpointing "
+                    "that bypasses the module (e.g. timm set_grad_checkpointing), or a branch "
+                    "the forward did not take"
+                )
+            cap = s_tap.capture
+            if cap.overwritten:
+                raise CaptureError(
+                    f"the output of student layer {s_tap.name!r} was overwritten in place after "
+                    "athooks captured it (e.g. ReLU(inplace=True) or `x += ...`), which the "
+                    "first forward did not do, so no copy was kept and its attention map cannot "
+                    "be differentiated. Use Distiller(..., copy_outputs='always')"
+                )
+            if state.grad_enabled and not cap.grad_enabled:
+                raise CaptureError(
+                    f"student layer {s_tap.name!r} ran with gradient disabled inside the "
+                    "student's forward, so its attention map has no gradient: reentrant "
+                    "gradient checkpointing (torch.utils.checkpoint with use_reentrant=True) or "
+                    "torch.no_grad() inside the model. Use checkpoint(..., use_reentrant=False) "
+                    "or tap a layer outside the checkpointed segment"
+                )
+            if (
+                state.grad_enabled
+                and not any(v.requires_grad for v in cap.values.values())
+                and _trainable_up_to(self.student, s_tap.module)
+            ):
+                raise CaptureError(
+                    f"the attention map of student layer {s_tap.name!r} carries no gradient "
+                    "although the student has trainable parameters up to that layer; something "
+                    "detaches its output (.detach(), .data, a no_grad block). Tap a layer whose "
+                    "output is part of the autograd graph"
+                )
+            t_values.append(t_tap.capture.values)
+            s_values.append(cap.values)
+        return t_values, s_values
+
+
+def _trainable_up_to(model: nn.Module, module: nn.Module) -> bool:
+    """Whether any parameter registered up to and including ``module`` requires grad."""
+    inner, _ = unwrap(model)
+    for _, mod in inner.named_modules():
+        if any(p.requires_grad for p in mod.parameters(recurse=False)):
+            return True
+        if mod is module:
+            return any(p.requires_grad for p in module.parameters())
+    return False
+
+
+def _as_losses(losses: Any) -> list[Loss]:
+    from athooks.registry import loss as make_loss
+
+    items = [losses] if isinstance(losses, (str, Loss)) else losses
+    if not isinstance(items, Sequence) or isinstance(items, str):
+        raise ConfigurationError(
+            f"losses must be a loss name, a loss from athooks.loss(...), or a list of them; got "
+            f"{type(losses).__name__}"
+        )
+    out: list[Loss] = []
+    for item in items:
+        if isinstance(item, str):
+            out.append(make_loss(item))
+        elif isinstance(item, Loss):
+            out.append(item)
+        else:
+            raise ConfigurationError(
+                f"losses: expected a loss name or athooks.loss(...), got {type(item).__name__}: "
+                f"{item!r:.80}"
+            )
+    if not out:
+        raise ConfigurationError("losses is empty; give at least one, e.g. losses='at'")
+    return out
+
+
+def _unique_labels(losses: Sequence[Any]) -> list[str]:
+    labels: list[str] = []
+    for loss_fn in losses:
+        label = loss_fn.name
+        n = 2
+        while label in labels:
+            label = f"{loss_fn.name}_{n}"
+            n += 1
+        labels.append(label)
+    return labels
+
+
+def _unique_mappings(losses: Sequence[Any]) -> list[Mapping]:
+    seen: list[Mapping] = []
+    for loss_fn in losses:
+        for mapping in loss_fn.captures():
+            if not any(mapping is m for m in seen):
+                seen.append(mapping)
+    return seen

@@ -1,0 +1,102 @@
+"""Activation-based attention transfer (Zagoruyko & Komodakis, ICLR 2017, section 3.1)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import Tensor
+
+from athooks.errors import ConfigurationError
+from athooks.losses.base import Loss, Step
+from athooks.mappings import Mapping, as_mapping
+
+__all__ = ["AT"]
+
+Distance = Literal["code", "paper"]
+
+
+class AT(Loss):
+    """Attention transfer: match the normalised attention maps of teacher and student.
+
+    With ``Q = mapping(A)`` flattened per sample and ``q = Q / ||Q||_2`` (per sample, eps 1e-12),
+    summed over the layer pairs ``j``:
+
+    * ``distance="code"`` (default), the authors' reference code, which produced the published
+      numbers: ``beta * sum_j mean_{batch, H*W} (q_S^j - q_T^j)^2``, with ``beta = 1000``;
+    * ``distance="paper"``, Eq. 2 of the paper: ``beta/2 * sum_j mean_batch ||q_S^j - q_T^j||_2``.
+
+    The two differ in scale by orders of magnitude: pick ``beta`` for the form you use.
+
+    Args:
+        beta: The weight.
+        mapping: A mapping name (``"sum_p"``, ``"sum"``, ``"max_p"``, or a plugin's), a mapping
+            object, or a callable ``(B, C, H, W) -> (B, H, W)``.
+        distance: ``"code"`` or ``"paper"``, as above.
+        **mapping_options: Options of a mapping given by name, e.g. ``p=4``.
+
+    Example:
+        ```python
+        import athooks
+
+        at = athooks.loss("at", beta=1e3, mapping="max_p", p=4)
+        paper = athooks.loss("at", distance="paper")
+        print(at, paper)
+        ```
+    """
+
+    name = "at"
+
+    def __init__(
+        self,
+        beta: float = 1e3,
+        mapping: Any = "sum_p",
+        distance: Distance = "code",
+        **mapping_options: Any,
+    ) -> None:
+        super().__init__()
+        if distance not in ("code", "paper"):
+            raise ConfigurationError(
+                f"at: distance must be 'code' (the authors' code, default) or 'paper' (Eq. 2), "
+                f"got {distance!r}"
+            )
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)):
+            raise ConfigurationError(f"at: beta must be a number, got {type(beta).__name__}")
+        self.beta = float(beta)
+        self.distance: Distance = distance
+        self.mapping: Mapping = as_mapping(mapping, **mapping_options)
+
+    def captures(self) -> tuple[Mapping, ...]:
+        """AT needs one attention map per tapped layer."""
+        return (self.mapping,)
+
+    def forward(self, step: Step) -> Tensor:
+        """The AT loss summed over all layer pairs."""
+        pair_losses = [
+            self.pair_loss(qt, qs) for qt, qs in step.maps(self.mapping)
+        ]
+        total = torch.stack(pair_losses).sum()
+        scale = self.beta if self.distance == "code" else self.beta / 2
+        return scale * total
+
+    def pair_loss(self, teacher_map: Tensor, student_map: Tensor) -> Tensor:
+        """The unweighted loss of one pair of ``(B, H, W)`` maps.
+
+        Args:
+            teacher_map: The teacher's attention map.
+            student_map: The student's attention map.
+
+        Returns:
+            A scalar: mean squared difference (``"code"``) or mean per-sample L2 distance
+            (``"paper"``) of the normalised maps.
+        """
+        qt = F.normalize(teacher_map.flatten(1).float(), dim=1)
+        qs = F.normalize(student_map.flatten(1).float(), dim=1)
+        diff = qs - qt
+        if self.distance == "code":
+            return diff.pow(2).mean()
+        return torch.linalg.vector_norm(diff, ord=2, dim=1).mean()
+
+    def extra_repr(self) -> str:
+        return f"beta={self.beta:g}, distance={self.distance!r}"

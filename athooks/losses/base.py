@@ -1,0 +1,195 @@
+"""The loss interface: a :class:`Loss` reads one training step's captures through a :class:`Step`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from torch import Tensor, nn
+
+from athooks.errors import CaptureError
+from athooks.mappings import Mapping
+
+__all__ = ["Loss", "Step"]
+
+
+class Step:
+    """What one student forward (and the teacher's forward on the same input) captured.
+
+    A :class:`Loss` receives a ``Step`` in :meth:`Loss.forward`. Attention maps are computed when
+    each layer fires, so a loss asks for them by the mapping it declared in :meth:`Loss.captures`.
+
+    Attributes:
+        pairs: The ``(teacher_name, student_name)`` layer pairs, in order.
+        target: The labels passed to ``Distiller.loss(target=...)``, or ``None``.
+
+    Example:
+        ```python
+        import torch
+        from athooks.plugin import Loss, Step
+
+        class MeanMapGap(Loss):
+            '''Squared gap between mean attention of teacher and student (illustration).'''
+
+            name = "mean_map_gap"
+
+            def __init__(self):
+                super().__init__()
+                self.mapping = __import__("athooks").mapping("sum_p", p=2)
+
+            def captures(self):
+                return (self.mapping,)
+
+            def forward(self, step: Step) -> torch.Tensor:
+                gaps = [(t.mean() - s.mean()) ** 2 for t, s in step.maps(self.mapping)]
+                return torch.stack(gaps).sum()
+        ```
+    """
+
+    def __init__(
+        self,
+        pairs: Sequence[tuple[str, str]],
+        teacher_values: Sequence[dict[Any, Tensor]],
+        student_values: Sequence[dict[Any, Tensor]],
+        *,
+        student_output: Any = None,
+        teacher_output: Any = None,
+        target: Tensor | None = None,
+    ) -> None:
+        self.pairs = list(pairs)
+        self._teacher_values = list(teacher_values)
+        self._student_values = list(student_values)
+        self._student_output = student_output
+        self._teacher_output = teacher_output
+        self.target = target
+
+    def maps(self, mapping: Mapping) -> list[tuple[Tensor, Tensor]]:
+        """The ``(teacher_map, student_map)`` of every pair for ``mapping``, each ``(B, H, W)``.
+
+        Args:
+            mapping: A mapping the calling loss returned from :meth:`Loss.captures`.
+
+        Returns:
+            One ``(teacher, student)`` tuple per pair, float32. The teacher map carries no gradient.
+
+        Raises:
+            CaptureError: If the two maps of a pair differ in batch size or spatial size.
+        """
+        out: list[tuple[Tensor, Tensor]] = []
+        for (t_name, s_name), t_vals, s_vals in zip(
+            self.pairs, self._teacher_values, self._student_values, strict=True
+        ):
+            try:
+                qt, qs = t_vals[mapping], s_vals[mapping]
+            except KeyError:
+                raise CaptureError(
+                    f"mapping {mapping!r} was not captured; a loss must return every mapping it "
+                    "reads from Loss.captures()"
+                ) from None
+            if qt.shape[0] != qs.shape[0]:
+                raise CaptureError(
+                    f"batch sizes differ in pair (teacher {t_name!r}, student {s_name!r}): "
+                    f"teacher {qt.shape[0]}, student {qs.shape[0]}; the teacher must see the same "
+                    "batch as the student (check teacher_input)"
+                )
+            if qt.shape[1:] != qs.shape[1:]:
+                raise CaptureError(
+                    f"attention maps of pair (teacher {t_name!r}, student {s_name!r}) differ in "
+                    f"spatial size: teacher {tuple(qt.shape[1:])}, student {tuple(qs.shape[1:])}. "
+                    "Pair layers of the same stride, or feed the teacher an input of matching "
+                    "resolution through teacher_input"
+                )
+            out.append((qt, qs))
+        return out
+
+    @property
+    def student_output(self) -> Any:
+        """The value the student's last forward returned."""
+        return self._student_output
+
+    @property
+    def teacher_output(self) -> Any:
+        """The value the teacher returned on the same input (for losses that declare they need it)."""
+        return self._teacher_output
+
+    def require_target(self, loss_name: str) -> Tensor:
+        """The labels, or a clear error when ``Distiller.loss()`` was called without them.
+
+        Args:
+            loss_name: The name of the loss that needs them, for the message.
+
+        Returns:
+            The target tensor.
+
+        Raises:
+            CaptureError: If no target was given.
+        """
+        if self.target is None:
+            raise CaptureError(
+                f"loss {loss_name!r} needs the labels: call d.loss(target=y) with the batch's "
+                "targets"
+            )
+        return self.target
+
+
+class Loss(nn.Module):
+    """Base class of transfer losses.
+
+    A loss declares, through :meth:`captures`, the mappings to apply to every tapped layer as it
+    fires (so no teacher feature map has to be kept), and computes a scalar from a :class:`Step`
+    in :meth:`forward`. A loss with parameters registers them as usual for an ``nn.Module``.
+
+    Attributes:
+        name: The registry name, used as the key of ``Distiller.terms``.
+        needs_teacher_output: Whether the Distiller must keep the teacher's output for this loss.
+
+    Example:
+        ```python
+        import torch
+        import athooks
+        from athooks.plugin import Loss
+
+        class L1AT(Loss):
+            name = "l1_at"
+
+            def __init__(self, weight: float = 1.0):
+                super().__init__()
+                self.weight = weight
+                self.mapping = athooks.mapping("sum_p", p=2)
+
+            def captures(self):
+                return (self.mapping,)
+
+            def forward(self, step):
+                terms = []
+                for t, s in step.maps(self.mapping):
+                    t = torch.nn.functional.normalize(t.flatten(1), dim=1)
+                    s = torch.nn.functional.normalize(s.flatten(1), dim=1)
+                    terms.append((s - t).abs().mean())
+                return self.weight * torch.stack(terms).sum()
+
+        print(L1AT())
+        ```
+    """
+
+    name: str = "loss"
+    needs_teacher_output: bool = False
+
+    def captures(self) -> tuple[Mapping, ...]:
+        """The mappings to compute at every tapped layer, on both models.
+
+        Returns:
+            Mapping modules; :meth:`Step.maps` returns their results.
+        """
+        return ()
+
+    def forward(self, step: Step) -> Tensor:  # pragma: no cover - abstract
+        """Compute the loss of one step.
+
+        Args:
+            step: What the last forward captured.
+
+        Returns:
+            A scalar tensor.
+        """
+        raise NotImplementedError

@@ -1,0 +1,313 @@
+"""Attention mappings: a feature map ``(B, C, H, W)`` becomes a spatial attention map ``(B, H, W)``.
+
+The built-ins are the activation-based mappings of Zagoruyko & Komodakis (ICLR 2017, section 3.1):
+
+* ``sum``:   ``F_sum(A)   = sum_c |A_c|``
+* ``sum_p``: ``F_sum^p(A) = sum_c |A_c|^p`` (default ``p = 2``, the paper's best)
+* ``max_p``: ``F_max^p(A) = max_c |A_c|^p``
+
+They are computed in float32 whatever the input dtype (so bf16/fp16 autocast cannot overflow them),
+and for backward they keep only the feature map itself, which the network usually keeps anyway:
+no extra full-size tensor is saved per tapped layer.
+
+Any callable ``(B, C, H, W) -> (B, H, W)`` can be used where a mapping is expected; a mapping with
+parameters is an :class:`torch.nn.Module` (subclass :class:`Mapping`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from athooks.errors import CaptureError, ConfigurationError
+
+__all__ = ["FunctionMapping", "MaxP", "Mapping", "Sum", "SumP", "abs_pow_sum", "as_mapping"]
+
+
+class Mapping(nn.Module):
+    """Base class of attention mappings: ``forward(features (B, C, H, W)) -> (B, H, W)``.
+
+    Subclass it for a mapping with options or parameters; plain callables are wrapped in
+    :class:`FunctionMapping`. ``name`` is the registry name (set by the registry for built-ins
+    and plugins).
+
+    Example:
+        ```python
+        import torch
+        from athooks.plugin import Mapping
+
+        class MeanAbs(Mapping):
+            name = "mean_abs"
+
+            def forward(self, features: torch.Tensor) -> torch.Tensor:
+                return features.abs().mean(dim=1)
+
+        print(MeanAbs()(torch.randn(2, 8, 4, 4)).shape)  # torch.Size([2, 4, 4])
+        ```
+    """
+
+    name: str = "mapping"
+
+    def forward(self, features: Tensor) -> Tensor:  # pragma: no cover - abstract
+        """Map a ``(B, C, H, W)`` feature map to a ``(B, H, W)`` attention map."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        extra = self.extra_repr()
+        if list(self.children()):
+            return super().__repr__()
+        return f"{self.name}({extra})"
+
+
+class _AbsPowSum(torch.autograd.Function):
+    """``sum_c |a_c|^p`` in float32, saving only ``a`` for backward."""
+
+    @staticmethod
+    def forward(ctx: Any, a: Tensor, p: float) -> Tensor:
+        ctx.save_for_backward(a)
+        ctx.p = p
+        af = a.float()
+        if p == 2:
+            return af.square().sum(dim=1)
+        if p == 1:
+            return af.abs().sum(dim=1)
+        return af.abs().pow(p).sum(dim=1)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None]:
+        (a,) = ctx.saved_tensors
+        p = ctx.p
+        af = a.float()
+        g = grad.unsqueeze(1)
+        if p == 2:
+            ga = g * (2.0 * af)
+        elif p == 1:
+            ga = g * af.sign()
+        else:
+            ga = g * (p * af.abs().pow(p - 1) * af.sign())
+        return ga.to(a.dtype), None
+
+
+def abs_pow_sum(features: Tensor, p: float = 2.0) -> Tensor:
+    """``sum over channels of |features|^p`` in float32, memory-lean in backward.
+
+    Args:
+        features: A ``(B, C, H, W)`` tensor of any floating dtype.
+        p: The exponent, ``p >= 1``.
+
+    Returns:
+        A float32 ``(B, H, W)`` tensor.
+
+    Example:
+        ```python
+        import torch
+        from athooks.mappings import abs_pow_sum
+
+        x = torch.randn(2, 3, 4, 4)
+        assert torch.allclose(abs_pow_sum(x, 2), x.pow(2).sum(1))
+        ```
+    """
+    out: Tensor = _AbsPowSum.apply(features, float(p))
+    return out
+
+
+def _check_p(p: Any, name: str) -> float:
+    if isinstance(p, bool) or not isinstance(p, (int, float)):
+        raise ConfigurationError(f"{name}: p must be a number >= 1, got {type(p).__name__} {p!r}")
+    if not p >= 1:
+        raise ConfigurationError(
+            f"{name}: p must be >= 1 (|A|^p is not differentiable at 0 for p < 1), got {p}"
+        )
+    return float(p)
+
+
+class Sum(Mapping):
+    """``F_sum(A) = sum_c |A_c|`` (paper section 3.1).
+
+    Example:
+        ```python
+        import torch
+        import athooks
+
+        amap = athooks.mapping("sum")(torch.randn(2, 16, 8, 8))
+        assert amap.shape == (2, 8, 8)
+        ```
+    """
+
+    name = "sum"
+
+    def forward(self, features: Tensor) -> Tensor:
+        """Sum of absolute values over channels."""
+        return abs_pow_sum(features, 1.0)
+
+
+class SumP(Mapping):
+    """``F_sum^p(A) = sum_c |A_c|^p`` (paper section 3.1); ``p = 2`` is the paper's default.
+
+    Args:
+        p: The exponent (``p >= 1``; the paper uses 1, 2 and 4).
+
+    Example:
+        ```python
+        import torch
+        import athooks
+
+        f = torch.randn(2, 16, 8, 8)
+        assert torch.allclose(athooks.mapping("sum_p", p=4)(f), f.abs().pow(4).sum(1))
+        ```
+    """
+
+    name = "sum_p"
+
+    def __init__(self, p: float = 2.0) -> None:
+        super().__init__()
+        self.p = _check_p(p, "sum_p")
+
+    def forward(self, features: Tensor) -> Tensor:
+        """Sum of ``|A_c|^p`` over channels."""
+        return abs_pow_sum(features, self.p)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p:g}"
+
+
+class MaxP(Mapping):
+    """``F_max^p(A) = max_c |A_c|^p`` (paper section 3.1).
+
+    The maximum of ``|A_c|`` is taken as ``max(max_c A_c, -min_c A_c)`` so that no full-size
+    ``|A|`` tensor is kept for backward.
+
+    Args:
+        p: The exponent (``p >= 1``).
+
+    Example:
+        ```python
+        import torch
+        import athooks
+
+        f = torch.randn(2, 16, 8, 8)
+        assert torch.allclose(athooks.mapping("max_p", p=2)(f), f.abs().amax(1).pow(2))
+        ```
+    """
+
+    name = "max_p"
+
+    def __init__(self, p: float = 2.0) -> None:
+        super().__init__()
+        self.p = _check_p(p, "max_p")
+
+    def forward(self, features: Tensor) -> Tensor:
+        """Largest ``|A_c|^p`` over channels."""
+        top = torch.maximum(features.amax(dim=1), features.amin(dim=1).neg())
+        return top.float().pow(self.p)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p:g}"
+
+
+class FunctionMapping(Mapping):
+    """Wraps a plain callable ``(B, C, H, W) -> (B, H, W)`` as a :class:`Mapping`.
+
+    Args:
+        fn: The callable.
+        name: Its display name (defaults to the callable's ``__name__``).
+
+    Example:
+        ```python
+        import torch
+        from athooks.mappings import FunctionMapping
+
+        m = FunctionMapping(lambda f: f.mean(1), name="mean")
+        assert m(torch.ones(1, 3, 2, 2)).shape == (1, 2, 2)
+        ```
+    """
+
+    def __init__(self, fn: Callable[[Tensor], Tensor], name: str | None = None) -> None:
+        super().__init__()
+        self.fn = fn
+        self.name = name or getattr(fn, "__name__", type(fn).__name__)
+
+    def forward(self, features: Tensor) -> Tensor:
+        """Call the wrapped function."""
+        return self.fn(features)
+
+
+def as_mapping(mapping: Any, **options: Any) -> Mapping:
+    """Turn a name, a :class:`Mapping` or a callable into a :class:`Mapping`.
+
+    Args:
+        mapping: A registered name (``"sum_p"``), a mapping object, or a callable.
+        **options: Options for a named mapping (e.g. ``p=4``); not allowed with an object.
+
+    Returns:
+        A mapping module.
+
+    Raises:
+        ConfigurationError: If options are given with an object, or the argument is not usable.
+
+    Example:
+        ```python
+        from athooks.mappings import as_mapping
+
+        print(as_mapping("max_p", p=4))  # max_p(p=4)
+        ```
+    """
+    if isinstance(mapping, str):
+        from athooks.registry import mapping as make
+
+        return make(mapping, **options)
+    if options:
+        raise ConfigurationError(
+            f"mapping options {sorted(options)} were given with a mapping object {mapping!r}; "
+            "options only apply to a mapping given by name, e.g. mapping='sum_p', p=4"
+        )
+    if isinstance(mapping, Mapping):
+        return mapping
+    if isinstance(mapping, nn.Module) or callable(mapping):
+        if isinstance(mapping, nn.Module):
+            wrapped = FunctionMapping(mapping, name=type(mapping).__name__)
+        else:
+            wrapped = FunctionMapping(mapping)
+        return wrapped
+    raise ConfigurationError(
+        f"mapping must be a registered name (see athooks.list_mappings()), an athooks Mapping, "
+        f"or a callable (B, C, H, W) -> (B, H, W); got {type(mapping).__name__}: {mapping!r}"
+    )
+
+
+def apply_mapping(mapping: Mapping, features: Tensor, where: str) -> Tensor:
+    """Apply ``mapping`` to a captured feature map, checking input and output shapes.
+
+    Args:
+        mapping: The mapping.
+        features: The captured tensor.
+        where: A description of the layer for error messages.
+
+    Returns:
+        The ``(B, H, W)`` attention map.
+
+    Raises:
+        CaptureError: If the feature map is not 4-D or the mapping returns a wrong shape/dtype.
+    """
+    if features.dim() != 4:
+        raise CaptureError(
+            f"{where} produced a tensor of shape {tuple(features.shape)}; attention mappings "
+            "need a feature map (B, C, H, W). Tap a convolutional layer, or give the layer a "
+            "transform, e.g. athooks.Layer(name, transform=lambda t: ...) that returns (B, C, H, W)"
+        )
+    out = mapping(features)
+    b, _, h, w = features.shape
+    if not isinstance(out, Tensor) or tuple(out.shape) != (b, h, w) or not out.is_floating_point():
+        got = (
+            f"{out.dtype} tensor of shape {tuple(out.shape)}"
+            if isinstance(out, Tensor)
+            else type(out).__name__
+        )
+        raise CaptureError(
+            f"mapping {getattr(mapping, 'name', mapping)!r} returned a {got} for {where}; a "
+            f"mapping must return a floating tensor of shape (B, H, W) = {(b, h, w)}"
+        )
+    return out

@@ -1,0 +1,319 @@
+"""The plugin registry: mappings and losses by name, provided by pluggy plugins.
+
+The registry is a :class:`pluggy.PluginManager` for project ``"athooks"`` with the hooks of
+:mod:`athooks.hookspecs`. The built-in mappings and losses are a plugin like any other
+(:mod:`athooks.builtins`). Each lookup asks every plugin, so a plugin registered at any time is seen
+by the next lookup, and a plugin that misbehaves only breaks the names it provides.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pluggy
+
+from athooks import hookspecs
+from athooks.errors import ConfigurationError, PluginError, UnknownNameError
+from athooks.specs import LossSpec, MappingSpec
+
+__all__ = [
+    "get_plugin_manager",
+    "list_losses",
+    "list_mappings",
+    "loss",
+    "mapping",
+]
+
+BUILTIN_PLUGIN_NAME = "athooks.builtins"
+
+_lock = threading.Lock()
+_manager: pluggy.PluginManager | None = None
+
+
+def get_plugin_manager() -> pluggy.PluginManager:
+    """The process-wide plugin manager, created on first use with the built-ins registered.
+
+    Register a plugin object by hand with ``get_plugin_manager().register(obj, name="...")``.
+
+    Returns:
+        The :class:`pluggy.PluginManager` of athooks.
+
+    Example:
+        ```python
+        import athooks
+        from athooks.plugin import MappingSpec, hookimpl
+
+        class MeanAbsPlugin:
+            @hookimpl
+            def athooks_mappings(self):
+                return [MappingSpec("mean_abs_demo", lambda: (lambda f: f.abs().mean(1)))]
+
+        pm = athooks.get_plugin_manager()
+        plugin = MeanAbsPlugin()
+        pm.register(plugin, name="mean-abs-demo")
+        assert "mean_abs_demo" in athooks.list_mappings()
+        pm.unregister(plugin)
+        ```
+    """
+    global _manager
+    with _lock:
+        if _manager is None:
+            from athooks import builtins
+
+            pm = pluggy.PluginManager(hookspecs.PROJECT)
+            pm.add_hookspecs(hookspecs)
+            pm.register(builtins, name=BUILTIN_PLUGIN_NAME)
+            _manager = pm
+        return _manager
+
+
+@dataclass(frozen=True)
+class _Entry:
+    spec: MappingSpec | LossSpec
+    plugin_name: str
+
+
+@dataclass
+class _Collected:
+    entries: dict[str, _Entry]
+    conflicts: dict[str, list[str]]  # name -> plugins that all registered it
+    broken: dict[str, str]  # plugin name -> what went wrong
+
+
+def _collect(kind: str) -> _Collected:
+    pm = get_plugin_manager()
+    hook_name = "athooks_mappings" if kind == "mapping" else "athooks_losses"
+    spec_type: type = MappingSpec if kind == "mapping" else LossSpec
+    caller = getattr(pm.hook, hook_name)
+    entries: dict[str, _Entry] = {}
+    conflicts: dict[str, list[str]] = {}
+    broken: dict[str, str] = {}
+    # pluggy calls the most recently registered implementation first; walk registration order
+    for impl in reversed(caller.get_hookimpls()):
+        plugin_name = impl.plugin_name
+        try:
+            specs = impl.function()
+        except Exception as err:  # a broken plugin must not take the others down
+            broken[plugin_name] = f"its {hook_name}() raised {type(err).__name__}: {err}"
+            continue
+        if not isinstance(specs, (list, tuple)):
+            broken[plugin_name] = (
+                f"its {hook_name}() returned {type(specs).__name__}, expected a list of "
+                f"{spec_type.__name__}"
+            )
+            continue
+        for spec in specs:
+            if not isinstance(spec, spec_type) or not isinstance(spec.name, str) or not spec.name:
+                broken[plugin_name] = (
+                    f"its {hook_name}() returned {spec!r}; each item must be a "
+                    f"{spec_type.__name__} with a non-empty name"
+                )
+                continue
+            if spec.name in entries or spec.name in conflicts:
+                owners = conflicts.setdefault(spec.name, [])
+                if spec.name in entries:
+                    owners.append(entries.pop(spec.name).plugin_name)
+                owners.append(plugin_name)
+                continue
+            entries[spec.name] = _Entry(spec, plugin_name)
+    return _Collected(entries, conflicts, broken)
+
+
+def plugin_label(plugin_name: str) -> str:
+    """A readable label for a registered plugin: its distribution and version when known.
+
+    Args:
+        plugin_name: The name the plugin was registered under.
+
+    Returns:
+        E.g. ``"athooks 0.1.0 (built-in)"`` or ``"athooks-cbam 0.1.0"`` or the plain name.
+    """
+    if plugin_name == BUILTIN_PLUGIN_NAME:
+        from athooks import __version__
+
+        return f"athooks {__version__} (built-in)"
+    pm = get_plugin_manager()
+    plugin = pm.get_plugin(plugin_name)
+    for obj, dist in pm.list_plugin_distinfo():
+        if obj is plugin:
+            return f"{dist.project_name} {dist.version}"
+    return plugin_name
+
+
+def _lookup(kind: str, name: str) -> _Entry:
+    if not isinstance(name, str):
+        raise ConfigurationError(f"a {kind} name must be a string, got {type(name).__name__}")
+    found = _collect(kind)
+    if name in found.entries:
+        return found.entries[name]
+    if name in found.conflicts:
+        owners = ", ".join(plugin_label(p) for p in found.conflicts[name])
+        raise PluginError(
+            f"{kind} name {name!r} is registered by more than one plugin ({owners}); names must "
+            "be unique. Uninstall one of them, or unregister it with "
+            "athooks.get_plugin_manager().unregister(...)"
+        )
+    known = sorted(found.entries)
+    close = difflib.get_close_matches(name, known, n=3)
+    msg = f"unknown {kind} {name!r}; registered {kind}s: {', '.join(known) or '(none)'}"
+    if close:
+        msg += f"; did you mean {', '.join(repr(c) for c in close)}?"
+    if found.broken:
+        problems = "; ".join(f"{plugin_label(p)}: {why}" for p, why in found.broken.items())
+        msg += f". Some plugins failed to provide their {kind}s: {problems}"
+    else:
+        msg += (
+            f". If {name!r} comes from a plugin package, check that it is installed in this "
+            "environment (`athooks plugins` lists what is available)"
+        )
+    raise UnknownNameError(msg)
+
+
+def _make(kind: str, name: str, options: dict[str, Any]) -> tuple[Any, str]:
+    entry = _lookup(kind, name)
+    factory: Callable[..., Any] = entry.spec.factory
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):  # builtins without signatures: just call
+        signature = None
+    if signature is not None:
+        try:
+            signature.bind(**options)
+        except TypeError:
+            accepted = [
+                p.name
+                for p in signature.parameters.values()
+                if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+            ]
+            has_var_kw = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
+            if not has_var_kw:
+                bad = sorted(set(options) - set(accepted))
+                raise ConfigurationError(
+                    f"{kind} {name!r} got unexpected option(s) {', '.join(bad) or '(none)'}; "
+                    f"its options are: {', '.join(accepted) or '(none)'}"
+                ) from None
+    try:
+        obj = factory(**options)
+    except ConfigurationError:
+        raise
+    except TypeError as err:
+        raise ConfigurationError(f"{kind} {name!r} rejected its options {options}: {err}") from err
+    except Exception as err:
+        raise PluginError(
+            f"{kind} {name!r} from {plugin_label(entry.plugin_name)} failed to build: "
+            f"{type(err).__name__}: {err}"
+        ) from err
+    return obj, entry.plugin_name
+
+
+def mapping(name: str, **options: Any) -> Any:
+    """A configured attention mapping, by registry name.
+
+    The result is an :class:`athooks.plugin.Mapping` (an ``nn.Module``) that turns a
+    ``(B, C, H, W)`` tensor into a ``(B, H, W)`` attention map.
+
+    Args:
+        name: A registered mapping name (``athooks.list_mappings()``).
+        **options: The mapping's options, e.g. ``p=4``.
+
+    Returns:
+        The mapping.
+
+    Raises:
+        UnknownNameError: If no plugin registers ``name``.
+        ConfigurationError: If an option is not accepted.
+
+    Example:
+        ```python
+        import torch
+        import athooks
+
+        amap = athooks.mapping("sum_p", p=4)(torch.randn(2, 64, 8, 8))
+        assert amap.shape == (2, 8, 8)
+        ```
+    """
+    from athooks.mappings import FunctionMapping, Mapping
+
+    obj, plugin_name = _make("mapping", name, options)
+    if not isinstance(obj, Mapping):
+        if not callable(obj):
+            raise PluginError(
+                f"mapping {name!r} from {plugin_label(plugin_name)} built a "
+                f"{type(obj).__name__}, which is not callable; a mapping factory must return an "
+                "athooks.plugin.Mapping or a callable (B, C, H, W) -> (B, H, W)"
+            )
+        obj = FunctionMapping(obj, name=name)
+    obj.name = name
+    return obj
+
+
+def loss(name: str, **options: Any) -> Any:
+    """A configured transfer loss, by registry name.
+
+    Args:
+        name: A registered loss name (``athooks.list_losses()``).
+        **options: The loss's options, e.g. ``beta=1e3, mapping="max_p", p=4`` for ``"at"``.
+
+    Returns:
+        An :class:`athooks.plugin.Loss` to pass to :class:`athooks.Distiller`.
+
+    Raises:
+        UnknownNameError: If no plugin registers ``name``.
+        ConfigurationError: If an option is not accepted.
+
+    Example:
+        ```python
+        import athooks
+
+        at = athooks.loss("at", beta=1e3, mapping="max_p", p=4)
+        print(at)
+        ```
+    """
+    from athooks.losses.base import Loss
+
+    obj, plugin_name = _make("loss", name, options)
+    if not isinstance(obj, Loss):
+        raise PluginError(
+            f"loss {name!r} from {plugin_label(plugin_name)} built a {type(obj).__name__}; a "
+            "loss factory must return an athooks.plugin.Loss"
+        )
+    if obj.name == Loss.name:
+        obj.name = name
+    return obj
+
+
+def list_mappings() -> list[str]:
+    """Names of every registered attention mapping, sorted.
+
+    Returns:
+        The names.
+
+    Example:
+        ```python
+        import athooks
+
+        assert {"sum", "sum_p", "max_p"} <= set(athooks.list_mappings())
+        ```
+    """
+    return sorted(_collect("mapping").entries)
+
+
+def list_losses() -> list[str]:
+    """Names of every registered transfer loss, sorted.
+
+    Returns:
+        The names.
+
+    Example:
+        ```python
+        import athooks
+
+        assert "at" in athooks.list_losses()
+        ```
+    """
+    return sorted(_collect("loss").entries)

@@ -1,0 +1,62 @@
+"""What a plugin returns from its hooks: named factories for mappings and losses."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["LossSpec", "MappingSpec"]
+
+
+@dataclass(frozen=True)
+class MappingSpec:
+    """A named attention mapping a plugin provides.
+
+    Args:
+        name: The registry name users pick it by (``athooks.mapping(name, **options)``).
+        factory: Called with the user's options; returns an :class:`athooks.plugin.Mapping`
+            (or any callable ``(B, C, H, W) -> (B, H, W)``, which athooks wraps).
+        summary: One line shown by ``athooks.list_mappings(details=True)``.
+
+    Example:
+        ```python
+        from athooks.plugin import MappingSpec, hookimpl
+
+        def mean_abs(features):
+            return features.abs().mean(dim=1)
+
+        @hookimpl
+        def athooks_mappings():
+            return [MappingSpec("mean_abs", lambda: mean_abs, "mean of |A| over channels")]
+        ```
+    """
+
+    name: str
+    factory: Callable[..., Any]
+    summary: str = ""
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """A named transfer loss a plugin provides.
+
+    Args:
+        name: The registry name (``athooks.loss(name, **options)``).
+        factory: Called with the user's options; returns an :class:`athooks.plugin.Loss`.
+        summary: One line shown by ``athooks.list_losses(details=True)``.
+
+    Example:
+        ```python
+        from athooks.plugin import LossSpec, hookimpl
+        from athooks.losses import AT
+
+        @hookimpl
+        def athooks_losses():
+            return [LossSpec("at_max4", lambda beta=1e3: AT(beta, mapping="max_p", p=4), "AT, F_max^4")]
+        ```
+    """
+
+    name: str
+    factory: Callable[..., Any]
+    summary: str = ""

@@ -45,11 +45,13 @@ def build_model(spec: str) -> nn.Module:
         if source in ("", "timm"):
             import timm
 
-            return timm.create_model(name, pretrained=False)  # type: ignore[no-any-return]
+            net: nn.Module = timm.create_model(name, pretrained=False)
+            return net
         if source == "torchvision":
             import torchvision
 
-            return torchvision.models.get_model(name, weights=None)  # type: ignore[no-any-return]
+            model: nn.Module = torchvision.models.get_model(name, weights=None)
+            return model
         module = importlib.import_module(source)
         factory = getattr(module, name)
     except (ImportError, AttributeError, RuntimeError, KeyError, ValueError) as err:
@@ -59,9 +61,7 @@ def build_model(spec: str) -> nn.Module:
         ) from None
     model = factory() if callable(factory) and not isinstance(factory, nn.Module) else factory
     if not isinstance(model, nn.Module):
-        raise ConfigurationError(
-            f"{spec!r} gave a {type(model).__name__}, not a torch.nn.Module"
-        )
+        raise ConfigurationError(f"{spec!r} gave a {type(model).__name__}, not a torch.nn.Module")
     return model
 
 

@@ -151,9 +151,10 @@ class Distiller:
         self.teacher = teacher
         self.student = student
         self.teacher_input = teacher_input
-        self._losses = nn.ModuleList(_as_losses(losses))
-        self._labels = _unique_labels(self._losses)
-        mappings = _unique_mappings(self._losses)
+        loss_list = _as_losses(losses)
+        self._losses = nn.ModuleList(loss_list)
+        self._labels = _unique_labels(loss_list)
+        mappings = _unique_mappings(loss_list)
 
         resolved: list[ResolvedPair] = resolve_pairs(teacher, student, layers) if mappings else []
         self._pairs = [(p.teacher_name, p.student_name) for p in resolved]
@@ -165,18 +166,24 @@ class Distiller:
         for p in resolved:
             t_key = (p.teacher_name, p.teacher_layer)
             if t_key not in t_index:
-                t_index[t_key] = Tap("teacher", p.teacher_name, p.teacher_module, p.teacher_layer, mappings)
+                t_index[t_key] = Tap(
+                    "teacher", p.teacher_name, p.teacher_module, p.teacher_layer, mappings
+                )
                 self._teacher_taps.append(t_index[t_key])
             s_key = (p.student_name, p.student_layer)
             if s_key not in s_index:
                 s_index[s_key] = Tap(
-                    "student", p.student_name, p.student_module, p.student_layer, mappings,
+                    "student",
+                    p.student_name,
+                    p.student_module,
+                    p.student_layer,
+                    mappings,
                     copy=copy_outputs,
                 )
                 self._student_taps.append(s_index[s_key])
             self._pair_taps.append((t_index[t_key], s_index[s_key]))
 
-        self._needs_teacher_output = any(loss.needs_teacher_output for loss in self._losses)
+        self._needs_teacher_output = any(loss.needs_teacher_output for loss in loss_list)
         self._handles: list[RemovableHandle] = []
         self._finalizer: weakref.finalize[Any, Any] | None = None
         self._teacher_state: _TeacherState | None = None
@@ -319,7 +326,10 @@ class Distiller:
                         "return a scalar tensor"
                     )
                 terms[label] = value.reshape(())
-            total = torch.stack([v.float() for v in terms.values()]).sum()
+            values = list(terms.values())
+            total = values[0]
+            for value in values[1:]:
+                total = total + value
             self._terms = {k: v.detach() for k, v in terms.items()}
             return total
         finally:

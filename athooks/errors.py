@@ -1,7 +1,7 @@
 """Exceptions raised by athooks.
 
-Every error athooks raises on purpose derives from :class:`AthooksError`, so a training script can
-catch them all in one place. Messages follow one rule: what was wrong, what was expected, and the fix.
+Every error athooks raises on purpose derives from :class:`AthooksError`, so a training script
+can catch them all in one place. Messages say what was wrong, what was expected, and the fix.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ class AthooksError(Exception):
 
 
 class ConfigurationError(AthooksError, ValueError):
-    """The arguments given to athooks are invalid (wrong type, impossible combination, bad value)."""
+    """The arguments given to athooks are invalid (wrong type, bad value, impossible mix)."""
 
 
 class LayerResolutionError(ConfigurationError):
@@ -52,4 +52,4 @@ class PluginError(AthooksError):
 
 
 class CaptureError(AthooksError, RuntimeError):
-    """What was captured during a forward pass cannot be used (missing, stale, or without gradient)."""
+    """What a forward pass captured cannot be used (missing, stale, or without gradient)."""

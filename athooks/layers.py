@@ -31,6 +31,8 @@ from athooks.errors import ConfigurationError, LayerResolutionError
 
 __all__ = [
     "Layer",
+    "ResolvedPair",
+    "list_layers",
     "LayerSpec",
     "LayersArg",
     "compile_pattern",
@@ -79,7 +81,8 @@ class Layer:
 
 LayerSpec: TypeAlias = "str | Layer"
 LayersArg: TypeAlias = (
-    "str | Layer | Mapping[str | Layer, str | Layer] | Sequence[str | Layer | tuple[str | Layer, str | Layer]]"
+    "str | Layer | Mapping[str | Layer, str | Layer]"
+    " | Sequence[str | Layer | tuple[str | Layer, str | Layer]]"
 )
 
 
@@ -165,7 +168,7 @@ def compile_pattern(pattern: str) -> re.Pattern[str]:
                 pieces.append(r"(?:\.[^.]+)+")
             else:
                 # zero or more whole parts, each followed by a dot
-                pieces.append(r"(?:[^.]+\.)*")
+                pieces.append(r"\.(?:[^.]+\.)*" if i > 0 else r"(?:[^.]+\.)*")
             continue
         body = _translate_part(part)
         if i > 0 and parts[i - 1] != "**":
@@ -234,6 +237,8 @@ def match_modules(
         print([name for name, _ in match_modules(net, "layer?")])
         ```
     """
+    if not isinstance(pattern, str) or not pattern:
+        compile_pattern(pattern or "")  # raises the error for an empty pattern
     inner, prefixes = unwrap(model)
     named = [(n, m) for n, m in inner.named_modules() if n]
     candidates = [pattern]
@@ -257,6 +262,7 @@ def _no_match_message(pattern: str, names: list[str], side: str) -> str:
     probe = pattern[3:] if pattern.startswith("re:") else pattern
     literal = re.sub(r"[*?\[\]!]", "", probe)
     close = difflib.get_close_matches(literal, names, n=5, cutoff=0.6)
+    close.sort(key=names.index)  # module order reads better than similarity order
     if not close:
         close = [n for n in names if "." not in n][:8]
         hint = f"top-level modules: {', '.join(close)}" if close else "the model has no submodules"
@@ -306,7 +312,9 @@ def _normalise_layers(
             spec = as_layer(item, f"layers[{i}]")
             out.append((spec, spec))
     if not out:
-        raise ConfigurationError("layers is empty; name at least one layer to transfer attention at")
+        raise ConfigurationError(
+            "layers is empty; name at least one layer to transfer attention at"
+        )
     return out
 
 

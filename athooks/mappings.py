@@ -6,7 +6,8 @@ The built-ins are the activation-based mappings of Zagoruyko & Komodakis (ICLR 2
 * ``sum_p``: ``F_sum^p(A) = sum_c |A_c|^p`` (default ``p = 2``, the paper's best)
 * ``max_p``: ``F_max^p(A) = max_c |A_c|^p``
 
-They are computed in float32 whatever the input dtype (so bf16/fp16 autocast cannot overflow them),
+They are computed in float32 (float64 for float64 input) whatever the input dtype, so bf16/fp16
+autocast cannot overflow them,
 and for backward they keep only the feature map itself, which the network usually keeps anyway:
 no extra full-size tensor is saved per tapped layer.
 
@@ -62,14 +63,18 @@ class Mapping(nn.Module):
         return f"{self.name}({extra})"
 
 
+def _at_least_float32(t: Tensor) -> Tensor:
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 class _AbsPowSum(torch.autograd.Function):
-    """``sum_c |a_c|^p`` in float32, saving only ``a`` for backward."""
+    """``sum_c |a_c|^p`` in float32 or wider, saving only ``a`` for backward."""
 
     @staticmethod
     def forward(ctx: Any, a: Tensor, p: float) -> Tensor:
         ctx.save_for_backward(a)
         ctx.p = p
-        af = a.float()
+        af = _at_least_float32(a)
         if p == 2:
             return af.square().sum(dim=1)
         if p == 1:
@@ -80,7 +85,7 @@ class _AbsPowSum(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None]:
         (a,) = ctx.saved_tensors
         p = ctx.p
-        af = a.float()
+        af = _at_least_float32(a)
         g = grad.unsqueeze(1)
         if p == 2:
             ga = g * (2.0 * af)
@@ -92,14 +97,14 @@ class _AbsPowSum(torch.autograd.Function):
 
 
 def abs_pow_sum(features: Tensor, p: float = 2.0) -> Tensor:
-    """``sum over channels of |features|^p`` in float32, memory-lean in backward.
+    """``sum over channels of |features|^p`` in float32 or wider, memory-lean in backward.
 
     Args:
         features: A ``(B, C, H, W)`` tensor of any floating dtype.
         p: The exponent, ``p >= 1``.
 
     Returns:
-        A float32 ``(B, H, W)`` tensor.
+        A ``(B, H, W)`` tensor, float32 (float64 for float64 input).
 
     Example:
         ```python
@@ -171,6 +176,7 @@ class SumP(Mapping):
         return abs_pow_sum(features, self.p)
 
     def extra_repr(self) -> str:
+        """The exponent, for ``repr``."""
         return f"p={self.p:g}"
 
 
@@ -202,9 +208,10 @@ class MaxP(Mapping):
     def forward(self, features: Tensor) -> Tensor:
         """Largest ``|A_c|^p`` over channels."""
         top = torch.maximum(features.amax(dim=1), features.amin(dim=1).neg())
-        return top.float().pow(self.p)
+        return _at_least_float32(top).pow(self.p)
 
     def extra_repr(self) -> str:
+        """The exponent, for ``repr``."""
         return f"p={self.p:g}"
 
 
@@ -228,7 +235,7 @@ class FunctionMapping(Mapping):
     def __init__(self, fn: Callable[[Tensor], Tensor], name: str | None = None) -> None:
         super().__init__()
         self.fn = fn
-        self.name = name or getattr(fn, "__name__", type(fn).__name__)
+        self.name = str(name or getattr(fn, "__name__", type(fn).__name__))
 
     def forward(self, features: Tensor) -> Tensor:
         """Call the wrapped function."""
@@ -258,7 +265,8 @@ def as_mapping(mapping: Any, **options: Any) -> Mapping:
     if isinstance(mapping, str):
         from athooks.registry import mapping as make
 
-        return make(mapping, **options)
+        made: Mapping = make(mapping, **options)
+        return made
     if options:
         raise ConfigurationError(
             f"mapping options {sorted(options)} were given with a mapping object {mapping!r}; "

@@ -93,8 +93,7 @@ def _collect(kind: str) -> _Collected:
     entries: dict[str, _Entry] = {}
     conflicts: dict[str, list[str]] = {}
     broken: dict[str, str] = {}
-    # pluggy calls the most recently registered implementation first; walk registration order
-    for impl in reversed(caller.get_hookimpls()):
+    for impl in caller.get_hookimpls():  # registration order: the built-ins come first
         plugin_name = impl.plugin_name
         try:
             specs = impl.function()
@@ -108,6 +107,11 @@ def _collect(kind: str) -> _Collected:
             )
             continue
         for spec in specs:
+            if not isinstance(spec, (MappingSpec, LossSpec)) or not isinstance(spec, spec_type):
+                broken[plugin_name] = (
+                    f"its {hook_name}() returned {spec!r}; each item must be a {spec_type.__name__}"
+                )
+                continue
             if not isinstance(spec, spec_type) or not isinstance(spec.name, str) or not spec.name:
                 broken[plugin_name] = (
                     f"its {hook_name}() returned {spec!r}; each item must be a "

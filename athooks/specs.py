@@ -53,7 +53,10 @@ class LossSpec:
 
         @hookimpl
         def athooks_losses():
-            return [LossSpec("at_max4", lambda beta=1e3: AT(beta, mapping="max_p", p=4), "AT, F_max^4")]
+            def at_max4(beta=1e3):
+                return AT(beta, mapping="max_p", p=4)
+
+            return [LossSpec("at_max4", at_max4, "AT with F_max^4")]
         ```
     """
 

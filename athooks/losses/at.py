@@ -73,9 +73,7 @@ class AT(Loss):
 
     def forward(self, step: Step) -> Tensor:
         """The AT loss summed over all layer pairs."""
-        pair_losses = [
-            self.pair_loss(qt, qs) for qt, qs in step.maps(self.mapping)
-        ]
+        pair_losses = [self.pair_loss(qt, qs) for qt, qs in step.maps(self.mapping)]
         total = torch.stack(pair_losses).sum()
         scale = self.beta if self.distance == "code" else self.beta / 2
         return scale * total
@@ -91,12 +89,15 @@ class AT(Loss):
             A scalar: mean squared difference (``"code"``) or mean per-sample L2 distance
             (``"paper"``) of the normalised maps.
         """
-        qt = F.normalize(teacher_map.flatten(1).float(), dim=1)
-        qs = F.normalize(student_map.flatten(1).float(), dim=1)
+        dtype = torch.promote_types(student_map.dtype, torch.float32)
+        qt = F.normalize(teacher_map.flatten(1).to(dtype), dim=1)
+        qs = F.normalize(student_map.flatten(1).to(dtype), dim=1)
         diff = qs - qt
         if self.distance == "code":
             return diff.pow(2).mean()
-        return torch.linalg.vector_norm(diff, ord=2, dim=1).mean()
+        norms: Tensor = torch.linalg.vector_norm(diff, ord=2, dim=1)
+        return norms.mean()
 
     def extra_repr(self) -> str:
+        """Weight and distance, for ``repr``."""
         return f"beta={self.beta:g}, distance={self.distance!r}"

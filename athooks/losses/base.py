@@ -1,4 +1,4 @@
-"""The loss interface: a :class:`Loss` reads one training step's captures through a :class:`Step`."""
+"""The loss interface: a :class:`Loss` reads one step's captures through a :class:`Step`."""
 
 from __future__ import annotations
 
@@ -109,7 +109,7 @@ class Step:
 
     @property
     def teacher_output(self) -> Any:
-        """The value the teacher returned on the same input (for losses that declare they need it)."""
+        """What the teacher returned on the same input (for losses that declare they need it)."""
         return self._teacher_output
 
     def require_target(self, loss_name: str) -> Tensor:

@@ -1,0 +1,169 @@
+"""Built-in mappings against the paper's definitions, their gradients, dtypes and properties."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import athooks
+from athooks.errors import CaptureError, ConfigurationError
+from athooks.mappings import abs_pow_sum, apply_mapping
+
+
+def feature_maps(max_b=3, max_c=6, max_hw=5):
+    @st.composite
+    def build(draw):
+        b = draw(st.integers(1, max_b))
+        c = draw(st.integers(1, max_c))
+        h = draw(st.integers(1, max_hw))
+        w = draw(st.integers(1, max_hw))
+        seed = draw(st.integers(0, 2**31 - 1))
+        g = torch.Generator().manual_seed(seed)
+        return torch.randn(b, c, h, w, generator=g, dtype=torch.float64)
+
+    return build()
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "formula"),
+    [
+        ("sum", {}, lambda a: a.abs().sum(1)),
+        ("sum_p", {}, lambda a: (a.abs() ** 2).sum(1)),
+        ("sum_p", {"p": 4}, lambda a: (a.abs() ** 4).sum(1)),
+        ("sum_p", {"p": 1.5}, lambda a: (a.abs() ** 1.5).sum(1)),
+        ("max_p", {}, lambda a: (a.abs() ** 2).max(1).values),
+        ("max_p", {"p": 3}, lambda a: (a.abs() ** 3).max(1).values),
+    ],
+)
+def test_values_match_paper_definitions(name, options, formula):
+    a = torch.randn(2, 7, 4, 5, dtype=torch.float64)
+    got = athooks.mapping(name, **options)(a)
+    assert got.shape == (2, 4, 5)
+    torch.testing.assert_close(got.double(), formula(a), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("p", [1.0, 1.5, 2.0, 3.0, 4.0])
+def test_abs_pow_sum_gradcheck(p):
+    # stay away from 0, where |a|^p is not differentiable for p = 1
+    a = (torch.rand(2, 3, 3, 3, dtype=torch.float64) + 0.1) * torch.where(
+        torch.rand(2, 3, 3, 3) > 0.5, 1.0, -1.0
+    ).double()
+    a.requires_grad_()
+
+    def fn(x):
+        return abs_pow_sum(x, p).double()
+
+    assert torch.autograd.gradcheck(fn, (a,))
+    assert torch.autograd.gradgradcheck(fn, (a,))
+
+
+def test_max_p_gradient_matches_autograd_of_definition():
+    a = torch.randn(2, 5, 3, 3, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 3, 3, dtype=torch.float64)
+    (athooks.mapping("max_p", p=2)(a).double() * g).sum().backward()
+    b = a.detach().clone().requires_grad_()
+    ((b.abs() ** 2).max(1).values * g).sum().backward()
+    torch.testing.assert_close(a.grad, b.grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["sum", "sum_p", "max_p"])
+def test_low_precision_inputs_give_float32_maps(dtype, name):
+    a = (torch.randn(2, 64, 4, 4) * 300).to(dtype)  # 300^2 * 64 overflows fp16 if done in fp16
+    out = athooks.mapping(name)(a)
+    assert out.dtype == torch.float32
+    assert torch.isfinite(out).all()
+    ref = athooks.mapping(name)(a.float())
+    torch.testing.assert_close(out, ref)
+
+
+def test_low_precision_gradient_has_input_dtype():
+    a = torch.randn(2, 4, 3, 3, dtype=torch.bfloat16, requires_grad=True)
+    athooks.mapping("sum_p", p=3)(a).sum().backward()
+    assert a.grad is not None and a.grad.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("p", [0, 0.5, -1, "2", True])
+def test_bad_exponent_is_rejected(p):
+    with pytest.raises(ConfigurationError, match="p must be"):
+        athooks.mapping("sum_p", p=p)
+
+
+def test_repr_names_the_configuration():
+    assert repr(athooks.mapping("sum_p", p=4)) == "sum_p(p=4)"
+    assert repr(athooks.mapping("max_p")) == "max_p(p=2)"
+
+
+def test_apply_mapping_rejects_non_4d_and_wrong_output():
+    with pytest.raises(CaptureError, match=r"shape \(2, 5, 8\).*transform"):
+        apply_mapping(athooks.mapping("sum_p"), torch.randn(2, 5, 8), "student layer 'x'")
+    bad = athooks.mappings.FunctionMapping(lambda f: f.sum((1, 2)), name="bad")
+    with pytest.raises(CaptureError, match=r"mapping 'bad' returned .*\(B, H, W\) = \(2, 3, 4\)"):
+        apply_mapping(bad, torch.randn(2, 5, 3, 4), "student layer 'x'")
+    as_int = athooks.mappings.FunctionMapping(lambda f: f.sum(1).long(), name="ints")
+    with pytest.raises(CaptureError, match="floating"):
+        apply_mapping(as_int, torch.randn(2, 5, 3, 4), "student layer 'x'")
+
+
+# ---------------------------------------------------------------- properties of maps and loss
+
+LOSS_FORMS = [("code", "sum_p", {}), ("paper", "sum_p", {}), ("code", "max_p", {"p": 4}), ("code", "sum", {})]
+
+
+def _pair_loss(form, teacher_feats, student_feats):
+    distance, mapping, options = form
+    at = athooks.loss("at", distance=distance, mapping=mapping, **options)
+    return at.pair_loss(at.mapping(teacher_feats), at.mapping(student_feats))
+
+
+@settings(max_examples=40, deadline=None)
+@given(a=feature_maps())
+@pytest.mark.parametrize("form", LOSS_FORMS)
+def test_zero_for_identical_features(form, a):
+    assert _pair_loss(form, a, a.clone()).item() == pytest.approx(0.0, abs=1e-10)
+
+
+@settings(max_examples=40, deadline=None)
+@given(a=feature_maps(), b=feature_maps(), scale=st.floats(1e-2, 1e2))
+@pytest.mark.parametrize("form", LOSS_FORMS)
+def test_invariant_to_positive_scaling(form, a, b, scale):
+    b = b[:, :, : a.shape[2], : a.shape[3]]
+    if b.shape[0] != a.shape[0] or b.shape[2:] != a.shape[2:]:
+        b = torch.randn_like(a)
+    base = _pair_loss(form, a, b).item()
+    assert _pair_loss(form, a * scale, b).item() == pytest.approx(base, rel=1e-6, abs=1e-9)
+    assert _pair_loss(form, a, b * scale).item() == pytest.approx(base, rel=1e-6, abs=1e-9)
+
+
+@settings(max_examples=40, deadline=None)
+@given(a=feature_maps(), seed=st.integers(0, 1000))
+@pytest.mark.parametrize("name", ["sum", "sum_p", "max_p"])
+def test_mapping_invariant_to_channel_permutation(name, a, seed):
+    perm = torch.randperm(a.shape[1], generator=torch.Generator().manual_seed(seed))
+    m = athooks.mapping(name)
+    torch.testing.assert_close(m(a[:, perm]), m(a))
+
+
+@settings(max_examples=40, deadline=None)
+@given(a=feature_maps(), seed=st.integers(0, 1000))
+@pytest.mark.parametrize("form", LOSS_FORMS)
+def test_loss_invariant_to_channel_permutation(form, a, seed):
+    b = torch.randn_like(a[:, :1]).expand_as(a) + torch.randn_like(a)
+    perm = torch.randperm(a.shape[1], generator=torch.Generator().manual_seed(seed))
+    torch.testing.assert_close(_pair_loss(form, a[:, perm], b), _pair_loss(form, a, b))
+
+
+@settings(max_examples=25, deadline=None)
+@given(a=feature_maps())
+@pytest.mark.parametrize("form", LOSS_FORMS)
+def test_finite_for_all_zero_maps(form, a):
+    zeros = torch.zeros_like(a, requires_grad=True)
+    for t, s in ((zeros, a), (a, zeros), (zeros, zeros.detach())):
+        loss = _pair_loss(form, t.detach(), s)
+        assert torch.isfinite(loss)
+    # the gradient is finite too, including at the non-differentiable all-zero point
+    s = torch.zeros_like(a, requires_grad=True)
+    _pair_loss(form, a, s).backward()
+    assert torch.isfinite(s.grad).all()

@@ -1,0 +1,161 @@
+"""The pluggy registry: built-ins through the public hookspecs, lookups, bad names, bad plugins."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+import athooks
+from athooks import builtins, hookspecs
+from athooks.errors import ConfigurationError, PluginError, UnknownNameError
+from athooks.plugin import Loss, LossSpec, Mapping, MappingSpec, hookimpl
+
+
+@pytest.fixture
+def register():
+    pm = athooks.get_plugin_manager()
+    added = []
+
+    def _register(obj, name):
+        pm.register(obj, name=name)
+        added.append(obj)
+        return obj
+
+    yield _register
+    for obj in added:
+        pm.unregister(obj)
+
+
+def test_builtins_are_registered_through_the_public_hookspecs():
+    pm = athooks.get_plugin_manager()
+    assert pm.get_plugin("athooks.builtins") is builtins
+    # every hook a built-in implements is one of the athooks_ hookspecs, in one module
+    specs = {n for n, _ in inspect.getmembers(hookspecs, inspect.isfunction) if n.startswith("athooks_")}
+    assert specs == {"athooks_mappings", "athooks_losses"}
+    assert {"athooks_mappings", "athooks_losses"} <= set(dir(builtins))
+    assert athooks.list_mappings() == ["max_p", "sum", "sum_p"]
+    assert athooks.list_losses() == ["at"]
+
+
+def test_unknown_names_list_registered_ones():
+    with pytest.raises(UnknownNameError) as info:
+        athooks.mapping("sum_q")
+    msg = str(info.value)
+    assert "unknown mapping 'sum_q'" in msg and "max_p, sum, sum_p" in msg
+    assert "did you mean 'sum_p'" in msg and "plugin package" in msg
+    with pytest.raises(UnknownNameError, match="registered losss|registered losses|registered loss"):
+        athooks.loss("attention")
+    assert isinstance(info.value, KeyError) and isinstance(info.value, athooks.AthooksError)
+
+
+def test_unknown_option_names_the_accepted_ones():
+    with pytest.raises(ConfigurationError, match="mapping 'sum_p' got unexpected option.*q.*options are: p"):
+        athooks.mapping("sum_p", q=3)
+    with pytest.raises(ConfigurationError, match="distance must be 'code'"):
+        athooks.loss("at", distance="l1")
+
+
+def test_loss_options_pass_mapping_options_through():
+    at = athooks.loss("at", beta=10, mapping="max_p", p=4)
+    assert at.beta == 10 and repr(at.mapping) == "max_p(p=4)"
+    with pytest.raises(ConfigurationError, match="only apply to a mapping given by name"):
+        athooks.loss("at", mapping=athooks.mapping("sum"), p=4)
+
+
+def test_a_hand_registered_plugin_is_used_by_name(register):
+    class Energy(Mapping):
+        def forward(self, f):
+            return f.pow(2).mean(1)
+
+    class LogitGap(Loss):
+        def forward(self, step):
+            return (step.student_output - 0).pow(2).mean() * 0
+
+    class Plugin:
+        @hookimpl
+        def athooks_mappings(self):
+            return [MappingSpec("energy_t", Energy, "mean A^2")]
+
+        @hookimpl
+        def athooks_losses(self):
+            return [LossSpec("zero_t", LogitGap)]
+
+    register(Plugin(), "test-plugin")
+    assert "energy_t" in athooks.list_mappings() and "zero_t" in athooks.list_losses()
+    m = athooks.mapping("energy_t")
+    assert m.name == "energy_t" and m(torch.ones(1, 2, 3, 3)).shape == (1, 3, 3)
+    assert athooks.loss("zero_t").name == "zero_t"
+    at = athooks.loss("at", mapping="energy_t")
+    assert at.mapping.name == "energy_t"
+
+
+def test_a_plain_callable_factory_result_is_wrapped(register):
+    class Plugin:
+        @hookimpl
+        def athooks_mappings(self):
+            return [MappingSpec("mean_abs_t", lambda: (lambda f: f.abs().mean(1)))]
+
+    register(Plugin(), "callable-plugin")
+    m = athooks.mapping("mean_abs_t")
+    assert isinstance(m, Mapping) and m(torch.ones(2, 3, 4, 4)).shape == (2, 4, 4)
+
+
+def test_duplicate_names_fail_only_for_that_name(register):
+    class Clash:
+        @hookimpl
+        def athooks_mappings(self):
+            return [MappingSpec("sum", lambda: (lambda f: f.sum(1)))]
+
+    register(Clash(), "clash-plugin")
+    with pytest.raises(PluginError, match=r"'sum' is registered by more than one plugin \(athooks .*built-in.*clash-plugin"):
+        athooks.mapping("sum")
+    assert athooks.mapping("sum_p") is not None  # the others keep working
+
+
+def test_a_plugin_that_raises_does_not_break_the_others(register):
+    class Broken:
+        @hookimpl
+        def athooks_mappings(self):
+            raise RuntimeError("boom")
+
+    class WrongType:
+        @hookimpl
+        def athooks_losses(self):
+            return "not a list"
+
+    register(Broken(), "broken-plugin")
+    register(WrongType(), "wrongtype-plugin")
+    assert athooks.mapping("sum_p") is not None and athooks.loss("at") is not None
+    with pytest.raises(UnknownNameError, match="broken-plugin: its athooks_mappings.. raised RuntimeError: boom"):
+        athooks.mapping("whatever")
+    with pytest.raises(UnknownNameError, match="wrongtype-plugin: its athooks_losses.. returned str"):
+        athooks.loss("whatever")
+
+
+def test_a_factory_that_fails_or_returns_junk_names_the_plugin(register):
+    def explode():
+        raise RuntimeError("no weights")
+
+    class Plugin:
+        @hookimpl
+        def athooks_mappings(self):
+            return [MappingSpec("explodes_t", explode), MappingSpec("junk_t", lambda: 42)]
+
+        @hookimpl
+        def athooks_losses(self):
+            return [LossSpec("notaloss_t", lambda: object())]
+
+    register(Plugin(), "bad-factory-plugin")
+    with pytest.raises(PluginError, match="mapping 'explodes_t' from bad-factory-plugin failed to build: RuntimeError: no weights"):
+        athooks.mapping("explodes_t")
+    with pytest.raises(PluginError, match="built a int, which is not callable"):
+        athooks.mapping("junk_t")
+    with pytest.raises(PluginError, match="loss 'notaloss_t' from bad-factory-plugin built a object"):
+        athooks.loss("notaloss_t")
+
+
+def test_name_must_be_a_string():
+    with pytest.raises(ConfigurationError, match="name must be a string"):
+        athooks.mapping(3)  # type: ignore[arg-type]

@@ -12,6 +12,10 @@ cannot differentiate the map. A student tap therefore copies its output during t
 ("probing") and watches the output's version counter; taps whose output was overwritten keep
 copying, the others stop. If an output that was not overwritten while probing is overwritten later,
 :meth:`athooks.Distiller.loss` raises a clear error instead of autograd's.
+
+Saved-tensor hooks (non-reentrant gradient checkpointing, ``save_on_cpu``) do not apply to the
+tensors the maps save for backward: the tapped feature map stays referenced until the backward
+pass, as it would without checkpointing.
 """
 
 from __future__ import annotations
@@ -114,11 +118,15 @@ class Capture:
     """What a tap kept from its module's last call in the current step."""
 
     values: dict[AttentionMapping, Tensor]
-    source: weakref.ReferenceType[Tensor] | None
+    source: Tensor | None  # the student output, held until the end of the forward
     version: int
     calls: int
     grad_enabled: bool
     overwritten: bool = False
+
+
+def _keep(t: Tensor) -> Tensor:
+    return t
 
 
 class _TapHook:
@@ -213,7 +221,11 @@ class Tap:
             )
         values: dict[AttentionMapping, Tensor] = {}
         for mapping in self.mappings:
-            value = apply_mapping(mapping, features, self.where)
+            # Our own saved tensors bypass any saved-tensor hooks in force: inside a
+            # non-reentrant checkpoint they would count as the segment's, and its recompute
+            # (where taps are inactive) would then save fewer tensors and fail.
+            with torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
+                value = apply_mapping(mapping, features, self.where)
             if not student:
                 value = value.detach()
                 if value.untyped_storage().data_ptr() == raw.untyped_storage().data_ptr():
@@ -222,7 +234,7 @@ class Tap:
         calls = self.capture.calls + 1 if self.capture is not None else 1
         self.capture = Capture(
             values=values,
-            source=weakref.ref(raw) if student else None,
+            source=raw if student else None,
             version=raw._version,
             calls=calls,
             grad_enabled=torch.is_grad_enabled(),
@@ -233,8 +245,8 @@ class Tap:
         cap = self.capture
         if cap is None or cap.source is None:
             return
-        src = cap.source()
-        bumped = src is not None and src._version != cap.version
+        bumped = cap.source._version != cap.version
+        cap.source = None  # the version is all we needed it for
         if self.probing:
             self.probing = False
             self.copy = bumped

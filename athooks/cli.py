@@ -73,7 +73,7 @@ def _cmd_layers(args: argparse.Namespace) -> int:
     if args.pattern:
         hits = {n for n, _ in match_modules(model, args.pattern, side="model")}
         rows = [r for r in rows if r[0] in hits]
-    width = min(max((len(n) for n, _ in rows), default=4), 60)
+    width = min(max([4, *(len(n) for n, _ in rows)]), 60)
     print(f"{'name':<{width}}  type")
     for name, kind in rows:
         print(f"{name:<{width}}  {kind}")

@@ -86,7 +86,10 @@ def test_state_restored_and_hooks_removed_when_the_block_raises():
     teacher, student = tiny_pair()
     teacher.train()
     counts = hook_count(teacher), hook_count(student)
-    with pytest.raises(RuntimeError, match="user error"), Distiller(teacher, student, layers="relu?"):
+    with (
+        pytest.raises(RuntimeError, match="user error"),
+        Distiller(teacher, student, layers="relu?"),
+    ):
         student(X)
         raise RuntimeError("user error")
     assert teacher.training and all(p.requires_grad for p in teacher.parameters())
@@ -142,7 +145,9 @@ def test_teacher_input_adapts_what_the_teacher_sees():
         teacher_input=lambda x: F.interpolate(x, scale_factor=2.0),
     ) as d:
         student(X)
-        with pytest.raises(CaptureError, match=r"spatial size: teacher \(32, 32\), student \(16, 16\)"):
+        with pytest.raises(
+            CaptureError, match=r"spatial size: teacher \(32, 32\), student \(16, 16\)"
+        ):
             d.loss()
     assert seen == [torch.Size([4, 3, 32, 32])]
 
@@ -155,9 +160,7 @@ def test_positional_and_keyword_inputs_reach_the_teacher():
     torch.manual_seed(0)
     teacher, student = Scaled(16), Scaled(8)
     seen = {}
-    teacher.register_forward_pre_hook(
-        lambda m, args, kwargs: seen.update(kwargs), with_kwargs=True
-    )
+    teacher.register_forward_pre_hook(lambda m, args, kwargs: seen.update(kwargs), with_kwargs=True)
     with Distiller(teacher, student, layers="relu3") as d:
         student(X, scale=0.5)
         d.loss()
@@ -224,7 +227,9 @@ def test_inplace_overwrite_gives_value_as_produced_and_correct_gradient(policy):
             assert got.item() == pytest.approx(want.item(), rel=1e-5)
             # conv biases before a BN have a zero gradient in exact arithmetic: compare against
             # the scale of the whole gradient (float32 here, float64 in the reference)
-            scale = max(q.grad.abs().max().item() for q in ref_student.parameters() if q.grad is not None)
+            scale = max(
+                q.grad.abs().max().item() for q in ref_student.parameters() if q.grad is not None
+            )
             for (name, p), p_ref in zip(
                 student.named_parameters(), ref_student.parameters(), strict=True
             ):
@@ -256,7 +261,10 @@ def test_overwrite_that_appears_after_probing_is_a_clear_error():
         d.loss().backward()
         student.overwrite = True
         student(X)
-        with pytest.raises(CaptureError, match=r"student layer 'bn2' was overwritten in place.*copy_outputs='always'"):
+        with pytest.raises(
+            CaptureError,
+            match=r"student layer 'bn2' was overwritten in place.*copy_outputs='always'",
+        ):
             d.loss()
     with Distiller(teacher, student, layers="bn2", copy_outputs="always") as d:
         student(X)
@@ -371,7 +379,9 @@ def test_timm_grad_checkpointing_that_bypasses_stage_hooks_is_caught():
     student.set_grad_checkpointing(True)
     with Distiller(teacher, student, layers="layer2") as d:
         student(torch.randn(2, 3, 32, 32))
-        with pytest.raises(CaptureError, match="student layer 'layer2' did not fire.*checkpointing"):
+        with pytest.raises(
+            CaptureError, match="student layer 'layer2' did not fire.*checkpointing"
+        ):
             d.loss()
 
 
@@ -418,7 +428,10 @@ def test_reentrant_checkpoint_is_a_clear_error_naming_the_layer():
     x = X.clone().requires_grad_()
     with Distiller(teacher, student, layers="relu?") as d:
         student(x)
-        with pytest.raises(CaptureError, match="student layer 'relu2' ran with gradient disabled.*use_reentrant=False"):
+        with pytest.raises(
+            CaptureError,
+            match="student layer 'relu2' ran with gradient disabled.*use_reentrant=False",
+        ):
             d.loss()
 
 
@@ -547,9 +560,11 @@ def test_token_outputs_need_a_transform():
     mha_t = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)
     mha_s = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)
     tokens = torch.randn(2, 16, 8)
-    with Distiller(mha_t, mha_s, layers="self_attn") as d:
-        with pytest.raises(CaptureError, match=r"shape \(2, 16, 8\).*\(B, C, H, W\).*transform"):
-            mha_s(tokens)
+    with (
+        Distiller(mha_t, mha_s, layers="self_attn"),
+        pytest.raises(CaptureError, match=r"shape \(2, 16, 8\).*\(B, C, H, W\).*transform"),
+    ):
+        mha_s(tokens)
     grid = Layer("linear2", transform=lambda t: t.transpose(1, 2).reshape(2, 8, 4, 4))
     with Distiller(mha_t, mha_s, layers=grid) as d:
         mha_s(tokens)
@@ -559,7 +574,13 @@ def test_token_outputs_need_a_transform():
 def test_bad_select_is_a_clear_error():
     torch.manual_seed(0)
     teacher, student = Wrap(6, "tuple"), Wrap(4, "tuple")
-    with Distiller(teacher, student, layers=Layer("inner", select=5)), pytest.raises(CaptureError, match=r"select=5 failed on the output of teacher layer 'inner' \(a tuple\)"):
+    with (
+        Distiller(teacher, student, layers=Layer("inner", select=5)),
+        pytest.raises(
+            CaptureError,
+            match=r"select=5 failed on the output of teacher layer 'inner' \(a tuple\)",
+        ),
+    ):
         student(X)
 
 
@@ -650,7 +671,9 @@ def test_teacher_is_the_student():
 @pytest.mark.parametrize("bad", ["resnet18", None, torch.randn(2)])
 def test_models_must_be_modules(bad):
     _, student = tiny_pair()
-    with pytest.raises(ConfigurationError, match="teacher must be a torch.nn.Module.*build the model first"):
+    with pytest.raises(
+        ConfigurationError, match="teacher must be a torch.nn.Module.*build the model first"
+    ):
         Distiller(bad, student, layers="relu?")
     with pytest.raises(ConfigurationError, match="student must be a torch.nn.Module"):
         Distiller(student, bad, layers="relu?")
@@ -658,13 +681,19 @@ def test_models_must_be_modules(bad):
 
 def test_pattern_matching_nothing_suggests_names():
     teacher, student = tiny_pair()
-    with pytest.raises(LayerResolutionError, match="pattern 'rleu1' matched no module of the teacher; close names: relu1"):
+    with pytest.raises(
+        LayerResolutionError,
+        match="pattern 'rleu1' matched no module of the teacher; close names: relu1",
+    ):
         Distiller(teacher, student, layers="rleu1")
 
 
 def test_unequal_numbers_of_layers_list_both_sides():
     t, s = torchvision.models.resnet34(), torchvision.models.resnet18()
-    with pytest.raises(LayerResolutionError, match=r"matched 3 modules.*matched 2(.|\n)*teacher: layer4.0, layer4.1, layer4.2(.|\n)*student: layer4.0, layer4.1"):
+    with pytest.raises(
+        LayerResolutionError,
+        match=r"matched 3 modules.*matched 2(.|\n)*teacher: layer4.0, layer4.1, layer4.2(.|\n)*student: layer4.0, layer4.1",
+    ):
         Distiller(t, s, layers="layer4.*")
 
 
@@ -672,7 +701,10 @@ def test_different_spatial_sizes_name_the_pair_and_both_sizes():
     t, s = torchvision.models.resnet34(), torchvision.models.resnet18()
     with Distiller(t, s, layers={"layer2": "layer3"}) as d:
         s(torch.randn(2, 3, 64, 64))
-        with pytest.raises(CaptureError, match=r"pair \(teacher 'layer2', student 'layer3'\) differ in spatial size: teacher \(8, 8\), student \(4, 4\)"):
+        with pytest.raises(
+            CaptureError,
+            match=r"pair \(teacher 'layer2', student 'layer3'\) differ in spatial size: teacher \(8, 8\), student \(4, 4\)",
+        ):
             d.loss()
 
 
@@ -696,7 +728,13 @@ def test_bad_arguments(kwargs, match):
 def test_mapping_returning_wrong_shape_is_caught_at_capture():
     teacher, student = tiny_pair()
     at = athooks.loss("at", mapping=lambda f: f.mean((1, 2)))
-    with Distiller(teacher, student, layers="relu1", losses=at), pytest.raises(CaptureError, match=r"returned a torch.float32 tensor of shape \(4, 16\) for teacher layer 'relu1'"):
+    with (
+        Distiller(teacher, student, layers="relu1", losses=at),
+        pytest.raises(
+            CaptureError,
+            match=r"returned a torch.float32 tensor of shape \(4, 16\) for teacher layer 'relu1'",
+        ),
+    ):
         student(X)
 
 

@@ -110,7 +110,10 @@ def test_forms_of_the_layers_argument():
         ("layer4.2", "layer4.1"),
     ]
     assert pairs(["layer1", Layer("layer2")]) == [("layer1",) * 2, ("layer2",) * 2]
-    assert pairs([("layer4.[01]", "layer4.*")]) == [("layer4.0", "layer4.0"), ("layer4.1", "layer4.1")]
+    assert pairs([("layer4.[01]", "layer4.*")]) == [
+        ("layer4.0", "layer4.0"),
+        ("layer4.1", "layer4.1"),
+    ]
 
 
 def test_unequal_counts_list_both_sides():

@@ -109,7 +109,12 @@ def test_apply_mapping_rejects_non_4d_and_wrong_output():
 
 # ---------------------------------------------------------------- properties of maps and loss
 
-LOSS_FORMS = [("code", "sum_p", {}), ("paper", "sum_p", {}), ("code", "max_p", {"p": 4}), ("code", "sum", {})]
+LOSS_FORMS = [
+    ("code", "sum_p", {}),
+    ("paper", "sum_p", {}),
+    ("code", "max_p", {"p": 4}),
+    ("code", "sum", {}),
+]
 
 
 def _pair_loss(form, teacher_feats, student_feats):

@@ -11,7 +11,13 @@ from conftest import ref_at_loss_code, ref_at_loss_paper, resnet_stage_outputs
 import athooks
 from athooks import Distiller
 
-MAPPINGS = [("sum", {}, 1.0), ("sum_p", {"p": 2}, 2.0), ("sum_p", {"p": 4}, 4.0), ("max_p", {"p": 2}, 2.0), ("max_p", {"p": 1}, 1.0)]
+MAPPINGS = [
+    ("sum", {}, 1.0),
+    ("sum_p", {"p": 2}, 2.0),
+    ("sum_p", {"p": 4}, 4.0),
+    ("max_p", {"p": 2}, 2.0),
+    ("max_p", {"p": 1}, 1.0),
+]
 
 
 def _pair(kind: str):
@@ -67,7 +73,9 @@ def test_parity_error_report(models, capsys):
         got = d.loss().double().item()
     teacher.eval()
     with torch.no_grad():
-        pairs = list(zip(resnet_stage_outputs(teacher, x), resnet_stage_outputs(student, x), strict=True))
+        pairs = list(
+            zip(resnet_stage_outputs(teacher, x), resnet_stage_outputs(student, x), strict=True)
+        )
     want = ref_at_loss_code(pairs).item()
     rel = abs(got - want) / want
     print(f"default AT parity: athooks {got:.8g} reference {want:.8g} relative error {rel:.2e}")

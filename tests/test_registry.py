@@ -32,7 +32,9 @@ def test_builtins_are_registered_through_the_public_hookspecs():
     pm = athooks.get_plugin_manager()
     assert pm.get_plugin("athooks.builtins") is builtins
     # every hook a built-in implements is one of the athooks_ hookspecs, in one module
-    specs = {n for n, _ in inspect.getmembers(hookspecs, inspect.isfunction) if n.startswith("athooks_")}
+    specs = {
+        n for n, _ in inspect.getmembers(hookspecs, inspect.isfunction) if n.startswith("athooks_")
+    }
     assert specs == {"athooks_mappings", "athooks_losses"}
     assert {"athooks_mappings", "athooks_losses"} <= set(dir(builtins))
     assert athooks.list_mappings() == ["max_p", "sum", "sum_p"]
@@ -45,13 +47,17 @@ def test_unknown_names_list_registered_ones():
     msg = str(info.value)
     assert "unknown mapping 'sum_q'" in msg and "max_p, sum, sum_p" in msg
     assert "did you mean 'sum_p'" in msg and "plugin package" in msg
-    with pytest.raises(UnknownNameError, match="registered losss|registered losses|registered loss"):
+    with pytest.raises(
+        UnknownNameError, match="registered losss|registered losses|registered loss"
+    ):
         athooks.loss("attention")
     assert isinstance(info.value, KeyError) and isinstance(info.value, athooks.AthooksError)
 
 
 def test_unknown_option_names_the_accepted_ones():
-    with pytest.raises(ConfigurationError, match="mapping 'sum_p' got unexpected option.*q.*options are: p"):
+    with pytest.raises(
+        ConfigurationError, match="mapping 'sum_p' got unexpected option.*q.*options are: p"
+    ):
         athooks.mapping("sum_p", q=3)
     with pytest.raises(ConfigurationError, match="distance must be 'code'"):
         athooks.loss("at", distance="l1")
@@ -95,7 +101,7 @@ def test_a_plain_callable_factory_result_is_wrapped(register):
     class Plugin:
         @hookimpl
         def athooks_mappings(self):
-            return [MappingSpec("mean_abs_t", lambda: (lambda f: f.abs().mean(1)))]
+            return [MappingSpec("mean_abs_t", lambda: lambda f: f.abs().mean(1))]
 
     register(Plugin(), "callable-plugin")
     m = athooks.mapping("mean_abs_t")
@@ -106,10 +112,13 @@ def test_duplicate_names_fail_only_for_that_name(register):
     class Clash:
         @hookimpl
         def athooks_mappings(self):
-            return [MappingSpec("sum", lambda: (lambda f: f.sum(1)))]
+            return [MappingSpec("sum", lambda: lambda f: f.sum(1))]
 
     register(Clash(), "clash-plugin")
-    with pytest.raises(PluginError, match=r"'sum' is registered by more than one plugin \(athooks .*built-in.*clash-plugin"):
+    with pytest.raises(
+        PluginError,
+        match=r"'sum' is registered by more than one plugin \(athooks .*built-in.*clash-plugin",
+    ):
         athooks.mapping("sum")
     assert athooks.mapping("sum_p") is not None  # the others keep working
 
@@ -128,9 +137,13 @@ def test_a_plugin_that_raises_does_not_break_the_others(register):
     register(Broken(), "broken-plugin")
     register(WrongType(), "wrongtype-plugin")
     assert athooks.mapping("sum_p") is not None and athooks.loss("at") is not None
-    with pytest.raises(UnknownNameError, match="broken-plugin: its athooks_mappings.. raised RuntimeError: boom"):
+    with pytest.raises(
+        UnknownNameError, match="broken-plugin: its athooks_mappings.. raised RuntimeError: boom"
+    ):
         athooks.mapping("whatever")
-    with pytest.raises(UnknownNameError, match="wrongtype-plugin: its athooks_losses.. returned str"):
+    with pytest.raises(
+        UnknownNameError, match="wrongtype-plugin: its athooks_losses.. returned str"
+    ):
         athooks.loss("whatever")
 
 
@@ -148,11 +161,16 @@ def test_a_factory_that_fails_or_returns_junk_names_the_plugin(register):
             return [LossSpec("notaloss_t", lambda: object())]
 
     register(Plugin(), "bad-factory-plugin")
-    with pytest.raises(PluginError, match="mapping 'explodes_t' from bad-factory-plugin failed to build: RuntimeError: no weights"):
+    with pytest.raises(
+        PluginError,
+        match="mapping 'explodes_t' from bad-factory-plugin failed to build: RuntimeError: no weights",
+    ):
         athooks.mapping("explodes_t")
     with pytest.raises(PluginError, match="built a int, which is not callable"):
         athooks.mapping("junk_t")
-    with pytest.raises(PluginError, match="loss 'notaloss_t' from bad-factory-plugin built a object"):
+    with pytest.raises(
+        PluginError, match="loss 'notaloss_t' from bad-factory-plugin built a object"
+    ):
         athooks.loss("notaloss_t")
 
 

@@ -49,6 +49,7 @@ class _RootHook:
         self._owner = weakref.ref(owner)
         self._start = start
 
+    @torch.compiler.disable  # the teacher runs eagerly, outside the student's compiled graph
     def __call__(self, module: nn.Module, args: Any, kwargs: Any, *rest: Any) -> None:
         owner = self._owner()
         if owner is None or module is not owner.student:

@@ -142,6 +142,7 @@ class _TapHook:
     def __init__(self, tap: Tap) -> None:
         self._tap_ref = weakref.ref(tap)
 
+    @torch.compiler.disable  # run eagerly inside a compiled model: a graph break per tap
     def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
         tap = self._tap_ref()
         if tap is not None and tap.active and module is tap.module:

@@ -748,3 +748,55 @@ def test_loss_returning_non_scalar_is_caught():
         student(X)
         with pytest.raises(CaptureError, match="a loss must return a scalar tensor"):
             d.loss()
+
+
+# ------------------------------------------------------------------ pitfall 3: torch.compile
+# Each test uses its own subclass: dynamo caches compiled code per `forward` code object, and a
+# graph compiled without hooks is reused, hooks silently skipped, for another instance.
+
+
+class CompiledLate(TinyCNN):
+    def forward(self, x):
+        return super().forward(x)
+
+
+class CompiledEarly(TinyCNN):
+    def forward(self, x):
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_student_compiled_after_the_distiller_works(backend):
+    torch.manual_seed(0)
+    teacher, student = TinyCNN(16), CompiledLate(8)
+    twin = CompiledLate(8)
+    twin.load_state_dict(student.state_dict())
+    with Distiller(teacher, twin, layers="relu?") as d:
+        twin(X)
+        want = d.loss()
+        want.backward()
+    torch._dynamo.reset()
+    with Distiller(teacher, student, layers="relu?") as d:
+        compiled = torch.compile(student, backend=backend)
+        compiled(X)
+        got = d.loss()
+        got.backward()
+    torch._dynamo.reset()
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    torch.testing.assert_close(student.conv1.weight.grad, twin.conv1.weight.grad)
+
+
+def test_student_compiled_before_the_distiller_is_a_clear_error():
+    torch.manual_seed(0)
+    teacher, student = TinyCNN(16), CompiledEarly(8)
+    compiled = torch.compile(student, backend="eager")
+    compiled(X)  # graph compiled without athooks' hooks
+    for given in (compiled, student):
+        with Distiller(teacher, given, layers="relu?") as d:
+            compiled(X)
+            with pytest.raises(
+                CaptureError,
+                match="did not fire.*compiled with torch.compile before the Distiller was made",
+            ):
+                d.loss()
+    torch._dynamo.reset()

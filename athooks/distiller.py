@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from athooks._compile import eager
 from athooks.errors import CaptureError, ConfigurationError
 from athooks.layers import ResolvedPair, resolve_pairs, unwrap
 from athooks.losses.base import Loss, Step
@@ -49,7 +50,7 @@ class _RootHook:
         self._owner = weakref.ref(owner)
         self._start = start
 
-    @torch.compiler.disable  # the teacher runs eagerly, outside the student's compiled graph
+    @eager  # the teacher runs eagerly, outside the student's compiled graph
     def __call__(self, module: nn.Module, args: Any, kwargs: Any, *rest: Any) -> None:
         owner = self._owner()
         if owner is None or module is not owner.student:

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from athooks._compile import eager
 from athooks.errors import CaptureError
 from athooks.layers import Layer
 from athooks.mappings import Mapping as AttentionMapping
@@ -142,7 +143,7 @@ class _TapHook:
     def __init__(self, tap: Tap) -> None:
         self._tap_ref = weakref.ref(tap)
 
-    @torch.compiler.disable  # run eagerly inside a compiled model: a graph break per tap
+    @eager  # run eagerly inside a compiled model: a graph break per tap
     def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
         tap = self._tap_ref()
         if tap is not None and tap.active and module is tap.module:

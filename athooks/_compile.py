@@ -19,4 +19,5 @@ def eager(fn: F) -> F:
     Returns:
         The same function, wrapped by :func:`torch.compiler.disable`.
     """
-    return cast(F, torch.compiler.disable(fn))
+    disable: Callable[[F], Any] = torch.compiler.disable
+    return cast(F, disable(fn))

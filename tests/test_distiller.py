@@ -800,3 +800,29 @@ def test_student_compiled_before_the_distiller_is_a_clear_error():
             ):
                 d.loss()
     torch._dynamo.reset()
+
+
+# ------------------------------------------------------------------ memory held per step
+
+
+def test_no_teacher_feature_map_outlives_the_teacher_forward():
+    teacher, student = tiny_pair(inplace=False)
+    refs = {}
+
+    def watch(name):
+        def hook(module, args, out):
+            refs[name] = weakref.ref(out)
+
+        return hook
+
+    for name in ("relu1", "relu2", "relu3"):
+        getattr(teacher, name).register_forward_hook(watch(name))
+    with Distiller(teacher, student, layers="relu?") as d:
+        out = student(X)
+        assert refs and all(r() is None for r in refs.values()), "a teacher feature map is alive"
+        # what is held: one small map per layer and side
+        held = [v for t in d._teacher_taps for v in t.capture.values.values()]
+        assert [tuple(v.shape) for v in held] == [(4, 16, 16), (4, 8, 8), (4, 4, 4)]
+        assert all(t.capture.source is None for t in d._student_taps)
+        d.loss()
+    del out

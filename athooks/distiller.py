@@ -42,23 +42,29 @@ class _TeacherState:
 
 
 class _RootHook:
-    """Forward pre-hook / post-hook on the student's root module (held weakly, deep-copy safe)."""
+    """A hook on the student's root module (held weakly, deep-copy safe).
 
-    __slots__ = ("__weakref__", "_owner", "_start")
+    ``stage`` is ``"start"`` (forward pre-hook), ``"end"`` (forward hook, called only when the
+    forward returned) or ``"exit"`` (forward hook called always, also when the forward raised).
+    """
 
-    def __init__(self, owner: Distiller, start: bool) -> None:
+    __slots__ = ("__weakref__", "_owner", "_stage")
+
+    def __init__(self, owner: Distiller, stage: str) -> None:
         self._owner = weakref.ref(owner)
-        self._start = start
+        self._stage = stage
 
     @eager  # the teacher runs eagerly, outside the student's compiled graph
     def __call__(self, module: nn.Module, args: Any, kwargs: Any, *rest: Any) -> None:
         owner = self._owner()
         if owner is None or module is not owner.student:
             return None
-        if self._start:
+        if self._stage == "start":
             owner._on_student_start(args, kwargs)
-        else:
+        elif self._stage == "end":
             owner._on_student_end(rest[0] if rest else None)
+        else:
+            owner._on_student_exit()
         return None
 
     def __deepcopy__(self, memo: dict[int, Any]) -> _RootHook:
@@ -241,12 +247,14 @@ class Distiller:
         try:
             for tap in (*self._teacher_taps, *self._student_taps):
                 handles.append(tap.attach())
+            student = self.student
             handles.append(
-                self.student.register_forward_pre_hook(_RootHook(self, True), with_kwargs=True)
+                student.register_forward_pre_hook(_RootHook(self, "start"), with_kwargs=True)
             )
+            handles.append(student.register_forward_hook(_RootHook(self, "end"), with_kwargs=True))
             handles.append(
-                self.student.register_forward_hook(
-                    _RootHook(self, False), with_kwargs=True, always_call=True
+                student.register_forward_hook(
+                    _RootHook(self, "exit"), with_kwargs=True, always_call=True
                 )
             )
         except BaseException:
@@ -358,15 +366,20 @@ class Distiller:
         self._in_student_forward = True
 
     def _on_student_end(self, output: Any) -> None:
+        """The student's forward returned: the step is complete."""
         if not self._in_student_forward:
             return
-        self._in_student_forward = False
         for tap in self._student_taps:
-            tap.active = False
             tap.check_overwrite()
         if self._state is not None:
             self._state.student_output = output
             self._state.complete = True
+
+    def _on_student_exit(self) -> None:
+        """The student's forward ended, returned or raised: stop capturing."""
+        self._in_student_forward = False
+        for tap in self._student_taps:
+            tap.active = False
 
     def _run_teacher(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         teacher = self.teacher

@@ -2,7 +2,9 @@
 
 A plugin is any module or object with functions of these names marked with
 :data:`athooks.plugin.hookimpl`. Built-in mappings and losses register through exactly these hooks
-(see ``athooks/builtins.py``); third-party packages declare an entry point in group ``athooks``.
+(see ``athooks/builtins.py``); a program registers a plugin with
+``athooks.get_plugin_manager().register(plugin)``. Packages will declare an entry point in group
+``athooks`` for automatic discovery, which needs no change to these hooks.
 Each hook returns a list, so a plugin can provide several names; a plugin may implement either
 hook or both.
 """

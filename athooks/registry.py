@@ -173,7 +173,7 @@ def _lookup(kind: str, name: str) -> _Entry:
     else:
         msg += (
             f". If {name!r} comes from a plugin package, check that it is installed in this "
-            "environment (`athooks plugins` lists what is available)"
+            "environment and registered (`athooks list` shows what is available)"
         )
     raise UnknownNameError(msg)
 

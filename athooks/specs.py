@@ -17,7 +17,7 @@ class MappingSpec:
         name: The registry name users pick it by (``athooks.mapping(name, **options)``).
         factory: Called with the user's options; returns an :class:`athooks.plugin.Mapping`
             (or any callable ``(B, C, H, W) -> (B, H, W)``, which athooks wraps).
-        summary: One line shown by ``athooks.list_mappings(details=True)``.
+        summary: One line shown by ``athooks list``.
 
     Example:
         ```python
@@ -44,7 +44,7 @@ class LossSpec:
     Args:
         name: The registry name (``athooks.loss(name, **options)``).
         factory: Called with the user's options; returns an :class:`athooks.plugin.Loss`.
-        summary: One line shown by ``athooks.list_losses(details=True)``.
+        summary: One line shown by ``athooks list``.
 
     Example:
         ```python

@@ -619,6 +619,29 @@ def test_forward_that_raised_leaves_no_usable_step():
         assert torch.isfinite(d.loss())
 
 
+class FailsLate(TinyCNN):
+    fail = True
+
+    def forward(self, x):
+        out = super().forward(x)  # every tapped layer fired
+        if self.fail:
+            raise RuntimeError("late failure")
+        return out
+
+
+def test_student_forward_that_raised_after_the_taps_fired_is_not_a_step():
+    torch.manual_seed(0)
+    teacher, student = TinyCNN(16), FailsLate(8)
+    with Distiller(teacher, student, layers="relu?") as d:
+        with pytest.raises(RuntimeError, match="late failure"):
+            student(X)
+        with pytest.raises(CaptureError, match="did not finish"):
+            d.loss()
+        student.fail = False
+        student(X)  # the next forward starts cleanly
+        assert torch.isfinite(d.loss())
+
+
 def test_teacher_errors_say_athooks_ran_it():
     torch.manual_seed(0)
     teacher, student = TinyCNN(16), nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU())

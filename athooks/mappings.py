@@ -149,7 +149,19 @@ class Sum(Mapping):
         return abs_pow_sum(features, 1.0)
 
 
-class SumP(Mapping):
+class _PowerMapping(Mapping):
+    """A mapping with an exponent ``p >= 1``."""
+
+    def __init__(self, p: float = 2.0) -> None:
+        super().__init__()
+        self.p = _check_p(p, self.name)
+
+    def extra_repr(self) -> str:
+        """The exponent, for ``repr``."""
+        return f"p={self.p:g}"
+
+
+class SumP(_PowerMapping):
     """``F_sum^p(A) = sum_c |A_c|^p`` (paper section 3.1); ``p = 2`` is the paper's default.
 
     Args:
@@ -167,20 +179,12 @@ class SumP(Mapping):
 
     name = "sum_p"
 
-    def __init__(self, p: float = 2.0) -> None:
-        super().__init__()
-        self.p = _check_p(p, "sum_p")
-
     def forward(self, features: Tensor) -> Tensor:
         """Sum of ``|A_c|^p`` over channels."""
         return abs_pow_sum(features, self.p)
 
-    def extra_repr(self) -> str:
-        """The exponent, for ``repr``."""
-        return f"p={self.p:g}"
 
-
-class MaxP(Mapping):
+class MaxP(_PowerMapping):
     """``F_max^p(A) = max_c |A_c|^p`` (paper section 3.1).
 
     The maximum of ``|A_c|`` is taken as ``max(max_c A_c, -min_c A_c)`` so that no full-size
@@ -201,18 +205,10 @@ class MaxP(Mapping):
 
     name = "max_p"
 
-    def __init__(self, p: float = 2.0) -> None:
-        super().__init__()
-        self.p = _check_p(p, "max_p")
-
     def forward(self, features: Tensor) -> Tensor:
         """Largest ``|A_c|^p`` over channels."""
         top = torch.maximum(features.amax(dim=1), features.amin(dim=1).neg())
         return _at_least_float32(top).pow(self.p)
-
-    def extra_repr(self) -> str:
-        """The exponent, for ``repr``."""
-        return f"p={self.p:g}"
 
 
 class FunctionMapping(Mapping):

@@ -849,3 +849,14 @@ def test_no_teacher_feature_map_outlives_the_teacher_forward():
         assert all(t.capture.source is None for t in d._student_taps)
         d.loss()
     del out
+
+
+def test_teacher_maps_are_no_grad_tensors_not_inference_tensors():
+    # pitfall 6: maps made under inference_mode "cannot be saved for backward" by some ops
+    teacher, student = tiny_pair()
+    with Distiller(teacher, student, layers="relu?") as d:
+        student(X)
+        maps = [v for t in d._teacher_taps for v in t.capture.values.values()]
+        assert maps and not any(m.is_inference() or m.requires_grad for m in maps)
+        loss = d.loss() * torch.ones((), requires_grad=True).clone()  # usable in any graph
+        loss.backward()

@@ -16,6 +16,7 @@ Example:
     ```
 """
 
+from athooks.discovery import describe
 from athooks.distiller import Distiller
 from athooks.errors import (
     AthooksError,
@@ -45,6 +46,7 @@ __all__ = [
     "Step",
     "UnknownNameError",
     "__version__",
+    "describe",
     "get_plugin_manager",
     "list_layers",
     "list_losses",

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from athooks._compile import eager
+from athooks.discovery import AUTO_MODES, Pairing, auto_pairs
 from athooks.errors import CaptureError, ConfigurationError
 from athooks.layers import ResolvedPair, resolve_pairs, unwrap
 from athooks.losses.base import Loss, Step
@@ -21,6 +22,7 @@ from athooks.taps import Tap
 __all__ = ["Distiller"]
 
 CopyPolicy = Literal["auto", "always"]
+ResizePolicy = Literal["student", "teacher", "error"]
 
 
 @dataclass
@@ -93,15 +95,24 @@ class Distiller:
     Args:
         teacher: The teacher model.
         student: The student model (the module you call in the training loop).
-        layers: Which layers to pair: a name or pattern used on both models (``"layer?"``), a
-            list of names/patterns or ``(teacher, student)`` tuples, or a dict teacher name ->
-            student name. Patterns: ``*`` and ``?`` stay within one dotted part, ``**`` crosses
-            parts, ``"re:..."`` is a full-match regular expression. Use :class:`athooks.Layer`
-            to choose a tensor from a tuple/dict output or to transform it.
+        layers: Which layers to pair. ``"auto"`` (default) pairs the stage outputs of both
+            models by stride; ``"blocks"`` pairs every block of those stages when both have the
+            same block layout (see :func:`athooks.describe`). Otherwise a name or pattern used
+            on both models (``"layer?"``), a list of names/patterns or ``(teacher, student)``
+            tuples, or a dict teacher name -> student name. Patterns: ``*`` and ``?`` stay
+            within one dotted part, ``**`` crosses parts, ``"re:..."`` is a full-match regular
+            expression. Use :class:`athooks.Layer` to choose a tensor from a tuple/dict output
+            or to transform it.
         losses: A loss name, a loss made by :func:`athooks.loss`, or a list of them.
         teacher_input: Optional callable that adapts the student's inputs for the teacher; it is
             called with the student's positional and keyword arguments and returns the teacher's
             input (a tuple is spread as positional arguments).
+        resize: When the two maps of a pair differ in spatial size: ``"student"`` (default)
+            resizes the teacher's attention map to the student's, ``"teacher"`` the other way
+            round, ``"error"`` raises. Maps, not feature maps, are resized, before they are
+            normalised.
+        input_size: ``(C, H, W)`` of the dummy input used to find layers for ``"auto"`` and
+            ``"blocks"``; by default each model's own (224x224 for most).
         copy_outputs: ``"auto"`` (default) copies a student layer's output only when something
             overwrites it in place later, which the first forward detects; ``"always"`` copies
             every tapped student output.
@@ -130,10 +141,12 @@ class Distiller:
         self,
         teacher: nn.Module,
         student: nn.Module,
-        layers: Any,
+        layers: Any = "auto",
         losses: str | Loss | Sequence[str | Loss] = "at",
         *,
         teacher_input: Callable[..., Any] | None = None,
+        resize: ResizePolicy = "student",
+        input_size: Sequence[int] | None = None,
         copy_outputs: CopyPolicy = "auto",
     ) -> None:
         for role, model in (("teacher", teacher), ("student", student)):
@@ -152,6 +165,11 @@ class Distiller:
                 f"teacher_input must be a callable taking the student's inputs, got "
                 f"{type(teacher_input).__name__}"
             )
+        if resize not in ("student", "teacher", "error"):
+            raise ConfigurationError(
+                f"resize must be 'student' (resize the teacher's maps to the student's size), "
+                f"'teacher' or 'error', got {resize!r}"
+            )
         if copy_outputs not in ("auto", "always"):
             raise ConfigurationError(
                 f"copy_outputs must be 'auto' or 'always', got {copy_outputs!r}"
@@ -159,11 +177,16 @@ class Distiller:
         self.teacher = teacher
         self.student = student
         self.teacher_input = teacher_input
+        self.resize: ResizePolicy = resize
         loss_list = _as_losses(losses)
         self._losses = nn.ModuleList(loss_list)
         self._labels = _unique_labels(loss_list)
         mappings = _unique_mappings(loss_list)
 
+        self.pairing: Pairing | None = None
+        if isinstance(layers, str) and layers in AUTO_MODES and mappings:
+            self.pairing = auto_pairs(teacher, student, layers, input_size)
+            layers = self.pairing.layers()
         resolved: list[ResolvedPair] = resolve_pairs(teacher, student, layers) if mappings else []
         self._pairs = [(p.teacher_name, p.student_name) for p in resolved]
         self._teacher_taps: list[Tap] = []
@@ -325,6 +348,7 @@ class Distiller:
                 student_output=state.student_output,
                 teacher_output=state.teacher_output,
                 target=target,
+                resize=self.resize,
             )
             terms: dict[str, Tensor] = {}
             for label, loss_fn in zip(self._labels, self._losses, strict=True):

@@ -143,6 +143,7 @@ def test_teacher_input_adapts_what_the_teacher_sees():
         student,
         layers="relu?",
         teacher_input=lambda x: F.interpolate(x, scale_factor=2.0),
+        resize="error",
     ) as d:
         student(X)
         with pytest.raises(
@@ -722,7 +723,7 @@ def test_unequal_numbers_of_layers_list_both_sides():
 
 def test_different_spatial_sizes_name_the_pair_and_both_sizes():
     t, s = torchvision.models.resnet34(), torchvision.models.resnet18()
-    with Distiller(t, s, layers={"layer2": "layer3"}) as d:
+    with Distiller(t, s, layers={"layer2": "layer3"}, resize="error") as d:
         s(torch.randn(2, 3, 64, 64))
         with pytest.raises(
             CaptureError,
@@ -740,6 +741,7 @@ def test_different_spatial_sizes_name_the_pair_and_both_sizes():
         ({"losses": "attention"}, "unknown loss 'attention'"),
         ({"teacher_input": 3}, "teacher_input must be a callable"),
         ({"copy_outputs": "never"}, "copy_outputs must be 'auto' or 'always'"),
+        ({"resize": "nearest"}, "resize must be 'student'"),
     ],
 )
 def test_bad_arguments(kwargs, match):

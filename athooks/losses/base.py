@@ -5,12 +5,45 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
 from athooks.errors import CaptureError
 from athooks.mappings import Mapping
 
-__all__ = ["Loss", "Step"]
+__all__ = ["Loss", "Step", "resize_map"]
+
+
+def resize_map(amap: Tensor, size: tuple[int, int]) -> Tensor:
+    """Resize attention maps ``(B, H, W)`` to ``size``.
+
+    Shrinking in both directions averages the cells each output cell covers (area
+    interpolation, so the map's mass per region is kept); anything else is bilinear
+    (``align_corners=False``).
+
+    Args:
+        amap: The maps.
+        size: The target ``(H, W)``.
+
+    Returns:
+        The resized maps, ``(B, *size)``.
+
+    Example:
+        ```python
+        import torch
+        from athooks.losses.base import resize_map
+
+        m = torch.arange(16.0).reshape(1, 4, 4)
+        assert resize_map(m, (2, 2)).tolist() == [[[2.5, 4.5], [10.5, 12.5]]]
+        ```
+    """
+    h, w = amap.shape[-2:]
+    x = amap.unsqueeze(1)
+    if size[0] <= h and size[1] <= w:
+        out = F.interpolate(x, size=size, mode="area")
+    else:
+        out = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    return out.squeeze(1)
 
 
 class Step:
@@ -55,8 +88,10 @@ class Step:
         student_output: Any = None,
         teacher_output: Any = None,
         target: Tensor | None = None,
+        resize: str = "student",
     ) -> None:
         self.pairs = list(pairs)
+        self.resize = resize
         self._teacher_values = list(teacher_values)
         self._student_values = list(student_values)
         self._student_output = student_output
@@ -73,7 +108,10 @@ class Step:
             One ``(teacher, student)`` tuple per pair, float32. The teacher map carries no gradient.
 
         Raises:
-            CaptureError: If the two maps of a pair differ in batch size or spatial size.
+            CaptureError: If the two maps of a pair differ in batch size, or in spatial size
+                with ``resize="error"``. Otherwise maps of different spatial size are resized
+                (:func:`resize_map`) before they are returned: the teacher's to the student's
+                size (``resize="student"``, the default) or the other way round.
         """
         out: list[tuple[Tensor, Tensor]] = []
         for (t_name, s_name), t_vals, s_vals in zip(
@@ -93,12 +131,17 @@ class Step:
                     "batch as the student (check teacher_input)"
                 )
             if qt.shape[1:] != qs.shape[1:]:
-                raise CaptureError(
-                    f"attention maps of pair (teacher {t_name!r}, student {s_name!r}) differ in "
-                    f"spatial size: teacher {tuple(qt.shape[1:])}, student {tuple(qs.shape[1:])}. "
-                    "Pair layers of the same stride, or feed the teacher an input of matching "
-                    "resolution through teacher_input"
-                )
+                if self.resize == "student":
+                    qt = resize_map(qt, (qs.shape[1], qs.shape[2]))
+                elif self.resize == "teacher":
+                    qs = resize_map(qs, (qt.shape[1], qt.shape[2]))
+                else:
+                    raise CaptureError(
+                        f"attention maps of pair (teacher {t_name!r}, student {s_name!r}) differ "
+                        f"in spatial size: teacher {tuple(qt.shape[1:])}, student "
+                        f"{tuple(qs.shape[1:])}, and resize='error'. Pair layers of the same "
+                        "stride, or let athooks resize the maps (resize='student' or 'teacher')"
+                    )
             out.append((qt, qs))
         return out
 

@@ -1,0 +1,569 @@
+"""Layer discovery: output shapes and strides of every module, and the automatic pairing.
+
+``layers="auto"`` pairs the *stage outputs* of teacher and student by spatial stride (the paper's
+"different depth" case):
+
+* a model with timm-style metadata (a ``feature_info`` list naming modules and their reductions:
+  every timm model, and :mod:`athooks.models`) contributes those modules, the last one per stride
+  (names missing from ``named_modules()`` are skipped);
+* any other model is probed once, on a dummy input, in eval mode under ``no_grad``; for each
+  stride, the stage output is the last module of the shallowest level of the module tree that
+  produces a feature map of that stride (1x1 outputs, global pooling, are ignored).
+
+A leaf module (such as the ReLU after a ResNet's first convolution) is not taken as a stage when
+the model has stages that are containers of blocks: the paper transfers attention at the outputs
+of groups of blocks, so a ResNet pair gets its four groups, as in the authors' ImageNet code.
+
+Only strides both models have are paired, in increasing stride. ``layers="blocks"`` pairs every
+block of those stages (the children of each stage container that keep its stride: the paper's
+"same depth" case), and needs both models to have the same number of blocks per stage.
+
+Outputs that are not ``(B, C, H, W)`` are converted using the model's own metadata: tokens
+``(B, N, C)`` of timm ViT-style models (``num_prefix_tokens`` and ``patch_embed.grid_size``) drop
+their prefix tokens and are reshaped to the patch grid; NHWC outputs of timm models whose
+``output_fmt`` is ``"NHWC"`` (Swin, for instance) are permuted to NCHW.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from athooks.errors import CaptureError, ConfigurationError, LayerResolutionError
+from athooks.layers import Layer, unwrap
+
+__all__ = [
+    "ChannelsLastToFirst",
+    "LayerInfo",
+    "PairInfo",
+    "Pairing",
+    "TokensToMap",
+    "auto_pairs",
+    "default_input_size",
+    "describe",
+    "probe",
+    "stage_layers",
+]
+
+AUTO_MODES = ("auto", "blocks")
+
+
+@dataclass(frozen=True)
+class TokensToMap:
+    """Turn ViT tokens ``(B, N, C)`` into a feature map ``(B, C, H, W)`` on the patch grid.
+
+    Args:
+        prefix: Number of leading non-patch tokens (class, distillation, register tokens).
+        grid: The patch grid ``(H, W)``.
+
+    Example:
+        ```python
+        import torch
+        from athooks.discovery import TokensToMap
+
+        to_map = TokensToMap(prefix=1, grid=(4, 4))
+        assert to_map(torch.randn(2, 17, 192)).shape == (2, 192, 4, 4)
+        ```
+    """
+
+    prefix: int
+    grid: tuple[int, int]
+
+    def __call__(self, tokens: Tensor) -> Tensor:
+        """Drop the prefix tokens and reshape."""
+        gh, gw = self.grid
+        if tokens.dim() != 3 or tokens.shape[1] != self.prefix + gh * gw:
+            raise CaptureError(
+                f"expected ViT tokens (B, {self.prefix} + {gh}*{gw}, C), got shape "
+                f"{tuple(tokens.shape)}; the input size differs from the one the model was built "
+                "for (its patch grid is fixed): feed that size, or build the model with that "
+                "img_size"
+            )
+        b, _, c = tokens.shape
+        return tokens[:, self.prefix :].transpose(1, 2).reshape(b, c, gh, gw)
+
+
+@dataclass(frozen=True)
+class ChannelsLastToFirst:
+    """Permute an NHWC feature map to NCHW.
+
+    Example:
+        ```python
+        import torch
+        from athooks.discovery import ChannelsLastToFirst
+
+        assert ChannelsLastToFirst()(torch.randn(2, 7, 7, 96)).shape == (2, 96, 7, 7)
+        ```
+    """
+
+    def __call__(self, features: Tensor) -> Tensor:
+        """Permute dimensions (0, 3, 1, 2)."""
+        return features.permute(0, 3, 1, 2)
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """What the probe saw of one module.
+
+    Attributes:
+        name: The module's name in the (unwrapped) model.
+        kind: The module's class name.
+        shape: Its output shape without the batch dimension (the first tensor of the output).
+        map_shape: ``(C, H, W)`` of the feature map attention is computed on, after conversion;
+            ``None`` if the output is not a feature map.
+        stride: The input height divided by the feature map's height; ``None`` if not one.
+        transform: The conversion applied to the output (tokens, NHWC), or ``None``.
+        order: When it (last) ran in the forward.
+        calls: How many times it ran.
+    """
+
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    map_shape: tuple[int, int, int] | None
+    stride: int | None
+    transform: Any = field(default=None, compare=False)
+    order: int = 0
+    calls: int = 1
+
+    @property
+    def depth(self) -> int:
+        """The level in the module tree: 1 for a child of the root."""
+        return self.name.count(".") + 1
+
+    def layer(self) -> Layer:
+        """The :class:`athooks.Layer` that taps this module, with its conversion."""
+        return Layer(self.name, transform=self.transform)
+
+
+def _in_chans(model: nn.Module) -> int:
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            return int(module.in_channels)
+    return 3
+
+
+def default_input_size(model: nn.Module) -> tuple[int, int, int]:
+    """The input size ``(C, H, W)`` used to probe ``model`` when none is given.
+
+    A fixed patch-embedding size (timm ViTs) first, then the model's ``pretrained_cfg`` input
+    size, else 224x224 with the channel count of the first convolution.
+
+    Args:
+        model: The model.
+
+    Returns:
+        ``(C, H, W)``.
+
+    Example:
+        ```python
+        import timm
+        from athooks.discovery import default_input_size
+
+        vit = timm.create_model("vit_tiny_patch16_224", img_size=64)
+        assert default_input_size(vit) == (3, 64, 64)
+        ```
+    """
+    inner, _ = unwrap(model)
+    chans = _in_chans(inner)
+    patch_embed = getattr(inner, "patch_embed", None)
+    img_size = getattr(patch_embed, "img_size", None)
+    if isinstance(img_size, (tuple, list)) and len(img_size) == 2 and all(img_size):
+        return (chans, int(img_size[0]), int(img_size[1]))
+    cfg = getattr(inner, "pretrained_cfg", None) or getattr(inner, "default_cfg", None)
+    if isinstance(cfg, dict):
+        size = cfg.get("input_size")
+        if isinstance(size, (tuple, list)) and len(size) == 3:
+            return (int(size[0]), int(size[1]), int(size[2]))
+    return (chans, 224, 224)
+
+
+def _conversion(model: nn.Module, out: Tensor) -> Any:
+    """The metadata-based conversion of one output to (B, C, H, W), or None."""
+    prefix = getattr(model, "num_prefix_tokens", None)
+    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+    if out.dim() == 3 and isinstance(prefix, int) and grid is not None:
+        gh, gw = int(grid[0]), int(grid[1])
+        if out.shape[1] == prefix + gh * gw:
+            return TokensToMap(prefix, (gh, gw))
+        return None
+    if out.dim() == 4 and getattr(model, "output_fmt", None) in ("NHWC", "nhwc"):
+        return ChannelsLastToFirst()
+    return None
+
+
+def probe(
+    model: nn.Module, input_size: Sequence[int] | None = None, *, side: str = "model"
+) -> list[LayerInfo]:
+    """Run ``model`` once on a dummy input and record every module's output shape and stride.
+
+    The model runs in eval mode under ``no_grad`` on a batch of one, on its own device; each
+    module's training flag is restored afterwards.
+
+    Args:
+        model: The model (wrappers are looked through).
+        input_size: ``(C, H, W)``; default :func:`default_input_size`.
+        side: How to call the model in error messages.
+
+    Returns:
+        One :class:`LayerInfo` per module that ran, in module order.
+
+    Raises:
+        ConfigurationError: If the dummy forward fails.
+
+    Example:
+        ```python
+        import torchvision
+        from athooks.discovery import probe
+
+        infos = {i.name: i for i in probe(torchvision.models.resnet18())}
+        assert infos["layer3"].stride == 16 and infos["layer3"].map_shape == (256, 14, 14)
+        ```
+    """
+    inner, _ = unwrap(model)
+    size = tuple(int(s) for s in (input_size or default_input_size(inner)))
+    if len(size) != 3:
+        raise ConfigurationError(f"input_size must be (C, H, W), got {size}")
+    seen: dict[str, tuple[int, int, tuple[int, ...], Any]] = {}
+    counter = [0]
+
+    def make_hook(name: str) -> Any:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            from athooks.taps import _first_tensor
+
+            counter[0] += 1
+            out = _first_tensor(output)
+            calls = seen[name][1] + 1 if name in seen else 1
+            shape = tuple(out.shape[1:]) if out is not None else ()
+            convert = _conversion(inner, out) if out is not None else None
+            seen[name] = (counter[0], calls, shape, convert)
+
+        return hook
+
+    named = [(n, m) for n, m in inner.named_modules() if n]
+    flags = [(m, m.training) for m in inner.modules()]
+    param = next(inner.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    handles = [m.register_forward_hook(make_hook(n)) for n, m in named]
+    try:
+        inner.eval()
+        x = torch.randn((1, *size), generator=torch.Generator().manual_seed(0)).to(device, dtype)
+        with torch.no_grad():
+            inner(x)
+    except Exception as err:
+        raise ConfigurationError(
+            f"probing the {side} with a dummy input of shape {(1, *size)} failed: "
+            f"{type(err).__name__}: {err}. Pass input_size=(C, H, W) that the model accepts, or "
+            "name the layers explicitly"
+        ) from err
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, flag in flags:
+            module.training = flag
+    infos = []
+    in_h = size[1]
+    for name, module in named:
+        if name not in seen:
+            continue
+        order, calls, shape, transform = seen[name]
+        map_shape: tuple[int, int, int] | None = None
+        if transform is not None and isinstance(transform, TokensToMap):
+            map_shape = (shape[-1], *transform.grid)
+        elif transform is not None and len(shape) == 3:
+            map_shape = (shape[2], shape[0], shape[1])
+        elif len(shape) == 3:
+            map_shape = (shape[0], shape[1], shape[2])
+        stride = None
+        if map_shape is not None and map_shape[1] > 0:
+            stride = max(1, round(in_h / map_shape[1]))
+        infos.append(
+            LayerInfo(
+                name, type(module).__name__, shape, map_shape, stride, transform, order, calls
+            )
+        )
+    return infos
+
+
+def _metadata_modules(model: nn.Module) -> list[str] | None:
+    info = getattr(model, "feature_info", None)
+    if not isinstance(info, (list, tuple)) or not info:
+        return None
+    names: list[str] = []
+    for entry in info:
+        name = entry.get("module") if isinstance(entry, dict) else None
+        if isinstance(name, str) and name:
+            names.append(name)
+    return names or None
+
+
+def stage_layers(
+    model: nn.Module,
+    input_size: Sequence[int] | None = None,
+    *,
+    infos: Sequence[LayerInfo] | None = None,
+    side: str = "model",
+) -> list[LayerInfo]:
+    """The stage outputs of ``model``, one per stride, in increasing stride.
+
+    Args:
+        model: The model.
+        input_size: The probe's input size ``(C, H, W)``.
+        infos: A probe result to reuse.
+        side: How to call the model in error messages.
+
+    Returns:
+        The stage layers (see the module docs for the rule).
+
+    Raises:
+        LayerResolutionError: If no module produces a usable feature map.
+
+    Example:
+        ```python
+        import torchvision
+        from athooks.discovery import stage_layers
+
+        stages = stage_layers(torchvision.models.resnet18())
+        assert [s.name for s in stages] == ["layer1", "layer2", "layer3", "layer4"]
+        ```
+    """
+    inner, _ = unwrap(model)
+    infos = list(infos) if infos is not None else probe(inner, input_size, side=side)
+    usable = [
+        i
+        for i in infos
+        if i.map_shape is not None and i.stride is not None and i.map_shape[1] * i.map_shape[2] > 1
+    ]
+    by_name = {i.name: i for i in usable}
+    chosen: dict[int, LayerInfo] = {}
+    listed = _metadata_modules(inner)
+    if listed is not None:
+        for name in listed:
+            info = by_name.get(name)
+            if info is not None and info.stride is not None:
+                chosen[info.stride] = info  # the last listed module of each stride
+    if not chosen:
+        for info in usable:
+            assert info.stride is not None
+            best = chosen.get(info.stride)
+            if best is None or (info.depth, -info.order) < (best.depth, -best.order):
+                chosen[info.stride] = info
+    # A leaf module (a stem activation) is not a stage when the model has container stages:
+    # the paper transfers at the outputs of groups of blocks.
+    containers = {
+        stride: info
+        for stride, info in chosen.items()
+        if next(iter(inner.get_submodule(info.name).children()), None) is not None
+    }
+    if containers:
+        chosen = containers
+    if not chosen:
+        raise LayerResolutionError(
+            f"found no module of the {side} that produces a feature map (B, C, H, W) larger "
+            "than 1x1; name the layers explicitly, with athooks.Layer(name, transform=...) for "
+            "outputs of another layout"
+        )
+    return [chosen[s] for s in sorted(chosen)]
+
+
+def _blocks(inner: nn.Module, stage: LayerInfo, infos: dict[str, LayerInfo]) -> list[LayerInfo]:
+    module = inner.get_submodule(stage.name)
+    out = []
+    for child_name, _ in module.named_children():
+        info = infos.get(f"{stage.name}.{child_name}")
+        if info is not None and info.stride == stage.stride and info.map_shape is not None:
+            out.append(info)
+    return out
+
+
+@dataclass(frozen=True)
+class PairInfo:
+    """One teacher/student pair chosen by discovery, with what the probe saw."""
+
+    teacher: LayerInfo
+    student: LayerInfo
+
+
+@dataclass
+class Pairing:
+    """The pairs ``"auto"`` (or ``"blocks"``) picks, printable as a table.
+
+    Attributes:
+        mode: ``"auto"`` or ``"blocks"``.
+        pairs: The pairs, in increasing stride.
+        teacher_strides: Strides of the teacher's stages.
+        student_strides: Strides of the student's stages.
+    """
+
+    mode: str
+    pairs: list[PairInfo]
+    teacher_strides: list[int]
+    student_strides: list[int]
+
+    def layers(self) -> list[tuple[Layer, Layer]]:
+        """The pairs as a ``layers`` argument for :class:`athooks.Distiller`."""
+        return [(p.teacher.layer(), p.student.layer()) for p in self.pairs]
+
+    def __str__(self) -> str:
+        rows = [("teacher layer", "shape", "stride", "student layer", "shape")]
+        for p in self.pairs:
+            rows.append(
+                (
+                    p.teacher.name,
+                    _fmt_shape(p.teacher.map_shape),
+                    str(p.teacher.stride),
+                    p.student.name,
+                    _fmt_shape(p.student.map_shape),
+                )
+            )
+        return format_table(rows, widths=(22, 14, 6, 22, 14))
+
+    __repr__ = __str__
+
+
+def _fmt_shape(shape: Sequence[int] | None) -> str:
+    return "x".join(str(s) for s in shape) if shape else "-"
+
+
+def _elide(text: str, width: int) -> str:
+    if len(text) <= width:
+        return text
+    keep = width - 1
+    return text[: keep // 2] + "…" + text[len(text) - (keep - keep // 2) :]
+
+
+def format_table(rows: Sequence[Sequence[str]], widths: Sequence[int]) -> str:
+    """Format rows as a plain-text table within the given column widths (80 columns in all).
+
+    Args:
+        rows: The header row first, then the data rows.
+        widths: The maximum width of each column; long cells are elided in the middle.
+
+    Returns:
+        The table.
+    """
+    actual = [min(max(len(row[i]) for row in rows), widths[i]) for i in range(len(widths))]
+    lines = []
+    for k, row in enumerate(rows):
+        cells = [_elide(cell, actual[i]).ljust(actual[i]) for i, cell in enumerate(row)]
+        lines.append("  ".join(cells).rstrip())
+        if k == 0:
+            lines.append("  ".join("-" * w for w in actual))
+    return "\n".join(lines)
+
+
+def auto_pairs(
+    teacher: nn.Module,
+    student: nn.Module,
+    mode: str = "auto",
+    input_size: Sequence[int] | None = None,
+) -> Pairing:
+    """The teacher/student layer pairs of ``layers="auto"`` or ``layers="blocks"``.
+
+    Args:
+        teacher: The teacher model.
+        student: The student model.
+        mode: ``"auto"`` (stage outputs by stride) or ``"blocks"`` (every block of those stages).
+        input_size: The probe's input size ``(C, H, W)``, used for both models; by default each
+            model's own (:func:`default_input_size`).
+
+    Returns:
+        The pairing.
+
+    Raises:
+        LayerResolutionError: If the models share no stride, or (``"blocks"``) their block
+            layouts differ.
+
+    Example:
+        ```python
+        import torchvision
+        from athooks.discovery import auto_pairs
+
+        pairing = auto_pairs(torchvision.models.resnet34(), torchvision.models.resnet18())
+        print(pairing)
+        ```
+    """
+    if mode not in AUTO_MODES:
+        raise ConfigurationError(f"mode must be 'auto' or 'blocks', got {mode!r}")
+    t_inner, _ = unwrap(teacher)
+    s_inner, _ = unwrap(student)
+    t_infos = probe(t_inner, input_size, side="teacher")
+    s_infos = probe(s_inner, input_size, side="student")
+    t_stages = stage_layers(t_inner, infos=t_infos, side="teacher")
+    s_stages = stage_layers(s_inner, infos=s_infos, side="student")
+    t_by_stride = {s.stride: s for s in t_stages}
+    s_by_stride = {s.stride: s for s in s_stages}
+    shared = sorted(set(t_by_stride) & set(s_by_stride), key=lambda v: v or 0)
+    t_strides = [int(s.stride or 0) for s in t_stages]
+    s_strides = [int(s.stride or 0) for s in s_stages]
+    if not shared:
+        raise LayerResolutionError(
+            f"the teacher and the student share no stride: teacher stages "
+            f"{_stage_list(t_stages)}, student stages {_stage_list(s_stages)}. Name the pairs "
+            "explicitly (layers=[(teacher_name, student_name), ...]); maps of different sizes "
+            "are resized (resize='student')"
+        )
+    pairs: list[PairInfo] = []
+    if mode == "auto":
+        pairs = [PairInfo(t_by_stride[s], s_by_stride[s]) for s in shared]
+    else:
+        t_map = {i.name: i for i in t_infos}
+        s_map = {i.name: i for i in s_infos}
+        t_layout, s_layout, same = [], [], True
+        for s in shared:
+            t_blocks = _blocks(t_inner, t_by_stride[s], t_map)
+            s_blocks = _blocks(s_inner, s_by_stride[s], s_map)
+            if not t_blocks and not s_blocks:
+                continue  # a stage without blocks (a stem): nothing to pair
+            t_layout.append(f"{t_by_stride[s].name}: {len(t_blocks)}")
+            s_layout.append(f"{s_by_stride[s].name}: {len(s_blocks)}")
+            same = same and len(t_blocks) == len(s_blocks)
+            if same:
+                pairs.extend(PairInfo(t, st) for t, st in zip(t_blocks, s_blocks, strict=True))
+        if not same or not pairs:
+            raise LayerResolutionError(
+                "layers='blocks' needs the same number of blocks per stage in both models "
+                "(the paper's same-depth case); blocks per stage, teacher: "
+                f"{', '.join(t_layout) or 'none'}; student: {', '.join(s_layout) or 'none'}. "
+                "Use layers='auto' to pair the stage outputs instead"
+            )
+    return Pairing(mode, pairs, t_strides, s_strides)
+
+
+def _stage_list(stages: Sequence[LayerInfo]) -> str:
+    return ", ".join(f"{s.name} (stride {s.stride})" for s in stages)
+
+
+def describe(
+    teacher: nn.Module,
+    student: nn.Module,
+    layers: str = "auto",
+    input_size: Sequence[int] | None = None,
+) -> Pairing:
+    """The layer pairs ``layers="auto"`` (or ``"blocks"``) would use, with shapes and strides.
+
+    Prints as a table that fits 80 columns (in a notebook, the cell's value shows it).
+
+    Args:
+        teacher: The teacher model.
+        student: The student model.
+        layers: ``"auto"`` or ``"blocks"``.
+        input_size: The probe's input size ``(C, H, W)``.
+
+    Returns:
+        The pairing.
+
+    Example:
+        ```python
+        import torchvision
+        import athooks
+
+        print(athooks.describe(torchvision.models.resnet34(), torchvision.models.resnet18()))
+        ```
+    """
+    return auto_pairs(teacher, student, layers, input_size)

@@ -1,8 +1,14 @@
 """The ``athooks`` command line.
 
-``athooks layers MODEL`` lists the named modules of a model; ``athooks list`` lists the registered
-mappings and losses. MODEL is a timm name (``resnet18``), ``torchvision:NAME``, or an import path
-``package.module:callable`` that returns an ``nn.Module``; models are built with random weights.
+* ``athooks layers MODEL``: every module with its output shape and stride; the stages that
+  ``layers="auto"`` would use are marked.
+* ``athooks layers TEACHER --student STUDENT [--blocks]``: the pairs ``"auto"`` (or ``"blocks"``)
+  picks, as a table.
+* ``athooks list``: the registered mappings and losses.
+
+MODEL is a timm name (``resnet18``), ``athooks:wrn16_1`` (the WRNs of :mod:`athooks.models`),
+``torchvision:NAME``, or an import path ``package.module:callable`` that returns an
+``nn.Module``. Models are built with random weights; nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -23,8 +29,9 @@ def build_model(spec: str) -> nn.Module:
     """Build a model with random weights from a command-line model spec.
 
     Args:
-        spec: ``"resnet18"`` (timm), ``"timm:resnet18"``, ``"torchvision:resnet18"``, or
-            ``"package.module:callable"`` (called with no arguments).
+        spec: ``"resnet18"`` (timm), ``"timm:resnet18"``, ``"athooks:wrn16_1"``,
+            ``"torchvision:resnet18"``, or ``"package.module:callable"`` (called with no
+            arguments).
 
     Returns:
         The model.
@@ -42,6 +49,10 @@ def build_model(spec: str) -> nn.Module:
     """
     source, _, name = spec.rpartition(":")
     try:
+        if source == "athooks" or (source == "" and name.startswith("wrn")):
+            from athooks.models import create_model
+
+            return create_model(name)
         if source in ("", "timm"):
             import timm
 
@@ -66,17 +77,33 @@ def build_model(spec: str) -> nn.Module:
 
 
 def _cmd_layers(args: argparse.Namespace) -> int:
-    from athooks.layers import list_layers, match_modules
+    from athooks.discovery import auto_pairs, format_table, probe, stage_layers
+    from athooks.layers import match_modules
 
+    size = tuple(args.input_size) if args.input_size else None
     model = build_model(args.model)
-    rows = list_layers(model)
+    if args.student:
+        student = build_model(args.student)
+        print(auto_pairs(model, student, "blocks" if args.blocks else "auto", size))
+        return 0
+    infos = probe(model, size)
+    stages = {i.name for i in stage_layers(model, infos=infos)}
     if args.pattern:
         hits = {n for n, _ in match_modules(model, args.pattern, side="model")}
-        rows = [r for r in rows if r[0] in hits]
-    width = min(max([4, *(len(n) for n, _ in rows)]), 60)
-    print(f"{'name':<{width}}  type")
-    for name, kind in rows:
-        print(f"{name:<{width}}  {kind}")
+        infos = [i for i in infos if i.name in hits]
+    rows = [("name", "type", "output", "stride", "auto")]
+    for info in infos:
+        shape = "x".join(str(v) for v in info.shape) if info.shape else "-"
+        rows.append(
+            (
+                info.name,
+                info.kind,
+                shape,
+                str(info.stride) if info.stride else "",
+                "*" if info.name in stages else "",
+            )
+        )
+    print(format_table(rows, widths=(34, 18, 14, 6, 4)))
     return 0
 
 
@@ -99,8 +126,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = argparse.ArgumentParser(prog="athooks", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    p_layers = sub.add_parser("layers", help="list the named modules of a model")
-    p_layers.add_argument("model", help="timm name, torchvision:NAME or package.module:callable")
+    p_layers = sub.add_parser(
+        "layers",
+        help="list a model's modules with output shapes and strides, or the pairs 'auto' picks",
+    )
+    p_layers.add_argument(
+        "model",
+        help="timm name, athooks:wrn16_1, torchvision:NAME or package.module:callable",
+    )
+    p_layers.add_argument("--student", help="show the teacher/student pairs 'auto' picks")
+    p_layers.add_argument(
+        "--blocks", action="store_true", help="with --student: the pairs of layers='blocks'"
+    )
+    p_layers.add_argument(
+        "--input-size",
+        type=int,
+        nargs=3,
+        metavar=("C", "H", "W"),
+        help="dummy input size for the probe (default: the model's own, else 3 224 224)",
+    )
     p_layers.add_argument("--pattern", help="show only modules matching this layer pattern")
     p_layers.set_defaults(func=_cmd_layers)
     p_list = sub.add_parser("list", help="list registered mappings and losses")

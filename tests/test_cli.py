@@ -19,14 +19,45 @@ def run(*args: str, cwd=None) -> subprocess.CompletedProcess[str]:
     )
 
 
+def table(stdout: str) -> list[list[str]]:
+    lines = stdout.splitlines()
+    assert set(lines[1].replace(" ", "")) == {"-"}  # header underline
+    assert all(len(line) <= 80 for line in lines)
+    return [line.split() for line in lines[2:]]
+
+
 @pytest.mark.parametrize("model", ["resnet18", "timm:resnet18", "torchvision:resnet18"])
-def test_layers_lists_modules(model):
+def test_layers_lists_modules_with_shapes_and_strides(model):
     res = run("layers", model, "--pattern", "layer?")
     assert res.returncode == 0, res.stderr
-    lines = res.stdout.splitlines()
-    assert lines[0].split() == ["name", "type"]
-    assert [line.split()[0] for line in lines[1:]] == ["layer1", "layer2", "layer3", "layer4"]
-    assert all(len(line) <= 80 for line in lines)
+    assert res.stdout.splitlines()[0].split() == ["name", "type", "output", "stride", "auto"]
+    assert table(res.stdout) == [
+        ["layer1", "Sequential", "64x56x56", "4", "*"],
+        ["layer2", "Sequential", "128x28x28", "8", "*"],
+        ["layer3", "Sequential", "256x14x14", "16", "*"],
+        ["layer4", "Sequential", "512x7x7", "32", "*"],
+    ]
+
+
+def test_every_module_is_listed_and_long_names_fit():
+    res = run("layers", "efficientnet_b0", "--input-size", "3", "64", "64")
+    assert res.returncode == 0, res.stderr
+    rows = table(res.stdout)
+    assert len(rows) > 200 and rows[0][:3] == ["conv_stem", "Conv2d", "32x32x32"]
+
+
+def test_pairs_of_a_teacher_and_a_student():
+    res = run("layers", "resnet34", "--student", "resnet18")
+    assert res.returncode == 0, res.stderr
+    assert [r[0] for r in table(res.stdout)] == ["layer1", "layer2", "layer3", "layer4"]
+    res = run(
+        "layers", "torchvision:mobilenet_v3_large", "--student", "torchvision:mobilenet_v3_small"
+    )
+    assert res.returncode == 0, res.stderr
+    assert table(res.stdout)[-1] == ["features", "960x7x7", "32", "features", "576x7x7"]
+    res = run("layers", "athooks:wrn16_2", "--student", "athooks:wrn16_1", "--blocks")
+    assert res.returncode == 0, res.stderr
+    assert len(table(res.stdout)) == 6
 
 
 def test_layers_from_an_import_path(tmp_path):
@@ -36,13 +67,13 @@ def test_layers_from_an_import_path(tmp_path):
             import torch.nn as nn
 
             def build_net():
-                return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+                return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())
             """
         )
     )
-    res = run("layers", "mynets:build_net", cwd=tmp_path)
+    res = run("layers", "mynets:build_net", "--input-size", "3", "8", "8", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
-    assert res.stdout.splitlines()[1:] == ["0     Conv2d", "1     ReLU"]
+    assert table(res.stdout) == [["0", "Conv2d", "4x8x8", "1"], ["1", "ReLU", "4x8x8", "1", "*"]]
 
 
 def test_errors_are_one_line_with_exit_code_2():
@@ -51,6 +82,8 @@ def test_errors_are_one_line_with_exit_code_2():
     assert res.stderr.startswith("athooks: error: pattern 'layr?' matched no module of the model")
     res = run("layers", "nosuchpkg_xyz:build")
     assert res.returncode == 2 and "cannot build model 'nosuchpkg_xyz:build'" in res.stderr
+    res = run("layers", "resnet34", "--student", "resnet18", "--blocks")
+    assert res.returncode == 2 and "same number of blocks per stage" in res.stderr
 
 
 def test_list_shows_registered_names():

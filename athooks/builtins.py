@@ -7,7 +7,7 @@ uses nothing a third-party plugin could not.
 from __future__ import annotations
 
 from athooks.hookspecs import hookimpl
-from athooks.losses import AT
+from athooks.losses import AT, KD, FActT, GradAT, InputGradL2, Symmetry
 from athooks.mappings import MaxP, Sum, SumP
 from athooks.specs import LossSpec, MappingSpec
 
@@ -24,7 +24,14 @@ def athooks_mappings() -> list[MappingSpec]:
 
 @hookimpl
 def athooks_losses() -> list[LossSpec]:
-    """Attention transfer."""
+    """Attention transfer and the paper's other transfer losses."""
     return [
         LossSpec("at", AT, "activation-based attention transfer (authors' code form by default)"),
+        LossSpec("kd", KD, "knowledge distillation on the outputs (Hinton et al.)"),
+        LossSpec("fact", FActT, "full-activation transfer: L2 between whole feature maps"),
+        LossSpec("grad_at", GradAT, "gradient-based attention transfer (needs target)"),
+        LossSpec("symmetry", Symmetry, "flip-symmetry norm of the input gradient (needs target)"),
+        LossSpec(
+            "input_grad_l2", InputGradL2, "min-l2: squared input-gradient norm (needs target)"
+        ),
     ]

@@ -34,7 +34,9 @@ class _StepState:
     consumed: bool = False
     student_output: Any = None
     teacher_output: Any = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    input_where: tuple[str, Any] | None = None  # where the tensor input sits in args/kwargs
 
 
 @dataclass
@@ -57,13 +59,13 @@ class _RootHook:
         self._stage = stage
 
     @eager  # the teacher runs eagerly, outside the student's compiled graph
-    def __call__(self, module: nn.Module, args: Any, kwargs: Any, *rest: Any) -> None:
+    def __call__(self, module: nn.Module, args: Any, kwargs: Any, *rest: Any) -> Any:
         owner = self._owner()
-        if owner is None or module is not owner.student:
+        if owner is None or module is not owner.student or owner._internal:
             return None
         if self._stage == "start":
-            owner._on_student_start(args, kwargs)
-        elif self._stage == "end":
+            return owner._on_student_start(args, kwargs)
+        if self._stage == "end":
             owner._on_student_end(rest[0] if rest else None)
         else:
             owner._on_student_exit()
@@ -215,6 +217,8 @@ class Distiller:
             self._pair_taps.append((t_index[t_key], s_index[s_key]))
 
         self._needs_teacher_output = any(loss.needs_teacher_output for loss in loss_list)
+        self._needs_input_grad = any(loss.needs_input_grad for loss in loss_list)
+        self._internal = False  # True while athooks itself runs a model again
         self._handles: list[RemovableHandle] = []
         self._finalizer: weakref.finalize[Any, Any] | None = None
         self._teacher_state: _TeacherState | None = None
@@ -349,6 +353,7 @@ class Distiller:
                 teacher_output=state.teacher_output,
                 target=target,
                 resize=self.resize,
+                runner=_Runner(self, state),
             )
             terms: dict[str, Tensor] = {}
             for label, loss_fn in zip(self._labels, self._losses, strict=True):
@@ -370,24 +375,33 @@ class Distiller:
             state.consumed = True
             state.student_output = None
             state.teacher_output = None
+            state.args, state.kwargs = (), {}
             for tap in (*self._teacher_taps, *self._student_taps):
                 tap.capture = None
 
     # ------------------------------------------------------------------ hook callbacks
 
-    def _on_student_start(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def _on_student_start(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
         if self._in_student_forward:  # the student calling itself recursively: one step only
-            return
-        self._state = _StepState(grad_enabled=torch.is_grad_enabled())
+            return None
+        state = self._state = _StepState(grad_enabled=torch.is_grad_enabled())
         for tap in self._student_taps:
             tap.capture = None
         if self._teacher_taps or self._needs_teacher_output:
-            self._state.teacher_output = self._run_teacher(args, kwargs)
+            state.teacher_output = self._run_teacher(args, kwargs)
             if not self._needs_teacher_output:
-                self._state.teacher_output = None
+                state.teacher_output = None
+        replaced = None
+        if self._needs_input_grad:
+            args, kwargs, state.input_where = _input_requiring_grad(args, kwargs)
+            state.args, state.kwargs = args, kwargs
+            replaced = (args, kwargs)
         for tap in self._student_taps:
             tap.active = True
         self._in_student_forward = True
+        return replaced
 
     def _on_student_end(self, output: Any) -> None:
         """The student's forward returned: the step is complete."""
@@ -405,15 +419,19 @@ class Distiller:
         for tap in self._student_taps:
             tap.active = False
 
+    def _teacher_call_args(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        if self.teacher.training:  # something called .train() on it (e.g. a parent module)
+            self.teacher.eval()
+        if self.teacher_input is None:
+            return args, kwargs
+        adapted = self.teacher_input(*args, **kwargs)
+        return (adapted if isinstance(adapted, tuple) else (adapted,)), {}
+
     def _run_teacher(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         teacher = self.teacher
-        if teacher.training:  # something called .train() on it (e.g. a parent module)
-            teacher.eval()
-        if self.teacher_input is not None:
-            adapted = self.teacher_input(*args, **kwargs)
-            t_args, t_kwargs = (adapted if isinstance(adapted, tuple) else (adapted,)), {}
-        else:
-            t_args, t_kwargs = args, kwargs
+        t_args, t_kwargs = self._teacher_call_args(args, kwargs)
         for tap in self._teacher_taps:
             tap.capture = None
             tap.active = True
@@ -508,6 +526,70 @@ class Distiller:
             t_values.append(t_tap.capture.values)
             s_values.append(cap.values)
         return t_values, s_values
+
+
+def _input_requiring_grad(
+    args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any], tuple[str, Any] | None]:
+    """Make the first floating tensor input require grad (a detached leaf, if it did not)."""
+    places: list[tuple[str, Any, Any]] = [("arg", i, a) for i, a in enumerate(args)]
+    places += [("kw", k, v) for k, v in kwargs.items()]
+    for kind, key, value in places:
+        if isinstance(value, Tensor) and value.is_floating_point():
+            if not value.requires_grad and torch.is_grad_enabled():
+                value = value.detach().requires_grad_()
+            if kind == "arg":
+                args = (*args[:key], value, *args[key + 1 :])
+            else:
+                kwargs = {**kwargs, key: value}
+            return args, kwargs, (kind, key)
+    return args, kwargs, None
+
+
+class _Runner:
+    """Lets the losses of one step reach the student's input and run the models again."""
+
+    def __init__(self, owner: Distiller, state: _StepState) -> None:
+        self._owner = owner
+        self._state = state
+
+    def _where(self) -> tuple[str, Any]:
+        where = self._state.input_where
+        if where is None:
+            raise CaptureError(
+                "this loss needs the student's input tensor, but the student's last forward "
+                "received no floating-point tensor argument"
+            )
+        return where
+
+    def _substitute(self, x: Tensor) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        state = self._state
+        kind, key = self._where()
+        if kind == "arg":
+            return (*state.args[:key], x, *state.args[key + 1 :]), state.kwargs
+        return state.args, {**state.kwargs, key: x}
+
+    def student_input(self) -> Tensor:
+        kind, key = self._where()
+        value: Tensor = self._state.args[key] if kind == "arg" else self._state.kwargs[key]
+        return value
+
+    def _run(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        owner = self._owner
+        owner._internal = True
+        try:
+            with torch.enable_grad():
+                return model(*args, **kwargs)
+        finally:
+            owner._internal = False
+
+    def run_student_on(self, x: Tensor) -> Any:
+        args, kwargs = self._substitute(x)
+        return self._run(self._owner.student, args, kwargs)
+
+    def run_teacher_on(self, x: Tensor) -> Any:
+        args, kwargs = self._owner._teacher_call_args(*self._substitute(x))
+        return self._run(self._owner.teacher, args, kwargs)
 
 
 def _trainable_up_to(model: nn.Module, module: nn.Module) -> bool:

@@ -25,7 +25,16 @@ from torch import Tensor, nn
 
 from athooks.errors import CaptureError, ConfigurationError
 
-__all__ = ["FunctionMapping", "MaxP", "Mapping", "Sum", "SumP", "abs_pow_sum", "as_mapping"]
+__all__ = [
+    "Features",
+    "FunctionMapping",
+    "MaxP",
+    "Mapping",
+    "Sum",
+    "SumP",
+    "abs_pow_sum",
+    "as_mapping",
+]
 
 
 class Mapping(nn.Module):
@@ -51,6 +60,7 @@ class Mapping(nn.Module):
     """
 
     name: str = "mapping"
+    is_attention_map: bool = True
 
     def forward(self, features: Tensor) -> Tensor:  # pragma: no cover - abstract
         """Map a ``(B, C, H, W)`` feature map to a ``(B, H, W)`` attention map."""
@@ -211,6 +221,20 @@ class MaxP(_PowerMapping):
         return _at_least_float32(top).pow(self.p)
 
 
+class Features(Mapping):
+    """The feature map itself, kept whole at capture (for losses such as F-ActT).
+
+    Not an attention map: :meth:`athooks.plugin.Step.features` returns what it keeps.
+    """
+
+    name = "features"
+    is_attention_map = False
+
+    def forward(self, features: Tensor) -> Tensor:
+        """Return the features unchanged."""
+        return features
+
+
 class FunctionMapping(Mapping):
     """Wraps a plain callable ``(B, C, H, W) -> (B, H, W)`` as a :class:`Mapping`.
 
@@ -303,6 +327,9 @@ def apply_mapping(mapping: Mapping, features: Tensor, where: str) -> Tensor:
             "transform, e.g. athooks.Layer(name, transform=lambda t: ...) that returns (B, C, H, W)"
         )
     out = mapping(features)
+    if not mapping.is_attention_map:
+        kept: Tensor = out
+        return kept
     b, _, h, w = features.shape
     if not isinstance(out, Tensor) or tuple(out.shape) != (b, h, w) or not out.is_floating_point():
         got = (

@@ -89,4 +89,5 @@ def test_errors_are_one_line_with_exit_code_2():
 def test_list_shows_registered_names():
     res = run("list")
     assert res.returncode == 0
-    assert "mappings: max_p, sum, sum_p" in res.stdout and "losses:   at" in res.stdout
+    assert "mappings: max_p, sum, sum_p" in res.stdout
+    assert "losses:   at, fact, grad_at, input_grad_l2, kd, symmetry" in res.stdout

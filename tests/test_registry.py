@@ -38,7 +38,7 @@ def test_builtins_are_registered_through_the_public_hookspecs():
     assert specs == {"athooks_mappings", "athooks_losses"}
     assert {"athooks_mappings", "athooks_losses"} <= set(dir(builtins))
     assert athooks.list_mappings() == ["max_p", "sum", "sum_p"]
-    assert athooks.list_losses() == ["at"]
+    assert athooks.list_losses() == ["at", "fact", "grad_at", "input_grad_l2", "kd", "symmetry"]
 
 
 def test_unknown_names_list_registered_ones():

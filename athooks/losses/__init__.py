@@ -2,5 +2,8 @@
 
 from athooks.losses.at import AT
 from athooks.losses.base import Loss, Step
+from athooks.losses.fact import FActT
+from athooks.losses.gradient import GradAT, InputGradL2, Symmetry
+from athooks.losses.kd import KD
 
-__all__ = ["AT", "Loss", "Step"]
+__all__ = ["AT", "KD", "FActT", "GradAT", "InputGradL2", "Loss", "Step", "Symmetry"]

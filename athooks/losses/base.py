@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping as MappingABC
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
@@ -11,7 +12,7 @@ from torch import Tensor, nn
 from athooks.errors import CaptureError
 from athooks.mappings import Mapping
 
-__all__ = ["Loss", "Step", "resize_map"]
+__all__ = ["Loss", "Step", "StepRunner", "logits_of", "resize_map"]
 
 
 def resize_map(amap: Tensor, size: tuple[int, int]) -> Tensor:
@@ -44,6 +45,69 @@ def resize_map(amap: Tensor, size: tuple[int, int]) -> Tensor:
     else:
         out = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
     return out.squeeze(1)
+
+
+def logits_of(output: Any, who: str, loss_name: str) -> Tensor:
+    """The class logits ``(B, classes)`` in a model's output.
+
+    A tensor is used as it is; a dict (or an object such as a Hugging Face ``ModelOutput``)
+    gives its ``"logits"``; a tuple or list gives its first element.
+
+    Args:
+        output: What the model returned.
+        who: ``"student"`` or ``"teacher"``, for the message.
+        loss_name: The loss that needs the logits, for the message.
+
+    Returns:
+        The logits.
+
+    Raises:
+        CaptureError: If no ``(B, classes)`` tensor can be found.
+
+    Example:
+        ```python
+        import torch
+        from athooks.losses.base import logits_of
+
+        z = torch.randn(2, 10)
+        assert logits_of({"logits": z, "aux": 0}, "student", "kd") is z
+        ```
+    """
+    found: Any = output
+    if isinstance(output, MappingABC):
+        found = output.get("logits")
+    elif not isinstance(output, Tensor) and hasattr(output, "logits"):
+        found = output.logits
+    elif isinstance(output, (tuple, list)) and output:
+        found = output[0]
+    if not isinstance(found, Tensor) or found.dim() != 2 or not found.is_floating_point():
+        got = (
+            f"a tensor of shape {tuple(found.shape)}"
+            if isinstance(found, Tensor)
+            else f"a {type(output).__name__}"
+            + (f" with keys {sorted(map(str, output))}" if isinstance(output, MappingABC) else "")
+        )
+        raise CaptureError(
+            f"loss {loss_name!r} needs the {who}'s class logits (B, classes), but the {who} "
+            f"returned {got}. Return logits (or a dict with 'logits') from the model's forward"
+        )
+    return found
+
+
+class StepRunner(Protocol):
+    """What the Distiller lends a :class:`Step` for losses that run the models again."""
+
+    def student_input(self) -> Tensor:
+        """The tensor input of the student's last forward (made to require grad if needed)."""
+        ...
+
+    def run_student_on(self, x: Tensor) -> Any:
+        """Run the student again on ``x`` in place of its tensor input, capturing nothing."""
+        ...
+
+    def run_teacher_on(self, x: Tensor) -> Any:
+        """Run the teacher on ``x`` (frozen, eval mode, gradient enabled), capturing nothing."""
+        ...
 
 
 class Step:
@@ -89,9 +153,12 @@ class Step:
         teacher_output: Any = None,
         target: Tensor | None = None,
         resize: str = "student",
+        runner: StepRunner | None = None,
     ) -> None:
         self.pairs = list(pairs)
         self.resize = resize
+        self.runner = runner
+        self.cache: dict[str, Any] = {}
         self._teacher_values = list(teacher_values)
         self._student_values = list(student_values)
         self._student_output = student_output
@@ -145,6 +212,20 @@ class Step:
             out.append((qt, qs))
         return out
 
+    def features(self, reduction: Mapping) -> list[tuple[Tensor, Tensor]]:
+        """The ``(teacher, student)`` feature maps of every pair, kept whole at capture.
+
+        Args:
+            reduction: The :class:`athooks.mappings.Features` the calling loss declared.
+
+        Returns:
+            One ``(teacher, student)`` tuple per pair; the teacher's carries no gradient.
+        """
+        out: list[tuple[Tensor, Tensor]] = []
+        for t_vals, s_vals in zip(self._teacher_values, self._student_values, strict=True):
+            out.append((t_vals[reduction], s_vals[reduction]))
+        return out
+
     @property
     def student_output(self) -> Any:
         """The value the student's last forward returned."""
@@ -185,6 +266,8 @@ class Loss(nn.Module):
     Attributes:
         name: The registry name, used as the key of ``Distiller.terms``.
         needs_teacher_output: Whether the Distiller must keep the teacher's output for this loss.
+        needs_input_grad: Whether the student's tensor input must require grad before its
+            forward (for losses built on the input gradient).
 
     Example:
         ```python
@@ -217,6 +300,7 @@ class Loss(nn.Module):
 
     name: str = "loss"
     needs_teacher_output: bool = False
+    needs_input_grad: bool = False
 
     def captures(self) -> tuple[Mapping, ...]:
         """The mappings to compute at every tapped layer, on both models.

@@ -1,0 +1,63 @@
+"""Knowledge distillation (Hinton et al., 2015) as in the attention-transfer authors' code."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F  # noqa: N812
+from torch import Tensor
+
+from athooks.errors import ConfigurationError
+from athooks.losses.base import Loss, Step, logits_of
+
+__all__ = ["KD"]
+
+
+class KD(Loss):
+    """Knowledge distillation on the two models' outputs.
+
+    ``weight * T^2 * KL(softmax(z_T / T) || softmax(z_S / T))``, summed over classes and averaged
+    over the batch, where ``z_S`` is what the student's forward returned and ``z_T`` what the
+    teacher returned on the same input. With ``weight = alpha`` and the task loss scaled by
+    ``1 - alpha`` it equals the authors' ``distillation`` function:
+    ``loss = (1 - alpha) * F.cross_entropy(out, y) + d.loss()``; AT + KD adds the AT term.
+
+    Args:
+        weight: The factor ``alpha`` (0.9 in the authors' code).
+        temperature: ``T`` (4 in the authors' code).
+
+    Example:
+        ```python
+        import athooks
+
+        kd = athooks.loss("kd", weight=0.9, temperature=4.0)
+        print(kd)
+        ```
+    """
+
+    name = "kd"
+    needs_teacher_output = True
+
+    def __init__(self, weight: float = 0.9, temperature: float = 4.0) -> None:
+        super().__init__()
+        if not temperature > 0:
+            raise ConfigurationError(f"kd: temperature must be > 0, got {temperature}")
+        self.weight = float(weight)
+        self.temperature = float(temperature)
+
+    def forward(self, step: Step) -> Tensor:
+        """The KD term of the step."""
+        z_s = logits_of(step.student_output, "student", self.name)
+        z_t = logits_of(step.teacher_output, "teacher", self.name).detach()
+        if z_s.shape != z_t.shape:
+            raise ConfigurationError(
+                f"kd: the student's logits have shape {tuple(z_s.shape)} and the teacher's "
+                f"{tuple(z_t.shape)}; KD needs the same classes on both models"
+            )
+        t = self.temperature
+        log_p_s = F.log_softmax(z_s.float() / t, dim=1)
+        p_t = F.softmax(z_t.float() / t, dim=1)
+        kl = F.kl_div(log_p_s, p_t, reduction="sum") / z_s.shape[0]
+        return self.weight * t * t * kl
+
+    def extra_repr(self) -> str:
+        """Weight and temperature, for ``repr``."""
+        return f"weight={self.weight:g}, temperature={self.temperature:g}"

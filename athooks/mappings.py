@@ -73,7 +73,15 @@ class Mapping(nn.Module):
         return f"{self.name}({extra})"
 
 
-def _at_least_float32(t: Tensor) -> Tensor:
+def at_least_float32(t: Tensor) -> Tensor:
+    """``t`` in float32, or in its own dtype if that is wider (float64).
+
+    Args:
+        t: A floating tensor.
+
+    Returns:
+        The tensor, cast only when its dtype is narrower than float32.
+    """
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
@@ -84,7 +92,7 @@ class _AbsPowSum(torch.autograd.Function):
     def forward(ctx: Any, a: Tensor, p: float) -> Tensor:
         ctx.save_for_backward(a)
         ctx.p = p
-        af = _at_least_float32(a)
+        af = at_least_float32(a)
         if p == 2:
             return af.square().sum(dim=1)
         if p == 1:
@@ -95,7 +103,7 @@ class _AbsPowSum(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None]:
         (a,) = ctx.saved_tensors
         p = ctx.p
-        af = _at_least_float32(a)
+        af = at_least_float32(a)
         g = grad.unsqueeze(1)
         if p == 2:
             ga = g * (2.0 * af)
@@ -218,7 +226,7 @@ class MaxP(_PowerMapping):
     def forward(self, features: Tensor) -> Tensor:
         """Largest ``|A_c|^p`` over channels."""
         top = torch.maximum(features.amax(dim=1), features.amin(dim=1).neg())
-        return _at_least_float32(top).pow(self.p)
+        return at_least_float32(top).pow(self.p)
 
 
 class Features(Mapping):

@@ -7,7 +7,7 @@ from torch import Tensor
 
 from athooks.errors import CaptureError
 from athooks.losses.base import Loss, Step
-from athooks.mappings import Features, Mapping
+from athooks.mappings import Features, Mapping, at_least_float32
 
 __all__ = ["FActT"]
 
@@ -56,7 +56,7 @@ class FActT(Loss):
                     "widths, since its maps sum over channels; for F-ActT pair layers of equal "
                     "shape"
                 )
-            diff = (a_s.float() - a_t.float()).flatten(1)
+            diff = (at_least_float32(a_s) - at_least_float32(a_t)).flatten(1)
             terms.append(diff.pow(2).sum(1).mean())
         return self.beta / 2 * torch.stack(terms).sum()
 

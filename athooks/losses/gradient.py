@@ -24,6 +24,7 @@ from torch import Tensor
 
 from athooks.errors import CaptureError, ConfigurationError
 from athooks.losses.base import Loss, Step, logits_of
+from athooks.mappings import at_least_float32
 
 __all__ = ["GradAT", "InputGradL2", "Symmetry", "input_gradient"]
 
@@ -79,7 +80,7 @@ def input_gradient(
             f"{logits.shape[0]}"
         )
     with torch.enable_grad():
-        ce = F.cross_entropy(logits.float(), target, reduction="sum")
+        ce = F.cross_entropy(at_least_float32(logits), target, reduction="sum")
         (grad,) = torch.autograd.grad(ce, x_in, create_graph=who == "student")
     if flip:
         grad = grad.flip(-1)
@@ -88,7 +89,7 @@ def input_gradient(
 
 
 def _per_sample_norm(t: Tensor) -> Tensor:
-    norms: Tensor = torch.linalg.vector_norm(t.flatten(1).float(), ord=2, dim=1)
+    norms: Tensor = torch.linalg.vector_norm(at_least_float32(t.flatten(1)), ord=2, dim=1)
     return norms
 
 
@@ -169,4 +170,4 @@ class InputGradL2(GradAT):
         """The term of the step."""
         y = step.require_target(self.name)
         j = input_gradient(step, "student", y, self.name)
-        return self.beta * j.flatten(1).float().pow(2).sum(1).mean()
+        return self.beta * at_least_float32(j.flatten(1)).pow(2).sum(1).mean()

@@ -7,6 +7,7 @@ from torch import Tensor
 
 from athooks.errors import ConfigurationError
 from athooks.losses.base import Loss, Step, logits_of
+from athooks.mappings import at_least_float32
 
 __all__ = ["KD"]
 
@@ -53,8 +54,8 @@ class KD(Loss):
                 f"{tuple(z_t.shape)}; KD needs the same classes on both models"
             )
         t = self.temperature
-        log_p_s = F.log_softmax(z_s.float() / t, dim=1)
-        p_t = F.softmax(z_t.float() / t, dim=1)
+        log_p_s = F.log_softmax(at_least_float32(z_s) / t, dim=1)
+        p_t = F.softmax(at_least_float32(z_t) / t, dim=1)
         kl = F.kl_div(log_p_s, p_t, reduction="sum") / z_s.shape[0]
         return self.weight * t * t * kl
 

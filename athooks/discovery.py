@@ -45,6 +45,7 @@ __all__ = [
     "auto_pairs",
     "default_input_size",
     "describe",
+    "pair_input_size",
     "probe",
     "stage_layers",
 ]
@@ -115,7 +116,8 @@ class LayerInfo:
         shape: Its output shape without the batch dimension (the first tensor of the output).
         map_shape: ``(C, H, W)`` of the feature map attention is computed on, after conversion;
             ``None`` if the output is not a feature map.
-        stride: The input height divided by the feature map's height; ``None`` if not one.
+        stride: The input height divided by the feature map's height; ``None`` if the output is
+            not a feature map, or is 1x1 (a global descriptor, whose "stride" means nothing).
         transform: The conversion applied to the output (tokens, NHWC), or ``None``.
         order: When it (last) ran in the forward.
         calls: How many times it ran.
@@ -258,7 +260,8 @@ def probe(
     except Exception as err:
         raise ConfigurationError(
             f"probing the {side} with a dummy input of shape {(1, *size)} failed: "
-            f"{type(err).__name__}: {err}. Pass input_size=(C, H, W) that the model accepts, or "
+            f"{type(err).__name__}: {str(err).rstrip('.')}. Pass input_size=(C, H, W) that the "
+            "model accepts, or "
             "name the layers explicitly"
         ) from err
     finally:
@@ -280,7 +283,7 @@ def probe(
         elif len(shape) == 3:
             map_shape = (shape[0], shape[1], shape[2])
         stride = None
-        if map_shape is not None and map_shape[1] > 0:
+        if map_shape is not None and map_shape[1] * map_shape[2] > 1:
             stride = max(1, round(in_h / map_shape[1]))
         infos.append(
             LayerInfo(
@@ -288,6 +291,33 @@ def probe(
             )
         )
     return infos
+
+
+def _fixed_input_size(model: nn.Module) -> tuple[int, int, int] | None:
+    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    dynamic = getattr(model, "dynamic_img_size", False)
+    if isinstance(img_size, (tuple, list)) and len(img_size) == 2 and all(img_size) and not dynamic:
+        return (_in_chans(model), int(img_size[0]), int(img_size[1]))
+    return None
+
+
+def pair_input_size(teacher: nn.Module, student: nn.Module) -> tuple[int, int, int]:
+    """One probe input size for both models, since at run time both see the same input.
+
+    A model with a fixed input size (a timm ViT's patch grid) decides, the teacher first;
+    otherwise the student's :func:`default_input_size`.
+
+    Args:
+        teacher: The teacher model.
+        student: The student model.
+
+    Returns:
+        ``(C, H, W)``.
+    """
+    t_inner, _ = unwrap(teacher)
+    s_inner, _ = unwrap(student)
+    fixed = _fixed_input_size(t_inner) or _fixed_input_size(s_inner)
+    return fixed or default_input_size(s_inner)
 
 
 def _metadata_modules(model: nn.Module) -> list[str] | None:
@@ -371,14 +401,45 @@ def stage_layers(
     return [chosen[s] for s in sorted(chosen)]
 
 
-def _blocks(inner: nn.Module, stage: LayerInfo, infos: dict[str, LayerInfo]) -> list[LayerInfo]:
+def _blocks(
+    inner: nn.Module, stage: LayerInfo, infos: dict[str, LayerInfo], listed: list[str] | None
+) -> list[LayerInfo]:
+    """The blocks of a stage, or an empty list when the stage has none.
+
+    Blocks are, in order of preference: the modules the model's metadata lists at this stride
+    when it lists several (a ViT lists each block); else the children of the stage (or of its
+    child named ``blocks``, timm's convention) that keep the stage's stride, which must all be
+    containers of the same class.
+
+    Raises:
+        LayerResolutionError: If the stage's children are of mixed kinds (no clear blocks).
+    """
+    if listed is not None:
+        same_stride = [infos[n] for n in listed if n in infos and infos[n].stride == stage.stride]
+        if len(same_stride) > 1:
+            return same_stride
     module = inner.get_submodule(stage.name)
-    out = []
-    for child_name, _ in module.named_children():
-        info = infos.get(f"{stage.name}.{child_name}")
-        if info is not None and info.stride == stage.stride and info.map_shape is not None:
-            out.append(info)
-    return out
+    prefix = stage.name
+    inner_blocks = getattr(module, "blocks", None)
+    if isinstance(inner_blocks, nn.Module) and next(inner_blocks.children(), None) is not None:
+        module, prefix = inner_blocks, f"{stage.name}.blocks"
+    kids = []
+    for child_name, child in module.named_children():
+        info = infos.get(f"{prefix}.{child_name}")
+        if info is None or info.stride != stage.stride or info.map_shape is None:
+            continue
+        kids.append((child, info))
+    containers = [(c, i) for c, i in kids if next(c.children(), None) is not None]
+    if not containers:
+        return []
+    kinds = sorted({type(c).__name__ for c, _ in containers})
+    if len(kinds) > 1:
+        raise LayerResolutionError(
+            f"layers='blocks' cannot tell the blocks of stage {stage.name!r}: its children are "
+            f"of different kinds ({', '.join(kinds)}). Name the layer pairs explicitly, e.g. "
+            "layers=[('stage.0', 'stage.0'), ...], or use layers='auto'"
+        )
+    return [i for _, i in containers]
 
 
 @dataclass(frozen=True)
@@ -469,8 +530,8 @@ def auto_pairs(
         teacher: The teacher model.
         student: The student model.
         mode: ``"auto"`` (stage outputs by stride) or ``"blocks"`` (every block of those stages).
-        input_size: The probe's input size ``(C, H, W)``, used for both models; by default each
-            model's own (:func:`default_input_size`).
+        input_size: The probe's input size ``(C, H, W)``, used for both models; by default
+            :func:`pair_input_size`.
 
     Returns:
         The pairing.
@@ -492,8 +553,9 @@ def auto_pairs(
         raise ConfigurationError(f"mode must be 'auto' or 'blocks', got {mode!r}")
     t_inner, _ = unwrap(teacher)
     s_inner, _ = unwrap(student)
-    t_infos = probe(t_inner, input_size, side="teacher")
-    s_infos = probe(s_inner, input_size, side="student")
+    size = tuple(input_size) if input_size is not None else pair_input_size(t_inner, s_inner)
+    t_infos = probe(t_inner, size, side="teacher")
+    s_infos = probe(s_inner, size, side="student")
     t_stages = stage_layers(t_inner, infos=t_infos, side="teacher")
     s_stages = stage_layers(s_inner, infos=s_infos, side="student")
     t_by_stride = {s.stride: s for s in t_stages}
@@ -514,10 +576,11 @@ def auto_pairs(
     else:
         t_map = {i.name: i for i in t_infos}
         s_map = {i.name: i for i in s_infos}
+        t_listed, s_listed = _metadata_modules(t_inner), _metadata_modules(s_inner)
         t_layout, s_layout, same = [], [], True
         for s in shared:
-            t_blocks = _blocks(t_inner, t_by_stride[s], t_map)
-            s_blocks = _blocks(s_inner, s_by_stride[s], s_map)
+            t_blocks = _blocks(t_inner, t_by_stride[s], t_map, t_listed)
+            s_blocks = _blocks(s_inner, s_by_stride[s], s_map, s_listed)
             if not t_blocks and not s_blocks:
                 continue  # a stage without blocks (a stem): nothing to pair
             t_layout.append(f"{t_by_stride[s].name}: {len(t_blocks)}")

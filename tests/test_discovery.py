@@ -15,6 +15,7 @@ from athooks import Distiller
 from athooks.discovery import (
     ChannelsLastToFirst,
     TokensToMap,
+    auto_pairs,
     default_input_size,
     probe,
     stage_layers,
@@ -364,3 +365,46 @@ def test_a_module_named_auto_is_reachable_with_a_regex():
 
     with Distiller(Odd(), Odd(), layers="re:auto") as d:
         assert d.pairs == [("auto", "auto")]
+
+
+def test_blocks_of_timm_stages_with_a_blocks_child_and_of_vits():
+    a, b = timm.create_model("convnext_atto"), timm.create_model("convnext_atto")
+    pairs = [p[0].pattern for p in auto_pairs(a, b, "blocks").layers()]
+    assert pairs[:3] == ["stages.0.blocks.0", "stages.0.blocks.1", "stages.1.blocks.0"]
+    assert len(pairs) == 2 + 2 + 6 + 2  # convnext_atto depths; no downsample layers
+    vit_t = timm.create_model("vit_tiny_patch16_224", img_size=32)
+    vit_s = timm.create_model("vit_small_patch16_224", img_size=32)
+    pairing = auto_pairs(vit_s, vit_t, "blocks")
+    assert [p.teacher.name for p in pairing.pairs] == [f"blocks.{i}" for i in range(12)]
+
+
+def test_blocks_of_mixed_kinds_is_an_error_not_a_guess():
+    with pytest.raises(
+        LayerResolutionError,
+        match=r"cannot tell the blocks of stage 'features'.*Conv2dNormActivation, InvertedResidual",
+    ):
+        auto_pairs(
+            torchvision.models.mobilenet_v3_large(),
+            torchvision.models.mobilenet_v3_small(),
+            "blocks",
+        )
+
+
+def test_global_descriptors_have_no_stride():
+    infos = {i.name: i for i in probe(torchvision.models.resnet18())}
+    assert infos["avgpool"].map_shape == (512, 1, 1) and infos["avgpool"].stride is None
+    assert infos["layer4"].stride == 32
+
+
+def test_both_models_are_probed_at_one_size():
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=64)
+    pairing = athooks.describe(vit, timm.create_model("resnet18"))
+    (pair,) = pairing.pairs
+    assert pair.teacher.map_shape[1:] == pair.student.map_shape[1:] == (4, 4)
+
+
+def test_probe_error_message_reads_cleanly():
+    vit = timm.create_model("vit_tiny_patch16_224")
+    with pytest.raises(ConfigurationError) as info:
+        probe(vit, (3, 64, 64))
+    assert ".." not in str(info.value) and "Pass input_size=(C, H, W)" in str(info.value)

@@ -4,7 +4,9 @@
   ``layers="auto"`` would use are marked.
 * ``athooks layers TEACHER --student STUDENT [--blocks]``: the pairs ``"auto"`` (or ``"blocks"``)
   picks, as a table.
-* ``athooks list``: the registered mappings and losses.
+* ``athooks plugins``: every mapping and loss with the distribution and version providing it,
+  and the plugins that failed to load.
+* ``athooks list``: the registered mapping and loss names.
 
 MODEL is a timm name (``resnet18``), ``athooks:wrn16_1`` (the WRNs of :mod:`athooks.models`),
 ``torchvision:NAME``, or an import path ``package.module:callable`` that returns an
@@ -107,6 +109,23 @@ def _cmd_layers(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plugins(args: argparse.Namespace) -> int:
+    from athooks.discovery import format_table
+    from athooks.registry import load_errors, registered
+
+    rows = [("kind", "name", "provided by", "summary")]
+    for kind, name, provider, summary in registered():
+        short = summary if len(summary) <= 25 else summary[:24] + "…"  # prose: cut at the end
+        rows.append((kind, name, provider, short))
+    print(format_table(rows, widths=(7, 16, 26, 25)))
+    errors = load_errors()
+    if errors:
+        print("\nplugins that failed to load:")
+        for message in errors.values():
+            print(f"  {message}")
+    return 0
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
     from athooks.registry import list_losses, list_mappings
 
@@ -147,6 +166,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p_layers.add_argument("--pattern", help="show only modules matching this layer pattern")
     p_layers.set_defaults(func=_cmd_layers)
+    p_plugins = sub.add_parser(
+        "plugins", help="every mapping and loss with the distribution that provides it"
+    )
+    p_plugins.set_defaults(func=_cmd_plugins)
     p_list = sub.add_parser("list", help="list registered mappings and losses")
     p_list.set_defaults(func=_cmd_list)
     args = parser.parse_args(argv)

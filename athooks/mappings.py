@@ -60,6 +60,7 @@ class Mapping(nn.Module):
     """
 
     name: str = "mapping"
+    provider: str = ""
     is_attention_map: bool = True
 
     def forward(self, features: Tensor) -> Tensor:  # pragma: no cover - abstract
@@ -345,8 +346,9 @@ def apply_mapping(mapping: Mapping, features: Tensor, where: str) -> Tensor:
             if isinstance(out, Tensor)
             else type(out).__name__
         )
+        source = f" (from {mapping.provider})" if mapping.provider else ""
         raise CaptureError(
-            f"mapping {getattr(mapping, 'name', mapping)!r} returned a {got} for {where}; a "
-            f"mapping must return a floating tensor of shape (B, H, W) = {(b, h, w)}"
+            f"mapping {getattr(mapping, 'name', mapping)!r}{source} returned a {got} for "
+            f"{where}; a mapping must return a floating tensor of shape (B, H, W) = {(b, h, w)}"
         )
     return out

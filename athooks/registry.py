@@ -4,13 +4,22 @@ The registry is a :class:`pluggy.PluginManager` for project ``"athooks"`` with t
 :mod:`athooks.hookspecs`. The built-in mappings and losses are a plugin like any other
 (:mod:`athooks.builtins`). Each lookup asks every plugin, so a plugin registered at any time is seen
 by the next lookup, and a plugin that misbehaves only breaks the names it provides.
+
+Installed distributions that declare an entry point in group ``athooks`` are loaded on the first
+lookup (set ``ATHOOKS_DISABLE_PLUGIN_AUTOLOAD=1`` to turn this off). Each is loaded on its own: one
+that fails to import, or implements a hook athooks does not define, is left out with a warning,
+and the error is repeated, naming its distribution, when a name it may provide is looked up.
+Plugins run arbitrary code when they are loaded: install only plugins you trust.
 """
 
 from __future__ import annotations
 
 import difflib
+import importlib.metadata
 import inspect
+import os
 import threading
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -30,9 +39,18 @@ __all__ = [
 ]
 
 BUILTIN_PLUGIN_NAME = "athooks.builtins"
+ENTRY_POINT_GROUP = "athooks"
+AUTOLOAD_ENV = "ATHOOKS_DISABLE_PLUGIN_AUTOLOAD"
 
-_lock = threading.Lock()
+_lock = threading.RLock()
 _manager: pluggy.PluginManager | None = None
+_autoloaded = False
+_distributions: dict[str, tuple[str, str]] = {}  # plugin name -> (distribution, version)
+_load_errors: dict[str, str] = {}  # plugin name -> what went wrong, naming the distribution
+
+
+class PluginLoadWarning(UserWarning):
+    """An installed athooks plugin could not be loaded; the others and the built-ins still work."""
 
 
 def get_plugin_manager() -> pluggy.PluginManager:
@@ -85,8 +103,67 @@ class _Collected:
     broken: dict[str, str]  # plugin name -> what went wrong
 
 
+def _autoload(pm: pluggy.PluginManager) -> None:
+    """Load the ``athooks`` entry points once, each on its own."""
+    global _autoloaded
+    with _lock:
+        if _autoloaded:
+            return
+        _autoloaded = True
+        if os.environ.get(AUTOLOAD_ENV, "").strip() not in ("", "0"):
+            return
+        for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+            dist = ep.dist
+            label = f"{dist.name} {dist.version}" if dist is not None else f"entry point {ep.name}"
+            if pm.has_plugin(ep.name) or pm.is_blocked(ep.name):
+                continue
+            try:
+                plugin = ep.load()
+                pm.register(plugin, name=ep.name)
+            except Exception as err:
+                _fail(
+                    ep.name,
+                    f"{label} (entry point {ep.name} = {ep.value}) failed to load: "
+                    f"{type(err).__name__}: {err}",
+                )
+                continue
+            if dist is not None:
+                _distributions[ep.name] = (dist.name, dist.version)
+        while True:  # a plugin implementing a hook athooks does not define is left out
+            try:
+                pm.check_pending()
+                break
+            except pluggy.PluginValidationError as err:
+                name = pm.get_name(err.plugin) or repr(err.plugin)
+                pm.unregister(err.plugin)
+                _fail(name, f"{plugin_label(name)} was left out: {err}")
+
+
+def _fail(plugin_name: str, message: str) -> None:
+    _load_errors[plugin_name] = message
+    warnings.warn(f"athooks plugin {message}", PluginLoadWarning, stacklevel=3)
+
+
+def load_errors() -> dict[str, str]:
+    """Plugins that could not be loaded, by entry-point name, with what went wrong.
+
+    Returns:
+        A copy of the record, after loading the entry points if that has not happened yet.
+
+    Example:
+        ```python
+        import athooks.registry
+
+        print(athooks.registry.load_errors())  # {} when every installed plugin loaded
+        ```
+    """
+    _autoload(get_plugin_manager())
+    return dict(_load_errors)
+
+
 def _collect(kind: str) -> _Collected:
     pm = get_plugin_manager()
+    _autoload(pm)
     hook_name = "athooks_mappings" if kind == "mapping" else "athooks_losses"
     spec_type: type = MappingSpec if kind == "mapping" else LossSpec
     caller = getattr(pm.hook, hook_name)
@@ -141,11 +218,9 @@ def plugin_label(plugin_name: str) -> str:
         from athooks import __version__
 
         return f"athooks {__version__} (built-in)"
-    pm = get_plugin_manager()
-    plugin = pm.get_plugin(plugin_name)
-    for obj, dist in pm.list_plugin_distinfo():
-        if obj is plugin:
-            return f"{dist.project_name} {dist.version}"
+    if plugin_name in _distributions:
+        dist, version = _distributions[plugin_name]
+        return f"{dist} {version}"
     return plugin_name
 
 
@@ -167,9 +242,10 @@ def _lookup(kind: str, name: str) -> _Entry:
     msg = f"unknown {kind} {name!r}; registered {kind}s: {', '.join(known) or '(none)'}"
     if close:
         msg += f"; did you mean {', '.join(repr(c) for c in close)}?"
-    if found.broken:
-        problems = "; ".join(f"{plugin_label(p)}: {why}" for p, why in found.broken.items())
-        msg += f". Some plugins failed to provide their {kind}s: {problems}"
+    problems = [f"{plugin_label(p)}: {why}" for p, why in found.broken.items()]
+    problems += list(_load_errors.values())
+    if problems:
+        msg += f". Some plugins failed, so {name!r} may be one of theirs: {'; '.join(problems)}"
     else:
         msg += (
             f". If {name!r} comes from a plugin package, check that it is installed in this "
@@ -253,6 +329,7 @@ def mapping(name: str, **options: Any) -> Any:
             )
         obj = FunctionMapping(obj, name=name)
     obj.name = name
+    obj.provider = plugin_label(plugin_name)
     return obj
 
 
@@ -289,6 +366,30 @@ def loss(name: str, **options: Any) -> Any:
     if obj.name == Loss.name:
         obj.name = name
     return obj
+
+
+def registered() -> list[tuple[str, str, str, str]]:
+    """Every registered mapping and loss with the plugin that provides it.
+
+    Returns:
+        ``(kind, name, provider, summary)`` rows, mappings first, each kind sorted by name;
+        ``provider`` is the distribution and version (``"athooks 0.1.0 (built-in)"``).
+
+    Example:
+        ```python
+        import athooks.registry
+
+        rows = athooks.registry.registered()
+        assert ("mapping", "sum_p") in [(kind, name) for kind, name, _, _ in rows]
+        ```
+    """
+    rows = []
+    for kind in ("mapping", "loss"):
+        found = _collect(kind)
+        for name in sorted(found.entries):
+            entry = found.entries[name]
+            rows.append((kind, name, plugin_label(entry.plugin_name), entry.spec.summary))
+    return rows
 
 
 def list_mappings() -> list[str]:

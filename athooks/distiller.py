@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -219,6 +219,10 @@ class Distiller:
         self._needs_teacher_output = any(loss.needs_teacher_output for loss in loss_list)
         self._needs_input_grad = any(loss.needs_input_grad for loss in loss_list)
         self._internal = False  # True while athooks itself runs a model again
+        self._losses_where: tuple[torch.device, torch.dtype] | None = None
+        self._has_parameters = any(True for _ in self._losses.parameters()) or any(
+            True for _ in self._losses.buffers()
+        )
         self._handles: list[RemovableHandle] = []
         self._finalizer: weakref.finalize[Any, Any] | None = None
         self._teacher_state: _TeacherState | None = None
@@ -243,6 +247,81 @@ class Distiller:
         """The value of each loss term at the last :meth:`loss` call, detached, for logging."""
         return dict(self._terms)
 
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:
+        """The parameters of learnable mappings and losses, for the optimizer.
+
+        Add them next to the student's: ``SGD([*student.parameters(), *d.parameters()])``.
+        They follow the student's device and dtype (moved when the Distiller attaches and
+        whenever the student has moved since). A learnable mapping is applied to the teacher's
+        features too, but without gradient: it learns from the student's side only.
+
+        Args:
+            recurse: As for :meth:`torch.nn.Module.parameters`.
+
+        Returns:
+            An iterator over the parameters (empty for the built-ins).
+        """
+        self._follow_student()
+        return self._losses.parameters(recurse)
+
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """Like :meth:`parameters`, with names such as ``"0.mapping.weight"`` (loss index first)."""
+        self._follow_student()
+        return self._losses.named_parameters()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The Distiller's state, for checkpoints: learnable mappings and losses, tap modes.
+
+        Keys ``"losses.*"`` hold the parameters and buffers of the losses (and their mappings);
+        keys ``"taps.<student layer>.copy"`` the decision of each student tap's first forward
+        (copy the output or not, see ``copy_outputs``), so that a resumed run builds the same
+        autograd graph and continues bit for bit.
+
+        Returns:
+            A dict of tensors (loadable with ``torch.load(..., weights_only=True)``).
+        """
+        state: dict[str, Any] = {f"losses.{k}": v for k, v in self._losses.state_dict().items()}
+        for tap in self._student_taps:
+            if not tap.probing:
+                state[f"taps.{tap.name}.copy"] = torch.tensor(tap.copy)
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True) -> None:
+        """Restore what :meth:`state_dict` returned.
+
+        Args:
+            state_dict: The saved state.
+            strict: Whether the keys must match exactly.
+
+        Raises:
+            ConfigurationError: With ``strict``, for a key this Distiller does not have.
+        """
+        taps = {tap.name: tap for tap in self._student_taps}
+        losses: dict[str, Any] = {}
+        for key, value in state_dict.items():
+            if key.startswith("losses."):
+                losses[key[len("losses.") :]] = value
+            elif key.startswith("taps.") and key.endswith(".copy") and key[5:-5] in taps:
+                tap = taps[key[5:-5]]
+                tap.copy, tap.probing = bool(value), False
+            elif strict:
+                raise ConfigurationError(
+                    f"unexpected key {key!r} in the Distiller's state dict; it has "
+                    f"'losses.*' and 'taps.<student layer>.copy' for layers "
+                    f"{', '.join(taps) or '(none)'}. Pass strict=False to ignore it"
+                )
+        self._losses.load_state_dict(losses, strict=strict)
+
+    def _follow_student(self) -> None:
+        """Move the losses' parameters and buffers to the student's device and dtype."""
+        ref = next((p for p in self.student.parameters() if p.is_floating_point()), None)
+        if ref is None:
+            return
+        where = (ref.device, ref.dtype)
+        if where != self._losses_where:
+            self._losses.to(device=ref.device, dtype=ref.dtype)
+            self._losses_where = where
+
     @property
     def attached(self) -> bool:
         """Whether the hooks are in place (inside the ``with`` block)."""
@@ -261,6 +340,7 @@ class Distiller:
             raise ConfigurationError(
                 "this Distiller is already attached; use it in one `with` block at a time"
             )
+        self._follow_student()
         teacher = self.teacher
         self._teacher_state = _TeacherState(
             training=teacher.training,
@@ -387,6 +467,8 @@ class Distiller:
         if self._in_student_forward:  # the student calling itself recursively: one step only
             return None
         state = self._state = _StepState(grad_enabled=torch.is_grad_enabled())
+        if self._has_parameters:
+            self._follow_student()
         for tap in self._student_taps:
             tap.capture = None
         if self._teacher_taps or self._needs_teacher_output:

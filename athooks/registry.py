@@ -139,6 +139,28 @@ def _autoload(pm: pluggy.PluginManager) -> None:
                 _fail(name, f"{plugin_label(name)} was left out: {err}")
 
 
+def reload_entry_points() -> dict[str, str]:
+    """Look for ``athooks`` entry points again, e.g. after installing a plugin in a notebook.
+
+    Plugins already registered stay as they are; new ones are loaded as on the first lookup.
+
+    Returns:
+        The plugins that failed to load (see :func:`load_errors`).
+
+    Example:
+        ```python
+        import athooks.registry
+
+        athooks.registry.reload_entry_points()
+        ```
+    """
+    global _autoloaded
+    with _lock:
+        _autoloaded = False
+        _autoload(get_plugin_manager())
+        return dict(_load_errors)
+
+
 def _fail(plugin_name: str, message: str) -> None:
     _load_errors[plugin_name] = message
     warnings.warn(f"athooks plugin {message}", PluginLoadWarning, stacklevel=3)

@@ -42,7 +42,9 @@ class Mapping(nn.Module):
 
     Subclass it for a mapping with options or parameters; plain callables are wrapped in
     :class:`FunctionMapping`. ``name`` is the registry name (set by the registry for built-ins
-    and plugins).
+    and plugins). A mapping that returns something other than a spatial map, e.g. channel
+    descriptors ``(B, C)``, sets ``is_attention_map = False``: its output is then not checked
+    against ``(B, H, W)`` and never resized, and the two sides of a pair must agree in shape.
 
     Example:
         ```python

@@ -186,3 +186,23 @@ def test_autoload_can_be_turned_off(tmp_path):
     )
     assert on.stdout.strip() == "True", on.stderr
     assert off.stdout.strip() == "False", off.stderr
+
+
+def test_the_cbam_plugin_package_is_found_through_its_entry_point():
+    """plugins/athooks-cbam, installed as the README says, provides its names by entry point."""
+    import importlib.metadata
+
+    try:
+        dist = importlib.metadata.distribution("athooks-cbam")
+    except importlib.metadata.PackageNotFoundError:
+        if os.environ.get("CI"):
+            pytest.fail("athooks-cbam is not installed; .ci/run installs it as the README says")
+        pytest.skip(
+            "athooks-cbam is not installed (python3 -m pip install -e plugins/athooks-cbam)"
+        )
+    assert [ep.value for ep in dist.entry_points if ep.group == "athooks"] == [
+        "athooks_cbam.plugin"
+    ]
+    assert {"cbam_spatial", "se_channel"} <= set(athooks.list_mappings())
+    providers = {name: who for _, name, who, _ in registry.registered()}
+    assert providers["cbam_spatial"] == f"athooks-cbam {dist.version}"

@@ -197,6 +197,14 @@ class Step:
                     f"teacher {qt.shape[0]}, student {qs.shape[0]}; the teacher must see the same "
                     "batch as the student (check teacher_input)"
                 )
+            if qt.shape[1:] != qs.shape[1:] and not mapping.is_attention_map:
+                raise CaptureError(
+                    f"mapping {mapping.name!r} gives the teacher's layer {t_name!r} a "
+                    f"{tuple(qt.shape[1:])} result and the student's layer {s_name!r} a "
+                    f"{tuple(qs.shape[1:])} one; it is not a spatial map, so athooks cannot "
+                    "resize it. Pair layers for which it gives equal shapes (for channel "
+                    "descriptors: layers of equal width)"
+                )
             if qt.shape[1:] != qs.shape[1:]:
                 if self.resize == "student":
                     qt = resize_map(qt, (qs.shape[1], qs.shape[2]))

@@ -26,7 +26,6 @@ def install(tmp_path, monkeypatch):
     """install(dist, version, module_source, entry_name) -> registers a fake installed dist."""
     pm = athooks.get_plugin_manager()
     monkeypatch.syspath_prepend(str(tmp_path))
-    saved_errors, saved_dists = dict(registry._load_errors), dict(registry._distributions)
     names: list[str] = []
 
     def _install(dist: str, version: str, source: str, entry: str | None = None) -> None:
@@ -45,10 +44,8 @@ def install(tmp_path, monkeypatch):
         if plugin is not None:
             pm.unregister(plugin)
         sys.modules.pop(name, None)
-    registry._load_errors.clear()
-    registry._load_errors.update(saved_errors)
-    registry._distributions.clear()
-    registry._distributions.update(saved_dists)
+        registry._load_errors.pop(name, None)
+        registry._distributions.pop(name, None)
 
 
 GOOD = """

@@ -89,5 +89,19 @@ def test_errors_are_one_line_with_exit_code_2():
 def test_list_shows_registered_names():
     res = run("list")
     assert res.returncode == 0
-    assert "mappings: max_p, sum, sum_p" in res.stdout
+    mappings = res.stdout.splitlines()[0].removeprefix("mappings: ").split(", ")
+    assert {"max_p", "sum", "sum_p"} <= set(mappings) and mappings == sorted(mappings)
     assert "losses:   at, fact, grad_at, input_grad_l2, kd, symmetry" in res.stdout
+
+
+def test_plugins_lists_providers():
+    res = run("plugins")
+    assert res.returncode == 0, res.stderr
+    rows = table(res.stdout)
+    assert rows[[r[1] for r in rows].index("sum_p")][:5] == [
+        "mapping",
+        "sum_p",
+        "athooks",
+        "0.1.0",
+        "(built-in)",
+    ]

@@ -126,6 +126,46 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from athooks.demo.run import DemoConfig, run_demo
+
+    config = DemoConfig()
+    changes = {
+        "epochs": args.epochs,
+        "teacher_epochs": args.teacher_epochs,
+        "seed": args.seed,
+        "teacher": args.teacher,
+        "student": args.student,
+        "beta": args.beta,
+        "labels": args.labels,
+        "device": args.device,
+    }
+    config = replace(config, **{k: v for k, v in changes.items() if v is not None})
+    print(
+        f"athooks demo: teacher {config.teacher} on all 1300 training digits, student "
+        f"{config.student} on {config.labels} of them, with and without attention transfer "
+        f"(beta {config.beta:g}), seed {config.seed}",
+        flush=True,
+    )
+    try:
+        import matplotlib  # noqa: F401
+
+        figure = True
+    except ImportError:
+        figure = False
+    result = run_demo(config, args.out, figure=figure)
+    print()
+    print(result.table())
+    if result.figure:
+        print(f"attention maps: {result.figure}")
+    else:
+        print("no figure: matplotlib is not installed (python3 -m pip install 'athooks[viz]')")
+    print(f"results: {args.out}/results.md, {args.out}/results.json")
+    return 0
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
     from athooks.registry import list_losses, list_mappings
 
@@ -170,6 +210,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         "plugins", help="every mapping and loss with the distribution that provides it"
     )
     p_plugins.set_defaults(func=_cmd_plugins)
+    p_demo = sub.add_parser(
+        "demo",
+        help="attention transfer on embedded handwritten digits, on CPU, in a few minutes",
+    )
+    p_demo.add_argument("--epochs", type=int, help="student epochs (default 40)")
+    p_demo.add_argument("--teacher-epochs", type=int, help="teacher epochs (default 30)")
+    p_demo.add_argument("--seed", type=int, help="seed of initialisation and batches (default 0)")
+    p_demo.add_argument("--teacher", help="teacher model (default wrn16_2)")
+    p_demo.add_argument("--student", help="student model (default wrn16_1)")
+    p_demo.add_argument("--beta", type=float, help="AT weight (default 100)")
+    p_demo.add_argument("--labels", type=int, help="labelled images for the student (default 300)")
+    p_demo.add_argument(
+        "--out", default="athooks-demo", help="output folder (default athooks-demo)"
+    )
+    p_demo.add_argument("--device", help="cpu or cuda (default cpu)")
+    p_demo.set_defaults(func=_cmd_demo)
     p_list = sub.add_parser("list", help="list registered mappings and losses")
     p_list.set_defaults(func=_cmd_list)
     args = parser.parse_args(argv)

@@ -31,6 +31,8 @@ from athooks.registry import loss as make_loss
 __all__ = ["DemoConfig", "DemoResult", "run_demo", "train"]
 
 TEACHER_SEED = 0
+TEACHER_BATCH = 64
+TEACHER_LR = 0.05
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,7 @@ class DemoConfig:
     batch: int = 64
     lr: float = 0.05
     weight_decay: float = 5e-4
+    shift: int = 4
     device: str = "cpu"
 
 
@@ -151,7 +154,8 @@ def train(
             total, correct, seen = 0.0, 0, 0
             for i in range(0, len(x), config.batch):
                 idx = perm[i : i + config.batch]
-                xb, yb = x[idx].to(device), y[idx].to(device)
+                xb = random_shift(x[idx], config.shift, order).to(device)
+                yb = y[idx].to(device)
                 out = model(xb)
                 loss = F.cross_entropy(out, yb)
                 if distiller is not None:
@@ -166,6 +170,29 @@ def train(
             bar.update(epoch, total / seen, correct / seen)
     bar.close()
     return time.perf_counter() - start
+
+
+def random_shift(x: Tensor, shift: int, generator: torch.Generator) -> Tensor:
+    """Translate each image by up to ``shift`` pixels (pad with the background, crop at random).
+
+    The CIFAR protocol of the paper pads by 4 and crops; it also flips, which digits must not.
+
+    Args:
+        x: Images ``(N, C, H, W)``; the background is the smallest value.
+        shift: The largest translation in pixels (0: none).
+        generator: The random generator.
+
+    Returns:
+        The translated images.
+    """
+    if shift <= 0:
+        return x
+    n, _, h, w = x.shape
+    padded = F.pad(x, (shift, shift, shift, shift), value=float(x.min()))
+    offsets = torch.randint(0, 2 * shift + 1, (n, 2), generator=generator)
+    return torch.stack(
+        [padded[i, :, r : r + h, c : c + w] for i, (r, c) in enumerate(offsets.tolist())]
+    )
 
 
 class _Nothing:
@@ -200,10 +227,11 @@ def _teacher_key(config: DemoConfig) -> str:
         "model": config.teacher,
         "epochs": config.teacher_epochs,
         "data_seed": config.data_seed,
-        "batch": config.batch,
-        "lr": config.lr,
+        "batch": TEACHER_BATCH,
+        "lr": TEACHER_LR,
         "weight_decay": config.weight_decay,
-        "version": 1,
+        "shift": config.shift,
+        "version": 2,
     }
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 

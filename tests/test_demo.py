@@ -1,0 +1,72 @@
+"""The demo: data, end-to-end run at tiny settings (timings belong to the demo's own output)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+from athooks.demo import cluttered_digits
+from athooks.demo.run import DemoConfig, run_demo
+
+
+def test_cluttered_digits_are_deterministic_with_a_fixed_split():
+    x, y, xt, yt = cluttered_digits(seed=0)
+    assert x.shape == (1300, 1, 32, 32) and xt.shape == (497, 1, 32, 32)
+    assert y.dtype == torch.int64 and set(y.tolist()) == set(range(10))
+    x2, y2, xt2, yt2 = cluttered_digits(seed=0)
+    assert torch.equal(x, x2) and torch.equal(xt, xt2)
+    assert torch.equal(y, y2) and torch.equal(yt, yt2)
+    x3, y3, _, yt3 = cluttered_digits(seed=1)
+    assert not torch.equal(x, x3)  # another placement of digits and clutter
+    assert torch.equal(y, y3) and torch.equal(yt, yt3)  # the same split
+    assert abs(x.mean().item()) < 1e-4 and abs(x.std().item() - 1) < 1e-3
+
+
+def test_demo_runs_end_to_end_and_caches_the_teacher(tmp_path, monkeypatch):
+    monkeypatch.setenv("ATHOOKS_CACHE", str(tmp_path / "cache"))
+    config = DemoConfig(teacher_epochs=1, epochs=1, labels=64)
+    first = run_demo(config, tmp_path / "out", progress=False)
+    assert 0 <= first.at_error <= 1 and 0 <= first.baseline_error <= 1
+    assert first.times["teacher"] > 0
+    assert (tmp_path / "out" / "attention-maps.png").stat().st_size > 10_000
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["config"]["labels"] == 64 and saved["at_error"] == first.at_error
+    assert "relative error reduction by AT" in (tmp_path / "out" / "results.md").read_text()
+    second = run_demo(config, tmp_path / "out2", progress=False, figure=False)
+    assert second.times["teacher"] == 0  # loaded from the cache
+    assert second.teacher_error == first.teacher_error
+    assert second.baseline_error == first.baseline_error  # deterministic given the seed
+
+
+def test_demo_command_line(tmp_path):
+    env = {**os.environ, "ATHOOKS_CACHE": str(tmp_path / "cache")}
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "athooks.cli",
+            "demo",
+            "--teacher-epochs",
+            "1",
+            "--epochs",
+            "1",
+            "--labels",
+            "64",
+            "--out",
+            str(tmp_path / "out"),
+            "--seed",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert res.returncode == 0, res.stderr
+    assert "| student + AT (beta 100) |" in res.stdout
+    assert f"attention maps: {tmp_path / 'out' / 'attention-maps.png'}" in res.stdout
+    assert "epoch   1/1" in res.stderr  # the progress line

@@ -67,6 +67,6 @@ def test_demo_command_line(tmp_path):
         env=env,
     )
     assert res.returncode == 0, res.stderr
-    assert "| student + AT (beta 100) |" in res.stdout
+    assert "| student + AT (beta 300) |" in res.stdout
     assert f"attention maps: {tmp_path / 'out' / 'attention-maps.png'}" in res.stdout
     assert "epoch   1/1" in res.stderr  # the progress line

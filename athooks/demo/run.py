@@ -60,6 +60,9 @@ class DemoConfig:
     lr: float = 0.1
     weight_decay: float = 5e-4
     shift: int = 4
+    flip: bool = False  # horizontal flips (the paper's CIFAR protocol; wrong for digits)
+    pad_mode: str = "constant"  # "reflect" in the paper's CIFAR protocol
+    schedule: str = "cosine"  # or "paper": lr x0.2 at 30%, 60% and 80% of the epochs
     device: str = "cpu"
 
 
@@ -130,6 +133,7 @@ def train(
     distiller: Distiller | None = None,
     label: str = "train",
     progress: bool = True,
+    ce_weight: float = 1.0,
 ) -> float:
     """Train ``model`` with SGD (momentum 0.9, cosine learning rate) and return the time taken.
 
@@ -139,9 +143,10 @@ def train(
         y: Training labels.
         epochs: Number of epochs.
         config: Batch size, learning rate, weight decay, seed.
-        distiller: Adds ``distiller.loss()`` to the cross-entropy when given.
+        distiller: Adds ``distiller.loss(target=labels)`` to the cross-entropy when given.
         label: Name shown in the progress line.
         progress: Whether to show the progress line.
+        ce_weight: Factor of the cross-entropy (``1 - alpha`` for KD as in the authors' code).
 
     Returns:
         Seconds.
@@ -151,7 +156,12 @@ def train(
         model.parameters(), lr=config.lr, momentum=0.9, weight_decay=config.weight_decay
     )
     steps_per_epoch = math.ceil(len(x) / config.batch)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * steps_per_epoch)
+    sched: torch.optim.lr_scheduler.LRScheduler
+    if config.schedule == "paper":  # 60/120/160 of 200 epochs, in steps
+        marks = [int(f * epochs) * steps_per_epoch for f in (0.3, 0.6, 0.8)]
+        sched = torch.optim.lr_scheduler.MultiStepLR(opt, marks, gamma=0.2)
+    else:
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * steps_per_epoch)
     order = torch.Generator().manual_seed(config.seed + 1)  # the same batches for every run
     bar = _Progress(label, epochs, progress)
     start = time.perf_counter()
@@ -163,12 +173,13 @@ def train(
             total, correct, seen = 0.0, 0, 0
             for i in range(0, len(x), config.batch):
                 idx = perm[i : i + config.batch]
-                xb = random_shift(x[idx], config.shift, order).to(device)
+                xb = random_shift(x[idx], config.shift, order, config.pad_mode, config.flip)
+                xb = xb.to(device)
                 yb = y[idx].to(device)
                 out = model(xb)
-                loss = F.cross_entropy(out, yb)
+                loss = ce_weight * F.cross_entropy(out, yb)
                 if distiller is not None:
-                    loss = loss + distiller.loss()
+                    loss = loss + distiller.loss(target=yb)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()  # type: ignore[no-untyped-call]
                 opt.step()
@@ -181,23 +192,39 @@ def train(
     return time.perf_counter() - start
 
 
-def random_shift(x: Tensor, shift: int, generator: torch.Generator) -> Tensor:
-    """Translate each image by up to ``shift`` pixels (pad with the background, crop at random).
+def random_shift(
+    x: Tensor,
+    shift: int,
+    generator: torch.Generator,
+    pad_mode: str = "constant",
+    flip: bool = False,
+) -> Tensor:
+    """Translate each image by up to ``shift`` pixels (pad, crop at random), maybe flip it.
 
-    The CIFAR protocol of the paper pads by 4 and crops; it also flips, which digits must not.
+    The CIFAR protocol of the paper reflect-pads by 4, crops and flips horizontally; digits
+    must not be flipped, and are padded with their background.
 
     Args:
         x: Images ``(N, C, H, W)``; the background is the smallest value.
         shift: The largest translation in pixels (0: none).
         generator: The random generator.
+        pad_mode: ``"constant"`` (the background) or ``"reflect"``.
+        flip: Flip half of the images horizontally, at random.
 
     Returns:
-        The translated images.
+        The augmented images.
     """
+    if flip:
+        mask = torch.rand(len(x), generator=generator) < 0.5
+        x = torch.where(mask[:, None, None, None], x.flip(-1), x)
     if shift <= 0:
         return x
     n, _, h, w = x.shape
-    padded = F.pad(x, (shift, shift, shift, shift), value=float(x.min()))
+    pad = (shift, shift, shift, shift)
+    if pad_mode == "reflect":
+        padded = F.pad(x, pad, mode="reflect")
+    else:
+        padded = F.pad(x, pad, value=float(x.min()))
     offsets = torch.randint(0, 2 * shift + 1, (n, 2), generator=generator)
     return torch.stack(
         [padded[i, :, r : r + h, c : c + w] for i, (r, c) in enumerate(offsets.tolist())]

@@ -70,3 +70,19 @@ def test_demo_command_line(tmp_path):
     assert "| student + AT (beta 300) |" in res.stdout
     assert f"attention maps: {tmp_path / 'out' / 'attention-maps.png'}" in res.stdout
     assert "epoch   1/1" in res.stderr  # the progress line
+
+
+def test_the_teacher_does_not_depend_on_the_students_settings(tmp_path, monkeypatch):
+    """The teacher's cache key names a fixed recipe, so its training must follow that recipe."""
+    errors = []
+    for i, student_settings in enumerate([{}, {"batch": 16, "lr": 0.01, "seed": 5}]):
+        monkeypatch.setenv("ATHOOKS_CACHE", str(tmp_path / f"cache{i}"))  # train afresh each time
+        config = DemoConfig(teacher_epochs=1, epochs=1, labels=32, **student_settings)
+        errors.append(run_demo(config, tmp_path / f"out{i}", progress=False, figure=False))
+    assert errors[0].teacher_error == errors[1].teacher_error
+    teachers = sorted((tmp_path / "cache0").glob("*.pt")) + sorted(
+        (tmp_path / "cache1").glob("*.pt")
+    )
+    assert teachers[0].name == teachers[1].name  # the same key
+    a, b = (torch.load(t, weights_only=True) for t in teachers)
+    assert all(torch.equal(a[k], b[k]) for k in a)

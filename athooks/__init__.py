@@ -16,6 +16,9 @@ Example:
     ```
 """
 
+import importlib
+from typing import Any
+
 from athooks.discovery import describe
 from athooks.distiller import Distiller
 from athooks.errors import (
@@ -32,6 +35,15 @@ from athooks.mappings import Mapping
 from athooks.registry import get_plugin_manager, list_losses, list_mappings, loss, mapping
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    # athooks.viz is loaded on first use, so `import athooks` stays light (no numpy plotting,
+    # and matplotlib is imported only when something is drawn).
+    if name == "viz":
+        return importlib.import_module("athooks.viz")
+    raise AttributeError(f"module 'athooks' has no attribute {name!r}")
+
 
 __all__ = [
     "AthooksError",
@@ -53,4 +65,5 @@ __all__ = [
     "list_mappings",
     "loss",
     "mapping",
+    "viz",
 ]

@@ -7,10 +7,13 @@
 * ``athooks plugins``: every mapping and loss with the distribution and version providing it,
   and the plugins that failed to load.
 * ``athooks list``: the registered mapping and loss names.
+* ``athooks show MODEL IMAGE... [--layers auto] [--p 1 2 4] --out maps.png``: attention maps
+  over the images, one column per layer and one row per image and ``p`` (PNG or PDF).
 
 MODEL is a timm name (``resnet18``), ``athooks:wrn16_1`` (the WRNs of :mod:`athooks.models`),
 ``torchvision:NAME``, or an import path ``package.module:callable`` that returns an
-``nn.Module``. Models are built with random weights; nothing is downloaded.
+``nn.Module``. Models are built with random weights and nothing is downloaded, except with
+``athooks show --pretrained``; ``--checkpoint`` loads weights with ``weights_only=True``.
 """
 
 from __future__ import annotations
@@ -19,62 +22,164 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from torch import nn
 
 from athooks.errors import AthooksError, ConfigurationError
 
-__all__ = ["build_model", "main"]
+__all__ = ["build_model", "load_checkpoint", "main"]
 
 
-def build_model(spec: str) -> nn.Module:
-    """Build a model with random weights from a command-line model spec.
+def build_model(spec: str, *, pretrained: bool = False, **options: Any) -> nn.Module:
+    """Build a model from a command-line model spec, with random weights unless ``pretrained``.
 
     Args:
         spec: ``"resnet18"`` (timm), ``"timm:resnet18"``, ``"athooks:wrn16_1"``,
-            ``"torchvision:resnet18"``, or ``"package.module:callable"`` (called with no
-            arguments).
+            ``"torchvision:resnet18"``, or ``"package.module:callable"`` (called with
+            ``options`` as keyword arguments).
+        pretrained: Load the model's published weights (timm and torchvision models only; they
+            are downloaded, or read from the local cache of timm/Hugging Face or torch hub).
+        **options: Keyword arguments for the constructor, e.g. ``num_classes=10``,
+            ``in_chans=1`` (None values are left out).
 
     Returns:
         The model.
 
     Raises:
-        ConfigurationError: If the spec cannot be resolved.
+        ConfigurationError: If the spec cannot be resolved, or pretrained weights cannot be had.
 
     Example:
         ```python
         from athooks.cli import build_model
 
-        net = build_model("torchvision:resnet18")
+        net = build_model("torchvision:resnet18", num_classes=10)
         print(type(net).__name__)
         ```
     """
+    options = {k: v for k, v in options.items() if v is not None}
     source, _, name = spec.rpartition(":")
+    kind = "athooks" if source == "athooks" or (source == "" and name.startswith("wrn")) else source
+    if pretrained and kind not in ("", "timm", "torchvision"):
+        raise ConfigurationError(
+            f"--pretrained: {spec!r} has no published weights that athooks knows how to get "
+            "(only timm and torchvision models do); load your own with --checkpoint PATH"
+        )
     try:
-        if source == "athooks" or (source == "" and name.startswith("wrn")):
+        if kind == "athooks":
             from athooks.models import create_model
 
-            return create_model(name)
-        if source in ("", "timm"):
+            return create_model(name, **options)
+        if kind in ("", "timm"):
             import timm
 
-            net: nn.Module = timm.create_model(name, pretrained=False)
+            net: nn.Module = timm.create_model(name, pretrained=pretrained, **options)
             return net
-        if source == "torchvision":
+        if kind == "torchvision":
             import torchvision
 
-            model: nn.Module = torchvision.models.get_model(name, weights=None)
+            weights = "DEFAULT" if pretrained else None
+            model: nn.Module = torchvision.models.get_model(name, weights=weights, **options)
             return model
         module = importlib.import_module(source)
         factory = getattr(module, name)
-    except (ImportError, AttributeError, RuntimeError, KeyError, ValueError) as err:
+    except Exception as err:
+        if pretrained:
+            reason = str(err).strip()[:300].rstrip(".")
+            raise ConfigurationError(
+                f"could not get the pretrained weights of {spec!r}: {type(err).__name__}: "
+                f"{reason}. They are downloaded on first use, which needs network "
+                "access (or a warm cache: HF_HOME for timm, TORCH_HOME for torchvision); "
+                "without it, load weights you have with --checkpoint PATH"
+            ) from None
+        if not isinstance(err, (ImportError, AttributeError, RuntimeError, KeyError, ValueError)):
+            raise
         raise ConfigurationError(
             f"cannot build model {spec!r}: {type(err).__name__}: {err}. Give a timm name "
-            "(resnet18), torchvision:NAME, or package.module:callable"
+            "(resnet18), athooks:wrn16_1, torchvision:NAME, or package.module:callable"
         ) from None
-    model = factory() if callable(factory) and not isinstance(factory, nn.Module) else factory
+    model = (
+        factory(**options) if callable(factory) and not isinstance(factory, nn.Module) else factory
+    )
     if not isinstance(model, nn.Module):
         raise ConfigurationError(f"{spec!r} gave a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+_STATE_KEYS = ("state_dict", "model", "model_state_dict", "state_dict_ema", "model_ema")
+
+
+def load_checkpoint(model: nn.Module, path: str) -> nn.Module:
+    """Load weights from ``path`` into ``model``, never unpickling anything but tensors.
+
+    The file is read with ``torch.load(path, weights_only=True)``. It can be a state dict, or a
+    dict holding one under ``state_dict``, ``model``, ``model_state_dict``, ``state_dict_ema`` or
+    ``model_ema`` (the first found); ``module.`` and ``_orig_mod.`` prefixes (DDP,
+    ``torch.compile``) are removed. Loading is strict.
+
+    Args:
+        model: The model to load into.
+        path: The checkpoint file.
+
+    Returns:
+        ``model``, with the weights loaded.
+
+    Raises:
+        ConfigurationError: If the file is missing, is not a weights-only checkpoint, or its
+            keys or shapes do not fit the model.
+
+    Example:
+        ```python
+        import tempfile
+        import torch
+        from athooks.cli import build_model, load_checkpoint
+
+        net = build_model("athooks:wrn16_1", num_classes=10)
+        with tempfile.TemporaryDirectory() as folder:
+            torch.save({"state_dict": net.state_dict()}, f"{folder}/w.pt")
+            load_checkpoint(build_model("athooks:wrn16_1", num_classes=10), f"{folder}/w.pt")
+        ```
+    """
+    import pickle
+
+    import torch
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ConfigurationError(f"checkpoint {path!r} does not exist") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigurationError(
+            f"checkpoint {path!r} cannot be read as weights only ({first}). athooks loads "
+            "checkpoints with torch.load(..., weights_only=True) and never unpickles other "
+            "objects; save the weights with torch.save(model.state_dict(), path)"
+        ) from None
+    state = obj
+    if isinstance(obj, dict):
+        for key in _STATE_KEYS:
+            if isinstance(obj.get(key), dict):
+                state = obj[key]
+                break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConfigurationError(
+            f"checkpoint {path!r} holds no state dict (a dict of tensors, or one under "
+            f"{', '.join(_STATE_KEYS)}); save it with torch.save(model.state_dict(), path)"
+        )
+    cleaned = {}
+    for key, value in state.items():
+        for prefix in ("module.", "_orig_mod."):
+            while key.startswith(prefix):
+                key = key[len(prefix) :]
+        cleaned[key] = value
+    try:
+        model.load_state_dict(cleaned, strict=True)
+    except RuntimeError as err:
+        detail = " ".join(str(err).split())[:400]
+        raise ConfigurationError(
+            f"checkpoint {path!r} does not fit the model: {detail}. Build the model it was "
+            "saved from (e.g. --num-classes, --in-chans)"
+        ) from None
     return model
 
 
@@ -166,6 +271,63 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _normalisation(model: nn.Module, channels: int) -> tuple[list[float], list[float]]:
+    """Mean and std the model expects: its timm config's, else ImageNet's (3 channels)."""
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
+    if isinstance(cfg, dict):
+        mean, std = cfg.get("mean"), cfg.get("std")
+        if (
+            isinstance(mean, (tuple, list))
+            and isinstance(std, (tuple, list))
+            and len(mean) == len(std) == channels
+        ):
+            return [float(m) for m in mean], [float(v) for v in std]
+    if channels == 3:
+        return [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    return [0.5] * channels, [0.5] * channels
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from athooks.discovery import default_input_size
+    from athooks.viz import load_image, plot_across_p
+
+    out = Path(args.out)
+    if out.suffix.lower() not in (".png", ".pdf"):
+        raise ConfigurationError(
+            f"--out {args.out!r}: the figure is written as PNG or PDF; end the name in .png or .pdf"
+        )
+    model = build_model(
+        args.model, pretrained=args.pretrained, num_classes=args.num_classes, in_chans=args.in_chans
+    )
+    if args.checkpoint:
+        load_checkpoint(model, args.checkpoint)
+    model = model.to(args.device).eval()
+    c, h, w = tuple(args.input_size) if args.input_size else default_input_size(model)
+    pictures = torch.stack([load_image(path, (h, w), c) for path in args.images])
+    mean, std = _normalisation(model, c)
+    inputs = (pictures - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+    layers = args.layers[0] if len(args.layers) == 1 else list(args.layers)
+    fig = plot_across_p(
+        model,
+        inputs.to(args.device),
+        ps=args.p,
+        layers=layers,
+        mapping=args.mapping,
+        display=pictures,
+        cmap=args.cmap,
+        dpi=args.dpi,
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=args.dpi)
+    width, height = fig.get_size_inches() * args.dpi
+    print(f"wrote {out} ({round(width)}x{round(height)} px)")
+    return 0
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
     from athooks.registry import list_losses, list_mappings
 
@@ -219,13 +381,58 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_demo.add_argument("--seed", type=int, help="seed of initialisation and batches (default 0)")
     p_demo.add_argument("--teacher", help="teacher model (default wrn16_2)")
     p_demo.add_argument("--student", help="student model (default wrn16_1)")
-    p_demo.add_argument("--beta", type=float, help="AT weight (default 100)")
+    p_demo.add_argument("--beta", type=float, help="AT weight (default 300)")
     p_demo.add_argument("--labels", type=int, help="labelled images for the student (default 300)")
     p_demo.add_argument(
         "--out", default="athooks-demo", help="output folder (default athooks-demo)"
     )
     p_demo.add_argument("--device", help="cpu or cuda (default cpu)")
     p_demo.set_defaults(func=_cmd_demo)
+    p_show = sub.add_parser(
+        "show",
+        help="draw a model's attention maps over images, across layers and p (PNG or PDF)",
+    )
+    p_show.add_argument(
+        "model", help="timm name, athooks:wrn16_1, torchvision:NAME or package.module:callable"
+    )
+    p_show.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...)")
+    p_show.add_argument(
+        "--layers",
+        nargs="+",
+        default=["auto"],
+        help="auto (default), blocks, or layer names/patterns",
+    )
+    p_show.add_argument(
+        "--p",
+        type=float,
+        nargs="+",
+        help="exponents, one row each (default: the mapping's own, 2 for sum_p)",
+    )
+    p_show.add_argument(
+        "--mapping", default="sum_p", help="mapping name (default sum_p; see `athooks list`)"
+    )
+    p_show.add_argument("--out", default="maps.png", help="output file, .png or .pdf")
+    p_show.add_argument(
+        "--checkpoint", help="weights to load (read with torch.load(..., weights_only=True))"
+    )
+    p_show.add_argument(
+        "--pretrained",
+        action="store_true",
+        help="the model's published weights (timm, torchvision; downloaded on first use)",
+    )
+    p_show.add_argument("--num-classes", type=int, help="classes of the model to build")
+    p_show.add_argument("--in-chans", type=int, help="input channels of the model to build")
+    p_show.add_argument(
+        "--input-size",
+        type=int,
+        nargs=3,
+        metavar=("C", "H", "W"),
+        help="size the images are resized to (default: the model's own, else 3 224 224)",
+    )
+    p_show.add_argument("--cmap", default="viridis", help="matplotlib colour map (viridis)")
+    p_show.add_argument("--dpi", type=int, default=100, help="dots per inch; a panel is 2 inches")
+    p_show.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p_show.set_defaults(func=_cmd_show)
     p_list = sub.add_parser("list", help="list registered mappings and losses")
     p_list.set_defaults(func=_cmd_list)
     args = parser.parse_args(argv)

@@ -242,6 +242,7 @@ def attention_maps(
             handle.remove()
         for module, flag in flags:
             module.training = flag
+    label = str(amap).removesuffix("()")  # "sum_p(p=2)", "sum"
     maps = AttentionMaps()
     for name, _, stride in stages:
         if name not in captured:
@@ -253,7 +254,7 @@ def attention_maps(
         if stride is None and got.dim() == 3 and got.shape[1] > 0:
             stride = max(1, round(size[1] / got.shape[1]))
         maps[name] = got
-        maps.info[name] = MapInfo(name, stride, str(amap))
+        maps.info[name] = MapInfo(name, stride, label)
     return maps
 
 
@@ -505,6 +506,8 @@ def compare(
     layers: Any = "auto",
     mapping: Any = "sum_p",
     *,
+    models_as: str = "rows",
+    display: Tensor | None = None,
     cmap: str = "viridis",
     alpha: float = 0.5,
     dpi: int = 100,
@@ -512,8 +515,9 @@ def compare(
 ) -> Figure:
     """Draw a teacher's attention next to one or more students' at the paired layers.
 
-    For each image, one row for the teacher and one per student; one column per layer pair, with
-    the pairs chosen as :class:`athooks.Distiller` chooses them.
+    For each image, one row for the teacher and one per student, and one column per layer pair
+    (``models_as="rows"``); or one row per layer pair and one column per model
+    (``models_as="columns"``). The pairs are chosen as :class:`athooks.Distiller` chooses them.
 
     Args:
         teacher: The teacher.
@@ -523,6 +527,9 @@ def compare(
         layers: As for :class:`athooks.Distiller`: ``"auto"``, ``"blocks"``, a pattern for both,
             or ``(teacher, student)`` pairs.
         mapping: The mapping name or object.
+        models_as: ``"rows"`` or ``"columns"``: how the models are laid out.
+        display: The images to draw under the maps (e.g. before normalisation); default
+            ``images``.
         cmap: The colour map.
         alpha: Weight of the heat map over the image.
         dpi: Resolution of the figure; each panel is 2 inches square.
@@ -530,6 +537,9 @@ def compare(
 
     Returns:
         A matplotlib ``Figure``.
+
+    Raises:
+        ConfigurationError: If ``models_as`` or ``display`` is wrong.
 
     Example:
         ```python
@@ -545,6 +555,8 @@ def compare(
         ```
     """
     images = _as_images(images)
+    if models_as not in ("rows", "columns"):
+        raise ConfigurationError(f"models_as must be 'rows' or 'columns', got {models_as!r}")
     students = student if isinstance(student, dict) else {"student": student}
     size = (int(images.shape[1]), int(images.shape[2]), int(images.shape[3]))
     columns: list[str] = []
@@ -577,27 +589,41 @@ def compare(
         )
         for label, model in students.items()
     }
+    shown = _display(images, display)
     rows: list[list[_Panel]] = []
     for i in range(images.shape[0]):
-        rows.append(
+        block = [
             [
-                _Panel(images[i], t_maps[tn][i], f"teacher: {t_maps.info[tn].title()}")
+                _Panel(shown[i], t_maps[tn][i], f"teacher: {t_maps.info[tn].title()}")
                 for tn in columns
             ]
-        )
+        ]
         for label in students:
             by_teacher = dict(chosen[label])
             row = []
             for tn in columns:
                 paired = by_teacher.get(tn)
                 if paired is None:
-                    row.append(_Panel(images[i], None, f"{label}: no layer paired with {tn}"))
+                    row.append(_Panel(shown[i], None, f"{label}: no layer paired with {tn}"))
                 else:
                     maps = s_maps[label]
                     title = f"{label}: {maps.info[paired].title()}"
-                    row.append(_Panel(images[i], maps[paired][i], title))
-            rows.append(row)
+                    row.append(_Panel(shown[i], maps[paired][i], title))
+            block.append(row)
+        rows.extend(
+            block if models_as == "rows" else [list(col) for col in zip(*block, strict=True)]
+        )
     return _draw(rows, cmap=cmap, alpha=alpha, dpi=dpi)
+
+
+def _display(images: Tensor, display: Tensor | None) -> Tensor:
+    shown = images if display is None else _as_images(display)
+    if shown.shape[0] != images.shape[0]:
+        raise ConfigurationError(
+            f"display has {shown.shape[0]} images but images has {images.shape[0]}; give one "
+            "picture per input"
+        )
+    return shown
 
 
 def plot_across_p(
@@ -644,12 +670,7 @@ def plot_across_p(
         ```
     """
     images = _as_images(images)
-    shown = images if display is None else _as_images(display)
-    if shown.shape[0] != images.shape[0]:
-        raise ConfigurationError(
-            f"display has {shown.shape[0]} images but images has {images.shape[0]}; give one "
-            "picture per input"
-        )
+    shown = _display(images, display)
     options: list[dict[str, Any]] = [{}] if ps is None else [{"p": p} for p in ps]
     if not options:
         raise ConfigurationError("ps is empty; give at least one p, or None")

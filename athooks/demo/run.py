@@ -5,7 +5,8 @@
 2. A student (WRN-16-1) is trained on the first ``labels`` training images only, twice from the
    same initialisation and the same batch order: once with cross-entropy alone, once with
    cross-entropy plus attention transfer from the teacher.
-3. Both are evaluated on the 497 test images; a table and a figure of attention maps are written.
+3. Both are evaluated on the 497 test images; a table, a figure of attention maps and the three
+   models' weights (`teacher.pt`, `student.pt`, `student-at.pt`) are written.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -76,6 +78,14 @@ class DemoResult:
     at_error: float
     times: dict[str, float] = field(default_factory=dict)
     figure: str | None = None
+    models: dict[str, nn.Module] = field(default_factory=dict, repr=False, compare=False)
+    """The trained models: ``teacher``, ``student`` (baseline) and ``student + AT``."""
+
+    def as_dict(self) -> dict[str, Any]:
+        """The results and settings, without the models (for JSON)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "models"}
+        out["config"] = asdict(self.config)
+        return out
 
     @property
     def relative_reduction(self) -> float:
@@ -356,10 +366,11 @@ def run_demo(
         from athooks.demo.figure import attention_figure
 
         path = out_dir / "attention-maps.png"
-        attention_figure(teacher, baseline, with_at, x_test[:4], path, config.device)
+        attention_figure(teacher, baseline, with_at, x_test[:2], path, config.device)
         result.figure = str(path)
-    (out_dir / "results.json").write_text(
-        json.dumps({**asdict(result), "config": asdict(config)}, indent=2, default=str)
-    )
+    result.models = {"teacher": teacher, "student": baseline, "student + AT": with_at}
+    for name, model in (("teacher", teacher), ("student", baseline), ("student-at", with_at)):
+        torch.save(model.state_dict(), out_dir / f"{name}.pt")
+    (out_dir / "results.json").write_text(json.dumps(result.as_dict(), indent=2, default=str))
     (out_dir / "results.md").write_text(result.table() + "\n")
     return result

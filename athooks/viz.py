@@ -594,7 +594,7 @@ def compare(
     for i in range(images.shape[0]):
         block = [
             [
-                _Panel(shown[i], t_maps[tn][i], f"teacher: {t_maps.info[tn].title()}")
+                _Panel(shown[i], t_maps[tn][i], f"teacher\n{t_maps.info[tn].title()}")
                 for tn in columns
             ]
         ]
@@ -604,10 +604,10 @@ def compare(
             for tn in columns:
                 paired = by_teacher.get(tn)
                 if paired is None:
-                    row.append(_Panel(shown[i], None, f"{label}: no layer paired with {tn}"))
+                    row.append(_Panel(shown[i], None, f"{label}\nno layer paired with {tn}"))
                 else:
                     maps = s_maps[label]
-                    title = f"{label}: {maps.info[paired].title()}"
+                    title = f"{label}\n{maps.info[paired].title()}"
                     row.append(_Panel(shown[i], maps[paired][i], title))
             block.append(row)
         rows.extend(

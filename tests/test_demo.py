@@ -36,6 +36,11 @@ def test_demo_runs_end_to_end_and_caches_the_teacher(tmp_path, monkeypatch):
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved["config"]["labels"] == 64 and saved["at_error"] == first.at_error
     assert "relative error reduction by AT" in (tmp_path / "out" / "results.md").read_text()
+    assert "models" not in saved
+    for name, model in (("teacher.pt", "teacher"), ("student-at.pt", "student + AT")):
+        weights = torch.load(tmp_path / "out" / name, weights_only=True)
+        for key, value in first.models[model].state_dict().items():
+            assert torch.equal(weights[key], value)
     second = run_demo(config, tmp_path / "out2", progress=False, figure=False)
     assert second.times["teacher"] == 0  # loaded from the cache
     assert second.teacher_error == first.teacher_error

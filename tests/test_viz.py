@@ -212,11 +212,11 @@ def test_compare_pairs_stages_and_lays_out_models():
     fig = compare(teacher, students, images)
     assert len(fig.axes) == 2 * 3 * 4
     titles = [ax.get_title() for ax in fig.axes]
-    assert titles[0] == "teacher: layer1 · stride 4 · sum_p(p=2)"
-    assert titles[4] == "student: layer1 · stride 4 · sum_p(p=2)"
-    assert titles[8 + 3] == "AT: layer4 · stride 32 · sum_p(p=2)"
+    assert titles[0] == "teacher\nlayer1 · stride 4 · sum_p(p=2)"
+    assert titles[4] == "student\nlayer1 · stride 4 · sum_p(p=2)"
+    assert titles[8 + 3] == "AT\nlayer4 · stride 32 · sum_p(p=2)"
     fig = compare(teacher, students["AT"], images[:1], [("layer3", "layer3")], models_as="columns")
-    assert [ax.get_title().split(":")[0] for ax in fig.axes] == ["teacher", "student"]
+    assert [ax.get_title().split("\n")[0] for ax in fig.axes] == ["teacher", "student"]
     with pytest.raises(ConfigurationError, match="models_as"):
         compare(teacher, students["AT"], images, models_as="diagonal")
 

@@ -168,3 +168,26 @@ def test_ltpa_maps_through_the_public_capture_path_in_a_distiller_with_auto_stud
     ) as d:
         student(torch.randn(2, 3, 8, 8))
         assert torch.isfinite(d.loss())
+
+
+@pytest.mark.parametrize(
+    ("compatibility", "normalise"),
+    [("pc", "softmax"), ("dp", "sigmoid")],
+)
+def test_athooks_viz_draws_the_heads_own_maps(compatibility, normalise):
+    import athooks.viz
+
+    torch.manual_seed(0)
+    head = athooks_ltpa.attach(
+        Tiny(),
+        layers=["conv2", "conv3"],
+        compatibility=compatibility,
+        normalise=normalise,
+        input_size=(3, 8, 8),
+    )
+    images = torch.rand(2, 3, 8, 8)
+    maps = athooks.viz.attention_maps(head, images, layers=head.layers, mapping="ltpa")
+    assert list(maps) == ["model.conv2", "model.conv3"]
+    own = head.attention_maps
+    for got, want in zip(maps.values(), own.values(), strict=True):
+        torch.testing.assert_close(got, want)

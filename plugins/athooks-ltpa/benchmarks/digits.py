@@ -32,6 +32,12 @@ def main() -> None:
     parser.add_argument("--labels", type=int, default=1300, help="training images used")
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--model", default="wrn16_1")
+    parser.add_argument(
+        "--layers",
+        default="auto",
+        help="'auto' or comma-separated layer names/patterns for the local features",
+    )
+    parser.add_argument("--skip-baseline", action="store_true", help="train the LTPA runs only")
     parser.add_argument("--compatibility", default="pc", choices=["pc", "dp"])
     parser.add_argument("--normalise", default="softmax", choices=["softmax", "sigmoid"])
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
@@ -50,15 +56,19 @@ def main() -> None:
         backbone = create_model(args.model, num_classes=10, in_chans=1)
         backbone.load_state_dict(baseline.state_dict())  # the same initialisation
         torch.manual_seed(seed + 200)
+        layers = args.layers if args.layers == "auto" else args.layers.split(",")
         head = athooks_ltpa.attach(
             backbone,
+            layers=layers,
             compatibility=args.compatibility,
             normalise=args.normalise,
             input_size=(1, 32, 32),
         )
-        t_base = train(baseline, x, y, epochs=args.epochs, config=config, progress=False)
+        t_base, e_base = float("nan"), float("nan")
+        if not args.skip_baseline:
+            t_base = train(baseline, x, y, epochs=args.epochs, config=config, progress=False)
+            e_base = evaluate(baseline, x_test, y_test)
         t_ltpa = train(head, x, y, epochs=args.epochs, config=config, progress=False)
-        e_base = evaluate(baseline, x_test, y_test)
         e_ltpa = evaluate(head, x_test, y_test)
         rows.append((seed, e_base, e_ltpa, t_base, t_ltpa))
         print(

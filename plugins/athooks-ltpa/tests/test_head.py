@@ -287,3 +287,24 @@ def test_a_local_layer_after_g_is_refused():
 
     with pytest.raises(athooks.ConfigurationError, match="runs after the global descriptor"):
         athooks_ltpa.attach(Late(), layers="extra", input_size=(3, 6, 6))
+
+
+def test_an_overwrite_seen_only_in_training_is_an_error_once_then_copied():
+    class Drop(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.drop = nn.Dropout(0.5, inplace=True)  # in place only in training mode
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(F.relu(self.drop(self.conv(x))).mean((2, 3)))
+
+    torch.manual_seed(0)
+    head = athooks_ltpa.attach(Drop(), layers="conv", input_size=(3, 6, 6))
+    head.train()
+    x = torch.randn(2, 3, 6, 6)
+    with pytest.raises(athooks.CaptureError, match="copies it from the next forward on"):
+        head(x)
+    head(x).sum().backward()
+    assert head.u[0].weight.grad is not None

@@ -438,6 +438,8 @@ class LTPAHead(nn.Module):
                 "must be a feature map (B, C, H, W). Name a convolutional layer, or give "
                 "athooks.Layer(name, transform=...) that returns (B, C, H, W)"
             )
+        # a placeholder of this layer still waiting is from a forward that never reached g
+        self._run.pending = [(k, p) for k, p in self._run.pending if k != index]
         if self._copy[index]:  # the model overwrites this output in place later
             features = features.clone()
         self._run.local[index] = features
@@ -459,15 +461,18 @@ class LTPAHead(nn.Module):
                 f"ltpa: local layers {missing} did not run before the global descriptor was "
                 f"reached at {self.global_name!r}; local layers must come before g in the forward"
             )
-        for spec, kept, version in zip(
-            self.local_layers, self._run.local, self._run.versions, strict=True
+        for k, (spec, kept, version) in enumerate(
+            zip(self.local_layers, self._run.local, self._run.versions, strict=True)
         ):
             assert kept is not None
             if kept._version != version:
+                self._copy[k] = True
+                self._run.reset_locals()
                 raise CaptureError(
                     f"ltpa: the output of local layer {spec.name!r} was overwritten in place "
-                    "before g was reached (e.g. by ReLU(inplace=True)), which it was not when "
-                    "the head was attached; attach again, or name another layer"
+                    "before g was reached (e.g. by ReLU(inplace=True) or dropout in training "
+                    "mode), which it was not when the head was attached (in eval mode). The head "
+                    "copies it from the next forward on: run this step again"
                 )
         maps: dict[str, Tensor] = {}
         descriptors: list[Tensor] = []

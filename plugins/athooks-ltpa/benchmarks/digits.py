@@ -34,10 +34,10 @@ def main() -> None:
     parser.add_argument("--model", default="wrn16_1")
     parser.add_argument(
         "--layers",
-        default="auto",
-        help="'auto' or comma-separated layer names/patterns for the local features",
+        nargs="+",
+        default=["auto"],
+        help="one LTPA run per value: 'auto' or comma-separated layer names/patterns",
     )
-    parser.add_argument("--skip-baseline", action="store_true", help="train the LTPA runs only")
     parser.add_argument("--compatibility", default="pc", choices=["pc", "dp"])
     parser.add_argument("--normalise", default="softmax", choices=["softmax", "sigmoid"])
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
@@ -48,56 +48,61 @@ def main() -> None:
     x, y, x_test, y_test = cluttered_digits(0)
     x, y = x[: args.labels], y[: args.labels]
     base_config = DemoConfig(epochs=args.epochs, labels=args.labels)
-    rows = []
+    names = ["baseline"] + [f"LTPA {spec}" for spec in args.layers]
+    errors: dict[str, list[float]] = {name: [] for name in names}
+    times: dict[str, list[float]] = {name: [] for name in names}
+    chosen: dict[str, str] = {}
     for seed in args.seeds:
         config = replace(base_config, seed=seed)
         torch.manual_seed(seed + 100)
         baseline = create_model(args.model, num_classes=10, in_chans=1)
-        backbone = create_model(args.model, num_classes=10, in_chans=1)
-        backbone.load_state_dict(baseline.state_dict())  # the same initialisation
-        torch.manual_seed(seed + 200)
-        layers = args.layers if args.layers == "auto" else args.layers.split(",")
-        head = athooks_ltpa.attach(
-            backbone,
-            layers=layers,
-            compatibility=args.compatibility,
-            normalise=args.normalise,
-            input_size=(1, 32, 32),
-        )
-        t_base, e_base = float("nan"), float("nan")
-        if not args.skip_baseline:
-            t_base = train(baseline, x, y, epochs=args.epochs, config=config, progress=False)
-            e_base = evaluate(baseline, x_test, y_test)
-        t_ltpa = train(head, x, y, epochs=args.epochs, config=config, progress=False)
-        e_ltpa = evaluate(head, x_test, y_test)
-        rows.append((seed, e_base, e_ltpa, t_base, t_ltpa))
-        print(
-            f"seed {seed}: baseline {100 * e_base:.1f}% ({t_base:.0f} s), "
-            f"LTPA {100 * e_ltpa:.1f}% ({t_ltpa:.0f} s)",
-            flush=True,
-        )
+        init = baseline.state_dict()
+        models: dict[str, torch.nn.Module] = {"baseline": baseline}
+        for spec, name in zip(args.layers, names[1:], strict=True):
+            backbone = create_model(args.model, num_classes=10, in_chans=1)
+            backbone.load_state_dict(init)  # the same initialisation as the baseline
+            torch.manual_seed(seed + 200)  # the same head initialisation for every seed
+            head = athooks_ltpa.attach(
+                backbone,
+                layers=spec if spec == "auto" else spec.split(","),
+                compatibility=args.compatibility,
+                normalise=args.normalise,
+                input_size=(1, 32, 32),
+            )
+            chosen[name] = ", ".join(s.name for s in head.local_layers)
+            models[name] = head
+        line = []
+        for name, model in models.items():
+            seconds = train(model, x, y, epochs=args.epochs, config=config, progress=False)
+            error = evaluate(model, x_test, y_test)
+            errors[name].append(100 * error)
+            times[name].append(seconds)
+            line.append(f"{name} {100 * error:.1f}% ({seconds:.0f} s)")
+        print(f"seed {seed}: " + ", ".join(line), flush=True)
 
-    layers = ", ".join(s.name for s in head.local_layers)
     print()
     print(
         f"{args.model} on cluttered digits, {args.labels} training images, {args.epochs} epochs, "
         f"batch {base_config.batch}, lr {base_config.lr}; LTPA {args.compatibility}/"
-        f"{args.normalise} at {layers}; test error on 497 images"
+        f"{args.normalise}; test error (%) on 497 images, training time (s) in brackets"
     )
+    for name, layers in chosen.items():
+        print(f"- {name}: local features at {layers}")
     print()
-    print("| seed | baseline error (%) | LTPA error (%) | baseline time (s) | LTPA time (s) |")
-    print("|---|---|---|---|---|")
-    for seed, e_base, e_ltpa, t_base, t_ltpa in rows:
-        print(f"| {seed} | {100 * e_base:.1f} | {100 * e_ltpa:.1f} | {t_base:.0f} | {t_ltpa:.0f} |")
-    if len(rows) > 1:
-        base = [100 * r[1] for r in rows]
-        ltpa = [100 * r[2] for r in rows]
-        print(
-            f"| mean +- std | {statistics.mean(base):.1f} +- {statistics.stdev(base):.1f} | "
-            f"{statistics.mean(ltpa):.1f} +- {statistics.stdev(ltpa):.1f} | | |"
-        )
-        better = sum(r[2] < r[1] for r in rows)
-        print(f"\nLTPA lower error in {better} of {len(rows)} seeds")
+    print("| seed | " + " | ".join(names) + " |")
+    print("|---" * (len(names) + 1) + "|")
+    for k, seed in enumerate(args.seeds):
+        cells = [f"{errors[n][k]:.1f} ({times[n][k]:.0f})" for n in names]
+        print(f"| {seed} | " + " | ".join(cells) + " |")
+    if len(args.seeds) > 1:
+        cells = [
+            f"{statistics.mean(errors[n]):.1f} +- {statistics.stdev(errors[n]):.1f}" for n in names
+        ]
+        print("| mean +- std | " + " | ".join(cells) + " |")
+        print()
+        for name in names[1:]:
+            better = sum(e < b for e, b in zip(errors[name], errors["baseline"], strict=True))
+            print(f"{name}: lower error than the baseline in {better} of {len(args.seeds)} seeds")
 
 
 if __name__ == "__main__":

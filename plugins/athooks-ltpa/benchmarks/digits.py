@@ -6,9 +6,12 @@ initialisation of the backbone for both runs of a seed; the LTPA run adds the he
 ``athooks_ltpa.attach(backbone)`` (layers "auto": the three WRN groups; g: the input of the
 classifier) and classifies from its attention-weighted descriptors.
 
-    python3 plugins/athooks-ltpa/benchmarks/digits.py --seeds 0 1 2
+    python3 plugins/athooks-ltpa/benchmarks/digits.py --seeds 0 1 2 --threads 1 \
+        --layers auto layer2.0.relu1,layer3.0.relu1,relu
 
-Prints a markdown table (one row per seed, then mean +- std) and the time of each run.
+One LTPA run per ``--layers`` value, against one baseline per seed. Prints a markdown table (one
+row per seed, then mean +- std) with the time of each run, and in how many seeds each LTPA run
+beat the baseline. The measured table is in the package's README.
 """
 
 from __future__ import annotations

@@ -253,6 +253,16 @@ def test_remove_detaches_the_head():
     assert not model.conv2._forward_hooks and not model.fc._forward_pre_hooks
 
 
+def test_removing_a_copy_leaves_the_original_working():
+    torch.manual_seed(0)
+    head = athooks_ltpa.attach(Tiny(), layers=["conv2", "conv3"], input_size=(3, 8, 8))
+    ema = copy.deepcopy(head)
+    ema.remove()
+    assert not ema.model.conv2._forward_hooks and not ema.model.fc._forward_pre_hooks
+    assert len(head.model.conv2._forward_hooks) == 1 and len(head.model.fc._forward_pre_hooks) == 1
+    assert head(torch.randn(2, 3, 8, 8)).shape == (2, 5)
+
+
 def test_clear_errors():
     with pytest.raises(athooks.ConfigurationError, match="compatibility must be 'pc'"):
         athooks_ltpa.attach(Tiny(), compatibility="cos")

@@ -318,3 +318,24 @@ def test_an_overwrite_seen_only_in_training_is_an_error_once_then_copied():
         head(x)
     head(x).sum().backward()
     assert head.u[0].weight.grad is not None
+
+
+def test_checkpoint_round_trip(tmp_path):
+    torch.manual_seed(0)
+    head = athooks_ltpa.attach(Tiny(), layers=["conv2", "conv3"], input_size=(3, 8, 8))
+    x = torch.randn(2, 3, 8, 8)
+    head(x).sum().backward()
+    torch.save(head.state_dict(), tmp_path / "ltpa.pt")
+    torch.manual_seed(1)
+    again = athooks_ltpa.attach(Tiny(), layers=["conv2", "conv3"], input_size=(3, 8, 8))
+    again.load_state_dict(torch.load(tmp_path / "ltpa.pt", weights_only=True))
+    head.eval()
+    again.eval()
+    torch.testing.assert_close(again(x), head(x))
+    assert {k for k in head.state_dict() if not k.startswith("model.")} == {
+        "projections.0.weight",
+        "u.0.weight",
+        "u.1.weight",
+        "classifier.weight",
+        "classifier.bias",
+    }

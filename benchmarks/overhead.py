@@ -1,0 +1,852 @@
+"""What attention transfer costs on top of the floor: step time and peak memory, side by side.
+
+Variants, each with its own copy of the same randomly initialised teacher and student:
+
+* ``floor``: the teacher's forward under ``no_grad``, then the student's cross-entropy step, no
+  transfer. No distillation step can cost less.
+* ``reference``: hand-written AT as in the authors' code: the student and then the teacher (under
+  ``no_grad``) are run block by block by hand and return the chosen block outputs directly (no
+  hooks); the teacher's outputs are kept until the loss, ``at(x) = normalize(x.pow(2).mean(1))``,
+  ``beta * sum(mean((at(s) - at(t))^2))``.
+* ``athooks``: ``athooks.Distiller`` with the same layer pairs and its default AT loss (the same
+  formula), attached once.
+* ``torchdistill``: torchdistill's ``ForwardHookManager`` on both models plus its ``ATLoss``
+  (``mode="code"``, each pair weighted by ``beta``), teacher first as in its distillation box;
+  only when torchdistill is importable (a benchmark-only dependency, never a runtime one).
+
+One step is forward, loss, backward and an SGD update (momentum 0.9, weight decay 5e-4, the
+authors' optimiser) on a fixed random batch. Before timing, the variants' losses are checked to
+agree on the same weights. Step times are measured in one process, interleaved (every round runs
+each variant once, in an order rotated from round to round) after warm-up rounds; the table gives
+the median step time, the median of the round-by-round ratios to the floor and their spread.
+Peak memory is measured in a fresh process per variant doing 3 steps: peak RSS on CPU (run with
+``MALLOC_MMAP_THRESHOLD_=65536`` so that freed tensors go back to the system and RSS tracks live
+tensors), ``torch.cuda.max_memory_allocated`` on CUDA. Settings:
+
+* ``resnet34->resnet18`` (timm) at 64x64, ``wrn16_2->wrn16_1`` (athooks.models) at 32x32, the
+  stage outputs, batch 32 and 128: time and memory;
+* ``resnet50->resnet34`` at 128x128, batch 32, taps after all 16 residual blocks: memory;
+* a sweep of the number of captured blocks (1 to all 16) on ``resnet50->resnet34`` at 64x64,
+  batch 32: time, with the cost per layer from a least-squares line.
+
+Run: python3 benchmarks/overhead.py [--rounds 15] [--out overhead.md] [--device cpu|cuda]
+     [--channels-last] [--bf16] [--only timing|memory|sweep] [--smoke]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import datetime
+import importlib.util
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import timm
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import Tensor, nn
+
+import athooks
+from athooks import Distiller
+from athooks.models import create_model
+
+VARIANTS = ("floor", "reference", "athooks", "torchdistill")
+CONTROL = "floor (A/A)"
+BETA = 1e3
+MEMORY_STEPS = 3
+MB = 1e6
+
+
+def have_torchdistill() -> bool:
+    return importlib.util.find_spec("torchdistill") is not None
+
+
+# --------------------------------------------------------------------------- settings and models
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One benchmark configuration; ``taps`` is "stages", "blocks" or a number of blocks."""
+
+    teacher: str  # "timm:resnet34" or "athooks:wrn16_2"
+    student: str
+    size: int
+    batch: int
+    taps: str | int = "stages"
+
+    @property
+    def label(self) -> str:
+        t, s = self.teacher.split(":")[1], self.student.split(":")[1]
+        taps = f"{self.taps} blocks" if isinstance(self.taps, int) else self.taps
+        return f"{t}->{s} {self.size}x{self.size} b{self.batch} ({taps})"
+
+
+def build_model(spec: str) -> nn.Module:
+    kind, name = spec.split(":")
+    if kind == "timm":
+        model: nn.Module = timm.create_model(name, num_classes=10)
+        return model
+    if kind == "athooks":
+        return create_model(name, num_classes=10)
+    raise ValueError(f"unknown model spec {spec!r}; use timm:NAME or athooks:NAME")
+
+
+def stages(model: nn.Module) -> list[nn.Sequential]:
+    """The residual stages ``layer1``, ``layer2``, ... of a timm ResNet or an athooks WRN."""
+    found = [getattr(model, f"layer{i}") for i in range(1, 5) if hasattr(model, f"layer{i}")]
+    if not found:
+        raise ValueError(f"{type(model).__name__} has no layer1..layer4 stages")
+    return found
+
+
+def block_names(model: nn.Module) -> list[str]:
+    return [f"layer{i + 1}.{j}" for i, stage in enumerate(stages(model)) for j in range(len(stage))]
+
+
+def tap_names(model: nn.Module, taps: str | int) -> list[str]:
+    """The layers to tap: stage outputs, every block, or ``k`` blocks spread evenly."""
+    if taps == "stages":
+        return [f"layer{i + 1}" for i in range(len(stages(model)))]
+    blocks = block_names(model)
+    if taps == "blocks":
+        return blocks
+    k = int(taps)
+    if not 1 <= k <= len(blocks):
+        raise ValueError(f"taps={k}: the model has {len(blocks)} blocks")
+    return [blocks[round((i + 1) * len(blocks) / k) - 1] for i in range(k)]
+
+
+def _stem(model: nn.Module, x: Tensor) -> Tensor:
+    if hasattr(model, "maxpool"):  # timm ResNet
+        out: Tensor = model.maxpool(model.act1(model.bn1(model.conv1(x))))
+        return out
+    out = model.conv1(x)  # athooks WRN
+    return out
+
+
+def _head(model: nn.Module, h: Tensor) -> Tensor:
+    if hasattr(model, "forward_head"):  # timm
+        out: Tensor = model.forward_head(h)
+        return out
+    out = model.fc(F.adaptive_avg_pool2d(model.relu(model.bn(h)), 1).flatten(1))  # athooks WRN
+    return out
+
+
+def staged_forward(
+    model: nn.Module, x: Tensor, names: Sequence[str]
+) -> tuple[Tensor, list[Tensor]]:
+    """Run the model by hand; return its logits and the outputs of the named blocks/stages."""
+    wanted = set(names)
+    kept: dict[str, Tensor] = {}
+    h = _stem(model, x)
+    for i, stage in enumerate(stages(model)):
+        for j, block in enumerate(stage):
+            h = block(h)
+            if f"layer{i + 1}.{j}" in wanted:
+                kept[f"layer{i + 1}.{j}"] = h
+        if f"layer{i + 1}" in wanted:
+            kept[f"layer{i + 1}"] = h
+    return _head(model, h), [kept[n] for n in names]
+
+
+def at(x: Tensor) -> Tensor:
+    """The authors' attention map: channel mean of squares, flattened, L2-normalised."""
+    return F.normalize(x.pow(2).mean(1).view(x.size(0), -1))
+
+
+def at_loss(x: Tensor, y: Tensor) -> Tensor:
+    """The authors' ``at_loss``: mean squared difference of the normalised maps."""
+    return (at(x) - at(y)).pow(2).mean()
+
+
+# --------------------------------------------------------------------------- variants
+
+
+@dataclasses.dataclass
+class Options:
+    device: torch.device
+    channels_last: bool = False
+    bf16: bool = False
+    threads: int = 1
+
+    def argv(self) -> list[str]:
+        """The command-line flags that recreate these options (for the memory children)."""
+        flags = ["--device", str(self.device), "--threads", str(self.threads)]
+        return flags + ["--channels-last"] * self.channels_last + ["--bf16"] * self.bf16
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.bf16:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def place(self, model: nn.Module) -> nn.Module:
+        model = model.to(self.device)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        return model
+
+    def batch(self, setting: Setting, seed: int = 0) -> tuple[Tensor, Tensor]:
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(setting.batch, 3, setting.size, setting.size, generator=g)
+        y = torch.randint(0, 10, (setting.batch,), generator=g)
+        x, y = x.to(self.device), y.to(self.device)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, y
+
+
+Step = Callable[[Tensor, Tensor], Tensor]
+
+
+def make_variant(
+    name: str, teacher: nn.Module, student: nn.Module, names: Sequence[str], opts: Options
+) -> tuple[Step, Callable[[Tensor], Tensor]]:
+    """One variant on these models: a training step, and its transfer loss alone (for checks).
+
+    The models are used as they are (the caller passes copies); the teacher is put in eval mode
+    with frozen parameters, the student in train mode.
+    """
+    teacher, student = opts.place(teacher), opts.place(student)
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    student.train()
+    opt = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    pairs = list(zip(names, names, strict=True))
+
+    def update(loss: Tensor) -> Tensor:
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    if name == "floor":
+
+        def floor_step(x: Tensor, y: Tensor) -> Tensor:
+            with opts.autocast():
+                with torch.no_grad():
+                    teacher(x)
+                loss = F.cross_entropy(student(x), y)
+            return update(loss)
+
+        def floor_transfer(x: Tensor) -> Tensor:
+            return torch.zeros(())
+
+        return floor_step, floor_transfer
+
+    if name == "reference":
+
+        def reference_loss(x: Tensor) -> tuple[Tensor, Tensor]:
+            logits, s_feats = staged_forward(student, x, names)
+            with torch.no_grad():
+                _, t_feats = staged_forward(teacher, x, names)
+            transfer = (
+                BETA
+                * torch.stack([at_loss(s, t) for s, t in zip(s_feats, t_feats, strict=True)]).sum()
+            )
+            return logits, transfer
+
+        def reference_step(x: Tensor, y: Tensor) -> Tensor:
+            with opts.autocast():
+                logits, transfer = reference_loss(x)
+                loss = F.cross_entropy(logits, y) + transfer
+            return update(loss)
+
+        return reference_step, lambda x: reference_loss(x)[1]
+
+    if name == "athooks":
+        d = Distiller(teacher, student, layers=pairs, losses=athooks.loss("at", beta=BETA))
+        d.attach()  # a training run attaches once
+
+        def athooks_step(x: Tensor, y: Tensor) -> Tensor:
+            with opts.autocast():
+                loss = F.cross_entropy(student(x), y) + d.loss()
+            return update(loss)
+
+        def athooks_transfer(x: Tensor) -> Tensor:
+            student(x)
+            return d.loss()
+
+        return athooks_step, athooks_transfer
+
+    if name == "torchdistill":
+        from torchdistill.core.forward_hook import ForwardHookManager
+        from torchdistill.losses.mid_level import ATLoss
+
+        t_hooks, s_hooks = ForwardHookManager(opts.device), ForwardHookManager(opts.device)
+        for layer in names:
+            t_hooks.add_hook(teacher, layer, requires_input=False, requires_output=True)
+            s_hooks.add_hook(student, layer, requires_input=False, requires_output=True)
+        criterion = ATLoss(
+            {
+                f"pair{i}": {
+                    "teacher": {"io": "output", "path": layer},
+                    "student": {"io": "output", "path": layer},
+                    "weight": BETA,
+                }
+                for i, layer in enumerate(names)
+            },
+            mode="code",
+        )
+
+        def torchdistill_loss(x: Tensor) -> tuple[Tensor, Tensor]:
+            with torch.no_grad():  # torchdistill runs a frozen teacher first, without grad
+                teacher(x)
+            logits = student(x)
+            transfer: Tensor = criterion(s_hooks.pop_io_dict(), t_hooks.pop_io_dict())
+            return logits, transfer
+
+        def torchdistill_step(x: Tensor, y: Tensor) -> Tensor:
+            with opts.autocast():
+                logits, transfer = torchdistill_loss(x)
+                loss = F.cross_entropy(logits, y) + transfer
+            return update(loss)
+
+        return torchdistill_step, lambda x: torchdistill_loss(x)[1]
+
+    raise ValueError(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
+
+
+def fresh_pair(setting: Setting, seed: int = 0) -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(seed)
+    teacher, student = build_model(setting.teacher), build_model(setting.student)
+    with torch.no_grad():  # timm zero-initialises each block's last BN: give every map content
+        for m in (*teacher.modules(), *student.modules()):
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    return teacher, student
+
+
+def build_variants(
+    setting: Setting, variants: Sequence[str], opts: Options, control: bool = False
+) -> tuple[dict[str, Step], list[str]]:
+    """Every variant on its own copy of the same models; checks their transfer losses agree.
+
+    With ``control``, a second, independent floor (``"floor (A/A)"``) is added: its ratio to the
+    floor shows how finely the run can resolve differences.
+    """
+    teacher, student = fresh_pair(setting)
+    names = tap_names(student, setting.taps)
+    if tap_names(teacher, setting.taps) != names:
+        raise ValueError(f"{setting.label}: teacher and student differ in block layout")
+    steps: dict[str, Step] = {}
+    x, _ = opts.batch(setting, seed=1)
+    losses: dict[str, float] = {}
+    for variant in variants:
+        step, transfer = make_variant(
+            variant, copy.deepcopy(teacher), copy.deepcopy(student), names, opts
+        )
+        steps[variant] = step
+        if variant != "floor":
+            with opts.autocast():
+                losses[variant] = float(transfer(x).detach())
+    if control:
+        steps[CONTROL], _ = make_variant(
+            "floor", copy.deepcopy(teacher), copy.deepcopy(student), names, opts
+        )
+    if losses:
+        ref = losses.get("reference", next(iter(losses.values())))
+        tol = 2e-2 if opts.bf16 else 1e-4
+        for variant, value in losses.items():
+            if abs(value - ref) > tol * abs(ref):
+                raise RuntimeError(
+                    f"{setting.label}: {variant}'s transfer loss {value:.6g} differs from the "
+                    f"reference's {ref:.6g}; the variants do not compute the same thing"
+                )
+    return steps, names
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+@dataclasses.dataclass
+class Timing:
+    """Per-round step times of each variant: wall clock and this process's CPU time."""
+
+    wall: dict[str, list[float]]  # seconds per measured round
+    cpu: dict[str, list[float]]
+
+    def _of(self, clock: str) -> dict[str, list[float]]:
+        return self.wall if clock == "wall" else self.cpu
+
+    def median(self, variant: str, clock: str = "wall") -> float:
+        return statistics.median(self._of(clock)[variant])
+
+    def ratios(self, variant: str, base: str = "floor", clock: str = "wall") -> list[float]:
+        t = self._of(clock)
+        return [a / b for a, b in zip(t[variant], t[base], strict=True)]
+
+    def ratio(self, variant: str, base: str = "floor", clock: str = "wall") -> float:
+        return statistics.median(self.ratios(variant, base, clock))
+
+    def spread(self, variant: str, base: str = "floor", clock: str = "wall") -> tuple[float, float]:
+        """The interquartile range of the round-by-round ratios."""
+        r = sorted(self.ratios(variant, base, clock))
+        if len(r) < 4:
+            return r[0], r[-1]
+        q = statistics.quantiles(r, n=4)
+        return q[0], q[2]
+
+    def extra(self, variant: str, base: str = "floor", clock: str = "wall") -> float:
+        """Median of the round-by-round differences to ``base``, in seconds."""
+        t = self._of(clock)
+        return statistics.median(a - b for a, b in zip(t[variant], t[base], strict=True))
+
+
+def interleaved(
+    steps: dict[str, Step], x: Tensor, y: Tensor, device: torch.device, warmup: int, rounds: int
+) -> Timing:
+    """Run every variant once per round (order rotated each round); keep the measured rounds."""
+    order = list(steps)
+    wall: dict[str, list[float]] = {v: [] for v in order}
+    cpu: dict[str, list[float]] = {v: [] for v in order}
+    for r in range(warmup + rounds):
+        shift = r % len(order)
+        for variant in order[shift:] + order[:shift]:
+            sync(device)
+            start, start_cpu = time.perf_counter(), time.process_time()
+            steps[variant](x, y)
+            sync(device)
+            elapsed, elapsed_cpu = time.perf_counter() - start, time.process_time() - start_cpu
+            if r >= warmup:
+                wall[variant].append(elapsed)
+                cpu[variant].append(elapsed_cpu)
+    return Timing(wall, cpu)
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def current_rss() -> int:
+    """Resident set size now, in bytes (Linux), else the peak so far."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return peak_rss()
+
+
+def peak_rss() -> int:
+    """Peak resident set size of this process, in bytes.
+
+    On Linux this is ``VmHWM`` of ``/proc/self/status``: ``getrusage``'s ``ru_maxrss`` keeps the
+    peak of the process image before ``exec``, i.e. of the forked parent, which here is the
+    benchmark's own large timing process.
+    """
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's ``VmHWM`` to its current RSS (Linux); whether that worked."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def memory_child(setting: Setting, variant: str, opts: Options) -> dict[str, Any]:
+    """In a fresh process: build one variant, run 3 steps, return its peak memory.
+
+    ``peak`` is the process's peak; ``steps`` the peak of each step on its own where the peak
+    can be reset (Linux RSS, CUDA), else empty; ``before`` the memory just before the first step.
+    """
+    if have_torchdistill():  # every child imports the same libraries, whatever its variant
+        import torchdistill.core.forward_hook
+        import torchdistill.losses.mid_level  # noqa: F401
+    teacher, student = fresh_pair(setting)
+    names = tap_names(student, setting.taps)
+    step, _ = make_variant(variant, teacher, student, names, opts)
+    x, y = opts.batch(setting)
+    cuda = opts.device.type == "cuda"
+    sync(opts.device)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(opts.device)
+        before = torch.cuda.memory_allocated(opts.device)
+    else:
+        before = current_rss()
+    peak = before if cuda else peak_rss()  # the setup's peak (imports, models)
+    per_step: list[float] = []
+    for _ in range(MEMORY_STEPS):
+        resettable = reset_peak_rss() if not cuda else True
+        step(x, y)
+        sync(opts.device)
+        if cuda:
+            step_peak = torch.cuda.max_memory_allocated(opts.device)
+            torch.cuda.reset_peak_memory_stats(opts.device)
+        else:
+            step_peak = peak_rss()
+        peak = max(peak, step_peak)
+        if resettable:
+            per_step.append(float(step_peak))
+    return {"peak": float(peak), "before": float(before), "steps": per_step}
+
+
+def measure_memory(setting: Setting, variant: str, opts: Options) -> dict[str, Any]:
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--child",
+        json.dumps(dataclasses.asdict(setting)),
+        variant,
+        *opts.argv(),
+    ]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"memory child {variant} {setting.label} failed:\n{done.stderr}")
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+# --------------------------------------------------------------------------- report
+
+
+class Report:
+    """Prints as it goes and collects the markdown."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def __call__(self, line: str = "") -> None:
+        print(line, flush=True)
+        self.lines.append(line)
+
+    def table(self, header: Sequence[str], rows: Iterator[Sequence[str]] | list[Sequence[str]]):
+        self("| " + " | ".join(header) + " |")
+        self("|" + "---|" * len(header))
+        for row in rows:
+            self("| " + " | ".join(row) + " |")
+        self()
+
+
+def load() -> str:
+    try:
+        return " ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def _ratio_cell(timing: Timing, variant: str, clock: str, base: str = "floor") -> str:
+    lo, hi = timing.spread(variant, base, clock)
+    return f"{timing.ratio(variant, base, clock):.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def timing_section(
+    report: Report,
+    settings: Sequence[Setting],
+    variants: Sequence[str],
+    opts: Options,
+    warmup: int,
+    rounds: int,
+) -> dict[str, Timing]:
+    results: dict[str, Timing] = {}
+    report(
+        f"### Step time: {warmup} warm-up rounds, then measured rounds, interleaved, per setting"
+    )
+    report()
+    report(
+        "Ratios are medians of the round-by-round ratios (interquartile range in brackets); "
+        "CPU is this process's CPU time, which leaves out the time the shared machine gave to "
+        f"other processes. `{CONTROL}` is a second, independent floor: the resolution of the run."
+    )
+    report()
+    rows: list[Sequence[str]] = []
+    for setting in settings:
+        steps, names = build_variants(setting, variants, opts, control=True)
+        x, y = opts.batch(setting)
+        start_load = load()
+        n = rounds if setting.batch <= 32 else max(2, rounds // 2)
+        timing = interleaved(steps, x, y, opts.device, warmup, n)
+        results[setting.label] = timing
+        for variant in steps:
+            rows.append(
+                (
+                    setting.label,
+                    variant,
+                    f"{timing.median(variant) * 1e3:.1f}",
+                    _ratio_cell(timing, variant, "wall"),
+                    _ratio_cell(timing, variant, "cpu"),
+                    f"{timing.ratio(variant, 'reference', 'cpu'):.3f}"
+                    if "reference" in steps
+                    else "-",
+                )
+            )
+        report(
+            f"- {setting.label}: {n} rounds; taps {', '.join(names)}; load {start_load} -> {load()}"
+        )
+    report()
+    report.table(
+        (
+            "setting",
+            "variant",
+            "median step (ms)",
+            "wall vs floor",
+            "CPU vs floor",
+            "CPU vs reference",
+        ),
+        rows,
+    )
+    return results
+
+
+def memory_section(
+    report: Report, settings: Sequence[Setting], variants: Sequence[str], opts: Options
+) -> dict[str, dict[str, dict[str, Any]]]:
+    cuda = opts.device.type == "cuda"
+    what = "max allocated" if cuda else "peak RSS"
+    report(f"### Peak memory: {what}, a fresh process per variant doing {MEMORY_STEPS} steps")
+    report()
+    report(
+        "Step memory is the peak minus the memory just before the first step; step 1 is the "
+        "peak of the first step alone (athooks probes its student taps for in-place overwrites "
+        "there), steps 2+ the peak of the later steps (SGD's momentum buffers exist from the end "
+        "of step 1 on)." + ("" if cuda else " Children run with `MALLOC_MMAP_THRESHOLD_=65536`.")
+    )
+    report()
+    rows: list[Sequence[str]] = []
+    results: dict[str, dict[str, dict[str, Any]]] = {}
+    for setting in settings:
+        mem = {v: measure_memory(setting, v, opts) for v in variants}
+        results[setting.label] = mem
+        floor = mem["floor"]
+        for variant in variants:
+            m = mem[variant]
+            per_step = m["steps"]
+            first = "-"
+            later = "-"
+            if per_step and floor["steps"]:
+                first = f"{per_step[0] / MB:,.0f} ({per_step[0] / floor['steps'][0]:.3f})"
+                rest, floor_rest = max(per_step[1:]), max(floor["steps"][1:])
+                later = f"{rest / MB:,.0f} ({rest / floor_rest:.3f})"
+            rows.append(
+                (
+                    setting.label,
+                    variant,
+                    f"{m['peak'] / MB:,.0f}",
+                    f"{m['peak'] / floor['peak']:.3f}",
+                    f"{m['peak'] / mem['reference']['peak']:.3f}" if "reference" in mem else "-",
+                    f"{(m['peak'] - m['before']) / MB:,.0f}",
+                    first,
+                    later,
+                )
+            )
+    report.table(
+        (
+            "setting",
+            "variant",
+            f"{what} (MB)",
+            "vs floor",
+            "vs reference",
+            "step memory (MB)",
+            "step 1 (vs floor)",
+            "steps 2+ (vs floor)",
+        ),
+        rows,
+    )
+    return results
+
+
+def fit_line(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
+    """Least-squares slope and intercept."""
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx
+    return slope, my - slope * mx
+
+
+def sweep_section(
+    report: Report,
+    base: Setting,
+    counts: Sequence[int],
+    variants: Sequence[str],
+    opts: Options,
+    warmup: int,
+    rounds: int,
+) -> None:
+    """Step time against the number of captured blocks; every count's variants interleaved."""
+    steps: dict[str, Step] = {}
+    for k in counts:
+        setting = dataclasses.replace(base, taps=k)
+        built, _ = build_variants(setting, [v for v in variants if v != "floor"], opts)
+        steps.update({f"{v}@{k}": s for v, s in built.items()})
+    floor, _ = build_variants(base, ["floor"], opts)
+    steps["floor"] = floor["floor"]
+    x, y = opts.batch(base)
+    start_load = load()
+    timing = interleaved(steps, x, y, opts.device, warmup, rounds)
+    floor_ms = timing.median("floor", "cpu") * 1e3
+    report(
+        f"### Step time against the number of captured blocks: {base.label.split(' (')[0]}, "
+        f"{warmup} warm-up + {rounds} rounds, every count in the same rounds"
+    )
+    report()
+    report(
+        f"Extra CPU time per step over the floor (median of the round-by-round differences; "
+        f"ratio to the floor in brackets). Floor: {floor_ms:.1f} ms CPU, "
+        f"{timing.median('floor') * 1e3:.1f} ms wall. Load {start_load} -> {load()}."
+    )
+    report()
+    others = [v for v in variants if v != "floor"]
+    rows = []
+    for k in counts:
+        row = [str(k)]
+        for v in others:
+            key = f"{v}@{k}"
+            extra, ratio = timing.extra(key, clock="cpu"), timing.ratio(key, clock="cpu")
+            row.append(f"{extra * 1e3:+.1f} ({ratio:.3f})")
+        rows.append(row)
+    report.table(("blocks", *(f"{v}: ms over floor" for v in others)), rows)
+    for v in others:
+        extras = [timing.extra(f"{v}@{k}", clock="cpu") * 1e3 for k in counts]
+        slope, intercept = fit_line([float(k) for k in counts], extras)
+        resid = max(abs(e - (slope * k + intercept)) for k, e in zip(counts, extras, strict=True))
+        report(
+            f"- {v}: {slope:.2f} ms per captured block ({slope / floor_ms * 100:.2f}% of the "
+            f"floor step) + {intercept:.2f} ms; largest deviation from the line {resid:.2f} ms"
+        )
+    report()
+
+
+# --------------------------------------------------------------------------- main
+
+
+def settings_for(smoke: bool, batches: Sequence[int]) -> dict[str, Any]:
+    if smoke:
+        light = [Setting("athooks:wrn16_2", "athooks:wrn16_1", 16, 2)]
+        heavy = Setting("timm:resnet18", "timm:resnet18", 32, 2, taps="blocks")
+        return {"light": light, "memory": [heavy], "sweep": heavy, "counts": (1, 8)}
+    light = [
+        Setting(t, s, size, b)
+        for t, s, size in (
+            ("timm:resnet34", "timm:resnet18", 64),
+            ("athooks:wrn16_2", "athooks:wrn16_1", 32),
+        )
+        for b in batches
+    ]
+    heavy = Setting("timm:resnet50", "timm:resnet34", 128, 32, taps="blocks")
+    sweep = Setting("timm:resnet50", "timm:resnet34", 64, 32, taps="blocks")
+    return {
+        "light": light,
+        "memory": [*light, heavy],
+        "sweep": sweep,
+        "counts": (1, 2, 4, 8, 16),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--channels-last", action="store_true", help="NHWC models and input")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast for forward and loss")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default 1 on CPU: on a shared machine more threads make the "
+        "OpenMP workers wait on each other and the timings unstable)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="measured rounds per setting (default 24; half that for batches above 32)",
+    )
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up rounds")
+    parser.add_argument("--sweep-rounds", type=int, default=None, help="rounds of the sweep")
+    parser.add_argument("--batches", type=int, nargs="+", default=[32, 128])
+    parser.add_argument(
+        "--only", choices=("timing", "memory", "sweep"), nargs="+", help="run only these parts"
+    )
+    parser.add_argument("--no-torchdistill", action="store_true", help="skip torchdistill")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, a few seconds")
+    parser.add_argument("--out", help="also write the tables to this markdown file")
+    parser.add_argument("--child", nargs=2, metavar=("SETTING", "VARIANT"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    threads = args.threads if args.threads is not None else 1
+    if args.threads is not None or args.device == "cpu":
+        torch.set_num_threads(threads)
+    opts = Options(torch.device(args.device), args.channels_last, args.bf16, threads)
+    if opts.device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+
+    if args.child:
+        raw = json.loads(args.child[0])
+        print(json.dumps(memory_child(Setting(**raw), args.child[1], opts)))
+        return 0
+
+    smoke = args.smoke
+    rounds = args.rounds if args.rounds is not None else (2 if smoke else 24)
+    warmup = args.warmup if args.warmup is not None else (1 if smoke else 3)
+    sweep_rounds = args.sweep_rounds if args.sweep_rounds is not None else (2 if smoke else 8)
+    parts = set(args.only or ("timing", "memory", "sweep"))
+    variants = [v for v in VARIANTS if v != "torchdistill"]
+    if have_torchdistill() and not args.no_torchdistill:
+        variants.append("torchdistill")
+    cfg = settings_for(smoke, args.batches)
+
+    report = Report()
+    started = datetime.datetime.now(datetime.timezone.utc)
+    command = "python3 benchmarks/overhead.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    device = (
+        torch.cuda.get_device_name(opts.device)
+        if opts.device.type == "cuda"
+        else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"{torch.get_num_threads()} torch threads)"
+    )
+    extras = [n for n, on in (("channels_last", opts.channels_last), ("bf16", opts.bf16)) if on]
+    versions = f"torch {torch.__version__}, timm {timm.__version__}"
+    if "torchdistill" in variants:
+        import torchdistill
+
+        versions += f", torchdistill {torchdistill.__version__}"
+    report(f"## athooks overhead benchmark{' (smoke)' if smoke else ''}")
+    report()
+    report(f"- date: {started:%Y-%m-%d %H:%M} UTC")
+    report(f"- command: `{command.strip()}`")
+    report(f"- device: {device}{'; ' + ', '.join(extras) if extras else ''}")
+    report(f"- {versions}, Python {platform.python_version()}")
+    report(f"- load average at start (1, 5, 15 min): {load()}")
+    report()
+    t0 = time.perf_counter()
+    if "timing" in parts:
+        timing_section(report, cfg["light"], variants, opts, warmup, rounds)
+    if "memory" in parts:
+        memory_section(report, cfg["memory"], variants, opts)
+    if "sweep" in parts:
+        sweep_section(report, cfg["sweep"], cfg["counts"], variants, opts, warmup, sweep_rounds)
+    report(f"Load average at the end: {load()}; total time {time.perf_counter() - t0:.0f} s.")
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write("\n".join(report.lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -106,14 +106,15 @@ class _AbsPowSum(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None]:
         (a,) = ctx.saved_tensors
         p = ctx.p
-        af = at_least_float32(a)
-        g = grad.unsqueeze(1)
+        # type promotion computes in the gradient's float32 (or wider) without a widened copy
+        # of `a`; for p = 2 a single full-size product (the small (B, H, W) side is scaled)
         if p == 2:
-            ga = g * (2.0 * af)
+            ga = a * (2.0 * grad).unsqueeze(1)
         elif p == 1:
-            ga = g * af.sign()
+            ga = a.sign() * grad.unsqueeze(1)
         else:
-            ga = g * (p * af.abs().pow(p - 1) * af.sign())
+            af = at_least_float32(a)
+            ga = grad.unsqueeze(1) * (p * af.abs().pow(p - 1) * af.sign())
         return ga.to(a.dtype), None
 
 

@@ -85,6 +85,17 @@ def test_low_precision_gradient_has_input_dtype():
     assert a.grad is not None and a.grad.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("p", [1.0, 2.0, 3.0])
+def test_low_precision_gradient_is_the_float32_gradient_rounded(p):
+    # d/da sum_c |a_c|^p = p |a|^(p-1) sign(a), computed in float32 from the bf16 values
+    a = torch.randn(2, 8, 3, 3).to(torch.bfloat16).requires_grad_()
+    g = torch.randn(2, 3, 3)
+    (athooks.mapping("sum_p", p=p)(a) * g).sum().backward()
+    af = a.detach().float()
+    want = g.unsqueeze(1) * p * af.abs().pow(p - 1) * af.sign()
+    torch.testing.assert_close(a.grad, want.to(torch.bfloat16))
+
+
 @pytest.mark.parametrize("p", [0, 0.5, -1, "2", True])
 def test_bad_exponent_is_rejected(p):
     with pytest.raises(ConfigurationError, match="p must be"):

@@ -538,6 +538,10 @@ class Report:
         print(line, flush=True)
         self.lines.append(line)
 
+    def progress(self, line: str) -> None:
+        """Printed only, not part of the markdown."""
+        print(f"  .. {line}", flush=True)
+
     def table(self, header: Sequence[str], rows: Iterator[Sequence[str]] | list[Sequence[str]]):
         self("| " + " | ".join(header) + " |")
         self("|" + "---|" * len(header))
@@ -598,6 +602,7 @@ def timing_section(
                     else "-",
                 )
             )
+            report.progress(" | ".join(rows[-1]))
         report(
             f"- {setting.label}: {n} rounds; taps {', '.join(names)}; load {start_load} -> {load()}"
         )
@@ -633,7 +638,10 @@ def memory_section(
     rows: list[Sequence[str]] = []
     results: dict[str, dict[str, dict[str, Any]]] = {}
     for setting in settings:
-        mem = {v: measure_memory(setting, v, opts) for v in variants}
+        mem = {}
+        for v in variants:
+            mem[v] = measure_memory(setting, v, opts)
+            report.progress(f"{setting.label} {v}: {json.dumps(mem[v])}")
         results[setting.label] = mem
         floor = mem["floor"]
         for variant in variants:

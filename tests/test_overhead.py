@@ -73,7 +73,9 @@ def test_authors_at_loss_against_athooks(overhead):
 def test_variants_disagreeing_are_caught(overhead, monkeypatch):
     setting = overhead.Setting("athooks:wrn16_2", "athooks:wrn16_1", 16, 2)
     opts = overhead.Options(torch.device("cpu"))
-    monkeypatch.setattr(overhead, "at_loss", lambda x, y: (overhead.at(x) - overhead.at(y)).abs().mean())
+    monkeypatch.setattr(
+        overhead, "at_loss", lambda x, y: (overhead.at(x) - overhead.at(y)).abs().mean()
+    )
     with pytest.raises(RuntimeError, match="do not compute the same thing"):
         overhead.build_variants(setting, ["floor", "reference", "athooks"], opts)
 

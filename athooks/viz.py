@@ -225,7 +225,7 @@ def attention_maps(
                 transform = _conversion(inner, features)
             if transform is not None:
                 features = transform(features)
-            captured[name] = apply_mapping(amap, features, where).float().cpu()
+            captured[name] = apply_mapping(amap, features, where)
 
         return hook
 
@@ -250,7 +250,8 @@ def attention_maps(
                 f"layer {name!r} did not run in the model's forward, so it has no attention map; "
                 "pick layers that run (see `athooks layers <model>`)"
             )
-        got = captured[name]
+        # moved to the CPU only now: a mapping may complete its map later in the same forward
+        got = captured[name].float().cpu()
         if stride is None and got.dim() == 3 and got.shape[1] > 0:
             stride = max(1, round(size[1] / got.shape[1]))
         maps[name] = got

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping as MappingABC
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Literal
 
 import torch
@@ -39,6 +40,17 @@ class _StepState:
     input_where: tuple[str, Any] | None = None  # where the tensor input sits in args/kwargs
 
 
+class _Internal:
+    """How many models athooks itself is running right now (a teacher, or a loss's re-run).
+
+    Shared by every Distiller, so that one Distiller's runs are invisible to the others: with two
+    Distillers on one student (two teachers), or a chain (a model that is one's student and the
+    other's teacher), a model that athooks runs never starts a step of another Distiller.
+    """
+
+    depth = 0
+
+
 @dataclass
 class _TeacherState:
     training: bool
@@ -61,7 +73,7 @@ class _RootHook:
     @eager  # the teacher runs eagerly, outside the student's compiled graph
     def __call__(self, module: nn.Module, args: Any, kwargs: Any, *rest: Any) -> Any:
         owner = self._owner()
-        if owner is None or module is not owner.student or owner._internal:
+        if owner is None or module is not owner.student or _Internal.depth:
             return None
         if self._stage == "start":
             return owner._on_student_start(args, kwargs)
@@ -118,6 +130,10 @@ class Distiller:
         copy_outputs: ``"auto"`` (default) copies a student layer's output only when something
             overwrites it in place later, which the first forward detects; ``"always"`` copies
             every tapped student output.
+        check_finite: Check at every :meth:`loss` that each captured attention map is finite,
+            and raise naming the first layer (teacher or student) with a NaN or an infinity.
+            Off by default: the check waits for the device (one synchronisation per step);
+            without it a NaN or infinity in a feature map makes the loss NaN.
 
     Example:
         ```python
@@ -150,6 +166,7 @@ class Distiller:
         resize: ResizePolicy = "student",
         input_size: Sequence[int] | None = None,
         copy_outputs: CopyPolicy = "auto",
+        check_finite: bool = False,
     ) -> None:
         for role, model in (("teacher", teacher), ("student", student)):
             if not isinstance(model, nn.Module):
@@ -176,6 +193,11 @@ class Distiller:
             raise ConfigurationError(
                 f"copy_outputs must be 'auto' or 'always', got {copy_outputs!r}"
             )
+        if not isinstance(check_finite, bool):
+            raise ConfigurationError(
+                f"check_finite must be True or False, got {type(check_finite).__name__}"
+            )
+        self.check_finite = check_finite
         self.teacher = teacher
         self.student = student
         self.teacher_input = teacher_input
@@ -218,7 +240,6 @@ class Distiller:
 
         self._needs_teacher_output = any(loss.needs_teacher_output for loss in loss_list)
         self._needs_input_grad = any(loss.needs_input_grad for loss in loss_list)
-        self._internal = False  # True while athooks itself runs a model again
         self._losses_where: tuple[torch.device, torch.dtype] | None = None
         self._has_parameters = any(True for _ in self._losses.parameters()) or any(
             True for _ in self._losses.buffers()
@@ -425,6 +446,14 @@ class Distiller:
         state = self._check_ready()
         try:
             t_values, s_values = self._collect_values(state)
+            if _batch_size(s_values, state.student_output) == 0:
+                raise CaptureError(
+                    "the student's last batch was empty (0 samples); a transfer loss over no "
+                    "samples is undefined. Skip empty batches before calling the student (e.g. "
+                    "DataLoader(..., drop_last=True) or `if len(x) == 0: continue`)"
+                )
+            if self.check_finite:
+                self._check_finite(t_values, s_values)
             step = Step(
                 self._pairs,
                 t_values,
@@ -467,6 +496,15 @@ class Distiller:
         if self._in_student_forward:  # the student calling itself recursively: one step only
             return None
         state = self._state = _StepState(grad_enabled=torch.is_grad_enabled())
+        if self.teacher_input is None:
+            bad = _non_tensor_input(args, kwargs)
+            if bad is not None:
+                raise ConfigurationError(
+                    f"the student was called with {bad} and no tensor; athooks runs the teacher "
+                    "on the student's input, so it must hold a torch.Tensor. Convert it first "
+                    "(torch.as_tensor(x) or a torchvision transform), or pass "
+                    "Distiller(..., teacher_input=...) to build the teacher's input yourself"
+                )
         if self._has_parameters:
             self._follow_student()
         for tap in self._student_taps:
@@ -517,6 +555,8 @@ class Distiller:
         for tap in self._teacher_taps:
             tap.capture = None
             tap.active = True
+        _check_teacher_device(teacher, t_args, t_kwargs, self.teacher_input is not None)
+        _Internal.depth += 1
         try:
             with torch.no_grad():
                 return teacher(*t_args, **t_kwargs)
@@ -528,6 +568,7 @@ class Distiller:
                 )
             raise
         finally:
+            _Internal.depth -= 1
             for tap in self._teacher_taps:
                 tap.active = False
 
@@ -571,13 +612,7 @@ class Distiller:
                     "branch, or a model that calls its stages directly)"
                 )
             if s_tap.capture is None:
-                raise CaptureError(
-                    f"student layer {s_tap.name!r} did not fire during the student's last "
-                    "forward. Likely causes: the student was compiled with torch.compile before "
-                    "the Distiller was made (make the Distiller first), gradient checkpointing "
-                    "that bypasses the module (e.g. timm set_grad_checkpointing), or a branch "
-                    "the forward did not take"
-                )
+                raise CaptureError(self._not_fired_message(s_tap))
             cap = s_tap.capture
             if cap.overwritten:
                 raise CaptureError(
@@ -605,9 +640,164 @@ class Distiller:
                     "detaches its output (.detach(), .data, a no_grad block). Tap a layer whose "
                     "output is part of the autograd graph"
                 )
-            t_values.append(t_tap.capture.values)
+            t_vals = t_tap.capture.values
+            device = next((v.device for v in cap.values.values()), None)
+            if device is not None and any(v.device != device for v in t_vals.values()):
+                # a teacher run on another device (teacher_input moved its input there)
+                t_vals = {m: v.to(device) for m, v in t_vals.items()}
+            t_values.append(t_vals)
             s_values.append(cap.values)
         return t_values, s_values
+
+    def _not_fired_message(self, tap: Tap) -> str:
+        head = f"student layer {tap.name!r} did not fire during the student's last forward"
+        if _compiled(self.student) and all(t.capture is None for t in self._student_taps):
+            return (
+                f"{head}, nor did any other tapped layer: the student runs code that "
+                "torch.compile made before this Distiller added its hooks, and compiled code "
+                "does not see hooks added later. Create the Distiller first, then compile "
+                "(`with Distiller(teacher, student) as d: model = torch.compile(student)`), or "
+                "call torch._dynamo.reset() after creating the Distiller to recompile"
+            )
+        children = list(tap.module.named_children())
+        if children and _timm_checkpointing(self.student):
+            last = f"{tap.name}.{children[-1][0]}"
+            return (
+                f"{head}: timm's set_grad_checkpointing(True) runs the blocks of "
+                f"{tap.name!r} one by one, so the hook on {tap.name!r} itself never fires. "
+                f"Tap its last block instead ({last!r}, the same output; checkpointed blocks "
+                "give correct values and gradients), or call set_grad_checkpointing(False)"
+            )
+        return (
+            f"{head}. Likely causes: the student was compiled with torch.compile before the "
+            "Distiller was made (make the Distiller first), gradient checkpointing that "
+            "bypasses the module, or a branch the forward did not take"
+        )
+
+    def _check_finite(
+        self, t_values: list[dict[Mapping, Tensor]], s_values: list[dict[Mapping, Tensor]]
+    ) -> None:
+        """Raise naming the first layer whose attention map holds a NaN or an infinity."""
+        where: list[tuple[str, str]] = []
+        flags: list[Tensor] = []
+        for (t_name, s_name), t_vals, s_vals in zip(self._pairs, t_values, s_values, strict=True):
+            for side, name, vals in (("teacher", t_name, t_vals), ("student", s_name, s_vals)):
+                for value in vals.values():
+                    where.append((side, name))
+                    flags.append(torch.isfinite(value.detach()).all())
+        if not flags:
+            return
+        ok = torch.stack([f.to(flags[0].device) for f in flags])
+        if bool(ok.all()):  # the one synchronisation of the check
+            return
+        side, name = where[int((~ok).nonzero()[0, 0])]
+        raise CaptureError(
+            f"the attention map of {side} layer {name!r} holds NaN or infinite values in this "
+            "step, so the transfer loss would be NaN. Its feature map was already non-finite: "
+            "check the input batch, the learning rate, and (for float16 autocast) overflow in "
+            "the model; bfloat16 autocast or a GradScaler avoids most fp16 overflows"
+        )
+
+
+def _find_tensor(value: Any, depth: int = 0) -> Tensor | None:
+    """The first tensor in nested tuples, lists, dicts and dataclasses (None if there is none)."""
+    if isinstance(value, Tensor):
+        return value
+    if depth > 4:
+        return None
+    items: Any
+    if isinstance(value, MappingABC):
+        items = value.values()
+    elif isinstance(value, (tuple, list)):
+        items = value
+    elif is_dataclass(value) and not isinstance(value, type):
+        items = [getattr(value, f.name) for f in fields(value)]
+    else:
+        return None
+    for item in items:
+        found = _find_tensor(item, depth + 1)
+        if found is not None:
+            return found
+    return None
+
+
+_PLAIN = (str, bytes, int, float, complex, bool, type(None))
+
+
+def _non_tensor_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+    """Describe an input that surely holds no tensor (plain data, NumPy arrays), else None."""
+    if _find_tensor((args, kwargs)) is not None:
+        return None
+
+    def plain(value: Any, depth: int = 0) -> bool:
+        if isinstance(value, _PLAIN) or type(value).__module__ == "numpy":
+            return True
+        if isinstance(value, MappingABC):
+            return depth < 4 and all(plain(v, depth + 1) for v in value.values())
+        if isinstance(value, (tuple, list)):
+            return depth < 4 and all(plain(v, depth + 1) for v in value)
+        return False  # an object of its own: it may hold tensors we cannot see
+
+    if not plain((args, kwargs)):
+        return None
+    given = [type(a).__name__ for a in args]
+    given += [f"{k}={type(v).__name__}" for k, v in kwargs.items()]
+    return f"({', '.join(given)})" if given else "no arguments"
+
+
+def _check_teacher_device(
+    teacher: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], adapted: bool
+) -> None:
+    """Raise when the teacher's input is on another device than the teacher."""
+    x = _find_tensor((args, kwargs))
+    param = next(teacher.parameters(), None)
+    if x is None or param is None or x.device == param.device:
+        return
+    if adapted:
+        fix = "make teacher_input move the input to the teacher's device"
+    else:
+        fix = (
+            f"move the teacher to the student's device (teacher.to({str(x.device)!r}); athooks "
+            "never moves models), or keep it where it is and pass "
+            f"teacher_input=lambda x: x.to({str(param.device)!r}) (its attention maps are "
+            "then moved to the student's device, which costs little)"
+        )
+    raise ConfigurationError(
+        f"the teacher's parameters are on {param.device} but its input is on {x.device}; {fix}"
+    )
+
+
+def _batch_size(s_values: list[dict[Mapping, Tensor]], student_output: Any) -> int | None:
+    for values in s_values:
+        for value in values.values():
+            return int(value.shape[0]) if value.dim() else None
+    out = _find_tensor(student_output)
+    return int(out.shape[0]) if out is not None and out.dim() else None
+
+
+def _compiled(model: nn.Module) -> bool:
+    """Whether the model (or a wrapper of it) went through torch.compile."""
+    while True:
+        if getattr(model, "_compiled_call_impl", None) is not None:
+            return True
+        orig = getattr(model, "_orig_mod", None)
+        if isinstance(orig, nn.Module):
+            return True
+        inner = getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            break
+        model = inner
+    try:
+        from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
+    except ImportError:  # pragma: no cover - older or trimmed builds
+        return False
+    code = getattr(type(model).forward, "__code__", None)
+    return code is not None and bool(_debug_get_cache_entry_list(code))
+
+
+def _timm_checkpointing(model: nn.Module) -> bool:
+    """Whether timm's ``set_grad_checkpointing(True)`` is on anywhere in the model."""
+    return any(getattr(m, "grad_checkpointing", False) is True for m in model.modules())
 
 
 def _input_requiring_grad(
@@ -657,13 +847,12 @@ class _Runner:
         return value
 
     def _run(self, model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        owner = self._owner
-        owner._internal = True
+        _Internal.depth += 1
         try:
             with torch.enable_grad():
                 return model(*args, **kwargs)
         finally:
-            owner._internal = False
+            _Internal.depth -= 1
 
     def run_student_on(self, x: Tensor) -> Any:
         args, kwargs = self._substitute(x)

@@ -381,9 +381,30 @@ def test_timm_grad_checkpointing_that_bypasses_stage_hooks_is_caught():
     with Distiller(teacher, student, layers="layer2") as d:
         student(torch.randn(2, 3, 32, 32))
         with pytest.raises(
-            CaptureError, match="student layer 'layer2' did not fire.*checkpointing"
+            CaptureError,
+            match="student layer 'layer2' did not fire.*set_grad_checkpointing.*Tap its last "
+            "block instead \\('layer2.1'",
         ):
             d.loss()
+
+
+def test_timm_grad_checkpointing_with_block_taps_gives_the_same_values_and_gradients():
+    torch.manual_seed(0)
+    teacher = timm.create_model("resnet18", num_classes=5)
+    plain = timm.create_model("resnet18", num_classes=5)
+    ckpt = timm.create_model("resnet18", num_classes=5)
+    ckpt.load_state_dict(plain.state_dict())
+    ckpt.set_grad_checkpointing(True)
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([0, 3])
+    got = {}
+    for name, student in (("plain", plain), ("ckpt", ckpt)):
+        with Distiller(teacher, student, layers=["layer1.1", "layer2.1", "layer3.1"]) as d:
+            loss = F.cross_entropy(student(x), y) + d.loss()
+            loss.backward()
+        got[name] = (loss.item(), {n: p.grad for n, p in student.named_parameters()})
+    assert got["ckpt"][0] == pytest.approx(got["plain"][0], rel=1e-6)
+    for n, g in got["plain"][1].items():
+        torch.testing.assert_close(got["ckpt"][1][n], g, msg=n)
 
 
 # ------------------------------------------------------------------ pitfall 5: checkpointing
@@ -811,6 +832,12 @@ def test_student_compiled_after_the_distiller_works(backend):
     torch.testing.assert_close(student.conv1.weight.grad, twin.conv1.weight.grad)
 
 
+COMPILED_BEFORE = (
+    "did not fire.*nor did any other tapped layer: the student runs code that torch.compile "
+    "made before this Distiller added its hooks.*Create the Distiller first"
+)
+
+
 def test_student_compiled_before_the_distiller_is_a_clear_error():
     torch.manual_seed(0)
     teacher, student = TinyCNN(16), CompiledEarly(8)
@@ -819,11 +846,72 @@ def test_student_compiled_before_the_distiller_is_a_clear_error():
     for given in (compiled, student):
         with Distiller(teacher, given, layers="relu?") as d:
             compiled(X)
-            with pytest.raises(
-                CaptureError,
-                match="did not fire.*compiled with torch.compile before the Distiller was made",
-            ):
+            with pytest.raises(CaptureError, match=COMPILED_BEFORE):
                 d.loss()
+    # the remedy the message gives: recompile once the hooks are in place
+    with Distiller(teacher, student, layers="relu?") as d:
+        torch._dynamo.reset()
+        compiled(X)
+        got = d.loss().item()
+    with Distiller(teacher, CompiledLate(8), layers="relu?") as d:
+        d.student.load_state_dict(student.state_dict())
+        d.student(X)
+        assert got == pytest.approx(d.loss().item(), rel=1e-5)
+    torch._dynamo.reset()
+
+
+class CompiledInPlace(TinyCNN):
+    def forward(self, x):
+        return super().forward(x)
+
+
+def test_module_compile_in_place_before_and_after_the_distiller():
+    torch.manual_seed(0)
+    teacher, student = TinyCNN(16), CompiledInPlace(8)
+    twin = TinyCNN(8)
+    twin.load_state_dict(student.state_dict())
+    with Distiller(teacher, twin, layers="relu?") as d:
+        twin(X)
+        want = d.loss().item()
+    student.compile(backend="eager")  # nn.Module.compile(): compiled in place
+    student(X)
+    with Distiller(teacher, student, layers="relu?") as d:
+        student(X)
+        with pytest.raises(CaptureError, match=COMPILED_BEFORE):
+            d.loss()
+    torch._dynamo.reset()
+    other = CompiledInPlace(8)
+    other.load_state_dict(twin.state_dict())
+    with Distiller(teacher, other, layers="relu?") as d:  # Distiller first, then compile
+        other.compile(backend="eager")
+        other(X)
+        assert d.loss().item() == pytest.approx(want, rel=1e-5)
+    torch._dynamo.reset()
+
+
+class CompiledPerEpoch(TinyCNN):
+    def forward(self, x):
+        return super().forward(x)
+
+
+def test_compiled_student_with_a_new_distiller_each_epoch():
+    # compiled once, inside the first block; later blocks add new hooks to the same modules
+    torch.manual_seed(0)
+    teacher, student = TinyCNN(16), CompiledPerEpoch(8)
+    twin = TinyCNN(8)
+    twin.load_state_dict(student.state_dict())
+    with Distiller(teacher, twin, layers="relu?") as d:
+        twin(X)
+        want = d.loss().item()
+    compiled = None
+    for _ in range(3):
+        with Distiller(teacher, student, layers="relu?") as d:
+            if compiled is None:
+                compiled = torch.compile(student, backend="aot_eager")
+            compiled(X)
+            assert d.loss().item() == pytest.approx(want, rel=1e-5)
+        compiled(X)  # a call between the blocks (validation) captures nothing
+        assert all(t.capture is None for t in d._student_taps)
     torch._dynamo.reset()
 
 

@@ -1,0 +1,140 @@
+"""torch.distributed: two CPU processes (gloo) running the Distiller with DDP and FSDP2.
+
+Each rank trains on its own shard of one batch. Each rank's ``d.loss()`` must equal a
+single-process computation on that shard, and after ``backward()`` the student's gradients must be
+the same on both ranks and equal to the mean of the per-shard gradients of the single-process runs
+(what data-parallel training means).
+"""
+
+from __future__ import annotations
+
+import os
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F  # noqa: N812
+from conftest import ref_at_loss_code, tiny_pair
+from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: N817
+
+from athooks import Distiller
+
+WORLD = 2
+X = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+Y = torch.arange(8) % 5
+LAYERS = "relu?"  # written as for the bare model: no "module." prefix
+
+# how each variant wraps the models, and which object the Distiller is given
+VARIANTS = [
+    "ddp_student",  # DDP(student), bare teacher, Distiller given the wrapper
+    "ddp_both",  # DDP(student), DDP(teacher), Distiller given both wrappers
+    "ddp_bare_handle",  # DDP(student), Distiller given the bare student, the wrapper called
+    "fsdp2_both",  # fully_shard(student), fully_shard(teacher)
+]
+
+
+def shard(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    n = X.shape[0] // WORLD
+    return X[rank * n : (rank + 1) * n], Y[rank * n : (rank + 1) * n]
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """A plain tensor from a parameter or gradient (FSDP2 shards them as DTensors)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def run_variant(variant: str, rank: int) -> dict:
+    teacher, student = tiny_pair(inplace=False)
+    bare_student = student
+    if variant == "fsdp2_both":
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(teacher)
+        fully_shard(student)
+        given_t, given_s, call = teacher, student, student
+    else:
+        wrapped = DDP(student)
+        if variant == "ddp_both":
+            teacher = DDP(teacher)
+        given_t = teacher
+        given_s = student if variant == "ddp_bare_handle" else wrapped
+        call = wrapped
+    x, y = shard(rank)
+    with Distiller(given_t, given_s, layers=LAYERS) as d:
+        out = call(x)
+        at = d.loss()
+        (F.cross_entropy(out, y) + at).backward()
+        pairs = d.pairs
+    grads = {n: full(p.grad).clone() for n, p in bare_student.named_parameters()}
+    return {"loss": at.item(), "grads": grads, "pairs": pairs}
+
+
+def worker(rank: int, store: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    try:
+        results = {}
+        for variant in VARIANTS:
+            try:
+                results[variant] = run_variant(variant, rank)
+            except Exception:
+                results[variant] = traceback.format_exc()
+        torch.save(results, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def single_process(rank: int) -> dict:
+    teacher, student = tiny_pair(inplace=False)
+    x, y = shard(rank)
+    with Distiller(teacher, student, layers=LAYERS) as d:
+        out = student(x)
+        at = d.loss()
+        (F.cross_entropy(out, y) + at).backward()
+    with torch.no_grad():  # the paper's formula on hand-computed features
+        ref = ref_at_loss_code(
+            list(zip(teacher.eval().features(x), student.features(x), strict=True))
+        )
+    grads = {n: p.grad.clone() for n, p in student.named_parameters()}
+    return {"loss": at.item(), "ref": ref.item(), "grads": grads}
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dist")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.spawn(worker, args=(str(tmp / "store"), str(tmp / "result")), nprocs=WORLD, join=True)
+    return [torch.load(tmp / f"result.{r}", weights_only=False) for r in range(WORLD)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_each_rank_matches_a_single_process_run_on_its_shard(ranks, variant):
+    singles = [single_process(r) for r in range(WORLD)]
+    for rank in range(WORLD):
+        got = ranks[rank][variant]
+        assert isinstance(got, dict), f"rank {rank} failed:\n{got}"
+        assert got["pairs"] == [("relu1", "relu1"), ("relu2", "relu2"), ("relu3", "relu3")]
+        assert got["loss"] == pytest.approx(singles[rank]["loss"], rel=1e-5)
+        assert got["loss"] == pytest.approx(singles[rank]["ref"], rel=1e-4)
+    # the shards differ, so the two ranks' losses differ: each rank saw only its own
+    assert ranks[0][variant]["loss"] != pytest.approx(ranks[1][variant]["loss"], rel=1e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_gradients_are_synchronised_across_ranks(ranks, variant):
+    singles = [single_process(r) for r in range(WORLD)]
+    g0, g1 = ranks[0][variant]["grads"], ranks[1][variant]["grads"]
+    assert g0.keys() == singles[0]["grads"].keys()
+    for name in g0:
+        torch.testing.assert_close(
+            g0[name], g1[name], msg=lambda m, n=name: f"{n} differs across ranks: {m}"
+        )
+        mean = (singles[0]["grads"][name] + singles[1]["grads"][name]) / WORLD
+        # atol: conv biases before a BatchNorm have a zero gradient, up to rounding (~1e-6)
+        torch.testing.assert_close(
+            g0[name], mean, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}"
+        )

@@ -131,26 +131,25 @@ class AttentionTransfer(pl.Callback):
                 f"{self.student!r} of the LightningModule is a {type(module).__name__}, not a "
                 "torch.nn.Module"
             )
-        if module is pl_module:  # pragma: no cover - an empty path is refused by getattr
-            raise ConfigurationError("the student must be a submodule of the LightningModule")
         return module
 
     def _add_transfer(self, pl_module: pl.LightningModule, output: Any, batch: Any) -> Any:
         distiller = self.distiller
         if distiller is None or output is None:  # None: the user skipped this batch
             return output
+        is_dict = isinstance(output, Mapping) and isinstance(output.get("loss"), Tensor)
+        if not isinstance(output, Tensor) and not is_dict:
+            raise ConfigurationError(
+                f"training_step returned a {type(output).__name__}; AttentionTransfer adds the "
+                "transfer loss to a returned tensor or to the 'loss' of a returned dict"
+            )
         target = self.target(batch) if self.target is not None else None
-        transfer = distiller.loss(target)
+        transfer = self.weight * distiller.loss(target)
         for name, value in distiller.terms.items():
             pl_module.log(f"athooks/{name}", value, on_step=True, on_epoch=False)
-        if isinstance(output, Tensor):
-            return output + self.weight * transfer
-        if isinstance(output, Mapping) and isinstance(output.get("loss"), Tensor):
-            return {**output, "loss": output["loss"] + self.weight * transfer}
-        raise ConfigurationError(
-            f"training_step returned a {type(output).__name__}; AttentionTransfer adds the "
-            "transfer loss to a returned tensor or to the 'loss' of a returned dict"
-        )
+        if is_dict:
+            return {**output, "loss": output["loss"] + transfer}
+        return output + transfer
 
     def _attach(self) -> None:
         if self.distiller is not None and not self.distiller.attached:

@@ -150,12 +150,12 @@ def _stages(
     specs = [layers] if isinstance(layers, (str, Layer)) else list(layers)
     out: list[tuple[str, Layer, int | None]] = []
     for spec in specs:
-        layer = spec if isinstance(spec, Layer) else Layer(spec)
         if not isinstance(spec, (str, Layer)):
             raise ConfigurationError(
                 f"layers: expected 'auto', 'blocks', a layer name or pattern, athooks.Layer, or a "
                 f"list of them; got {type(spec).__name__}: {spec!r}"
             )
+        layer = spec if isinstance(spec, Layer) else Layer(spec)
         out.extend((name, layer, None) for name, _ in match_modules(inner, layer.pattern))
     return out
 

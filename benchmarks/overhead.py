@@ -36,6 +36,7 @@ Run: python3 benchmarks/overhead.py [--rounds 15] [--out overhead.md] [--device 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import copy
 import dataclasses
@@ -404,6 +405,11 @@ class Timing:
         q = statistics.quantiles(r, n=4)
         return q[0], q[2]
 
+    def fastest(self, variant: str, base: str = "floor", clock: str = "cpu") -> float:
+        """Fastest step over fastest step: the run least disturbed by other processes."""
+        t = self._of(clock)
+        return min(t[variant]) / min(t[base])
+
     def extra(self, variant: str, base: str = "floor", clock: str = "wall") -> float:
         """Median of the round-by-round differences to ``base``, in seconds."""
         t = self._of(clock)
@@ -411,14 +417,28 @@ class Timing:
 
 
 def interleaved(
-    steps: dict[str, Step], x: Tensor, y: Tensor, device: torch.device, warmup: int, rounds: int
+    steps: dict[str, Step],
+    x: Tensor,
+    y: Tensor,
+    device: torch.device,
+    warmup: int,
+    rounds: int,
+    budget: float | None = None,
+    min_rounds: int = 6,
 ) -> Timing:
-    """Run every variant once per round (order rotated each round); keep the measured rounds."""
+    """Run every variant once per round (order rotated each round); keep the measured rounds.
+
+    With ``budget`` (seconds), the number of measured rounds is what fits in it at the pace of
+    the last warm-up round, between ``min_rounds`` and ``rounds``.
+    """
     order = list(steps)
     wall: dict[str, list[float]] = {v: [] for v in order}
     cpu: dict[str, list[float]] = {v: [] for v in order}
-    for r in range(warmup + rounds):
+    r = 0
+    total = warmup + rounds
+    while r < total:
         shift = r % len(order)
+        round_start = time.perf_counter()
         for variant in order[shift:] + order[:shift]:
             sync(device)
             start, start_cpu = time.perf_counter(), time.process_time()
@@ -428,6 +448,10 @@ def interleaved(
             if r >= warmup:
                 wall[variant].append(elapsed)
                 cpu[variant].append(elapsed_cpu)
+        if budget is not None and r == warmup - 1:
+            pace = time.perf_counter() - round_start
+            total = warmup + max(min(min_rounds, rounds), min(rounds, int(budget / pace)))
+        r += 1
     return Timing(wall, cpu)
 
 
@@ -477,9 +501,6 @@ def memory_child(setting: Setting, variant: str, opts: Options) -> dict[str, Any
     ``peak`` is the process's peak; ``steps`` the peak of each step on its own where the peak
     can be reset (Linux RSS, CUDA), else empty; ``before`` the memory just before the first step.
     """
-    if have_torchdistill():  # every child imports the same libraries, whatever its variant
-        import torchdistill.core.forward_hook
-        import torchdistill.losses.mid_level  # noqa: F401
     teacher, student = fresh_pair(setting)
     names = tap_names(student, setting.taps)
     step, _ = make_variant(variant, teacher, student, names, opts)
@@ -569,6 +590,7 @@ def timing_section(
     opts: Options,
     warmup: int,
     rounds: int,
+    budget: float | None = None,
 ) -> dict[str, Timing]:
     results: dict[str, Timing] = {}
     report(
@@ -578,7 +600,8 @@ def timing_section(
     report(
         "Ratios are medians of the round-by-round ratios (interquartile range in brackets); "
         "CPU is this process's CPU time, which leaves out the time the shared machine gave to "
-        f"other processes. `{CONTROL}` is a second, independent floor: the resolution of the run."
+        "other processes; fastest is the fastest step of the variant over the fastest floor step. "
+        f"`{CONTROL}` is a second, independent floor: the resolution of the run."
     )
     report()
     rows: list[Sequence[str]] = []
@@ -586,8 +609,8 @@ def timing_section(
         steps, names = build_variants(setting, variants, opts, control=True)
         x, y = opts.batch(setting)
         start_load = load()
-        n = rounds if setting.batch <= 32 else max(2, rounds // 2)
-        timing = interleaved(steps, x, y, opts.device, warmup, n)
+        timing = interleaved(steps, x, y, opts.device, warmup, rounds, budget=budget)
+        n = len(timing.wall["floor"])
         results[setting.label] = timing
         for variant in steps:
             rows.append(
@@ -597,6 +620,7 @@ def timing_section(
                     f"{timing.median(variant) * 1e3:.1f}",
                     _ratio_cell(timing, variant, "wall"),
                     _ratio_cell(timing, variant, "cpu"),
+                    f"{timing.fastest(variant):.3f}",
                     f"{timing.ratio(variant, 'reference', 'cpu'):.3f}"
                     if "reference" in steps
                     else "-",
@@ -614,6 +638,7 @@ def timing_section(
             "median step (ms)",
             "wall vs floor",
             "CPU vs floor",
+            "fastest CPU vs floor",
             "CPU vs reference",
         ),
         rows,
@@ -622,7 +647,11 @@ def timing_section(
 
 
 def memory_section(
-    report: Report, settings: Sequence[Setting], variants: Sequence[str], opts: Options
+    report: Report,
+    settings: Sequence[Setting],
+    variants: Sequence[str],
+    opts: Options,
+    jobs: int = 2,
 ) -> dict[str, dict[str, dict[str, Any]]]:
     cuda = opts.device.type == "cuda"
     what = "max allocated" if cuda else "peak RSS"
@@ -638,9 +667,10 @@ def memory_section(
     rows: list[Sequence[str]] = []
     results: dict[str, dict[str, dict[str, Any]]] = {}
     for setting in settings:
-        mem = {}
+        with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+            futures = {v: pool.submit(measure_memory, setting, v, opts) for v in variants}
+            mem = {v: f.result() for v, f in futures.items()}
         for v in variants:
-            mem[v] = measure_memory(setting, v, opts)
             report.progress(f"{setting.label} {v}: {json.dumps(mem[v])}")
         results[setting.label] = mem
         floor = mem["floor"]
@@ -742,6 +772,114 @@ def sweep_section(
     report()
 
 
+@contextlib.contextmanager
+def timed_methods(
+    targets: Sequence[tuple[type, str, Callable[[Any], str]]],
+) -> Iterator[dict[str, float]]:
+    """Accumulate the CPU time spent in methods (by label) while the context is open."""
+    acc: dict[str, float] = {}
+    saved = []
+    for cls, name, label_of in targets:
+        orig = getattr(cls, name)
+        saved.append((cls, name, orig))
+
+        def wrapper(self: Any, *a: Any, _orig: Any = orig, _label: Any = label_of, **k: Any) -> Any:
+            start = time.process_time()
+            try:
+                return _orig(self, *a, **k)
+            finally:
+                label = _label(self)
+                acc[label] = acc.get(label, 0.0) + time.process_time() - start
+
+        setattr(cls, name, wrapper)
+    try:
+        yield acc
+    finally:
+        for cls, name, orig in saved:
+            setattr(cls, name, orig)
+
+
+def breakdown_section(
+    report: Report,
+    setting: Setting,
+    opts: Options,
+    warmup: int,
+    rounds: int,
+    budget: float | None = None,
+) -> None:
+    """What athooks adds to the floor's step, part by part (CPU time, one process)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from athooks.distiller import Distiller as DistillerClass
+    from athooks.taps import Tap
+
+    steps, _ = build_variants(setting, ["floor", "athooks"], opts)
+    x, y = opts.batch(setting)
+    pace = sum(t[0] for t in interleaved(steps, x, y, opts.device, warmup, 1).wall.values())
+    n = rounds if budget is None else max(min(6, rounds), min(rounds, int(budget / pace)))
+    targets: list[tuple[type, str, Callable[[Any], str]]] = [
+        (Tap, "on_output", lambda tap: f"{tap.side} taps: mapping at capture"),
+        (DistillerClass, "loss", lambda d: "d.loss(): the AT loss on the maps"),
+        (DistillerClass, "_on_student_end", lambda d: "end of the student's forward"),
+    ]
+    with timed_methods(targets) as acc:
+        timing = interleaved(steps, x, y, opts.device, 0, n)
+    floor = timing.median("floor", "cpu")
+    total = timing.extra("athooks", clock="cpu")
+    # the backward of the transfer: autograd nodes the athooks step runs and the floor's does
+    # not (by count), timed by the profiler (which slows every op a little)
+    per_step: dict[str, dict[str, tuple[float, int]]] = {}
+    for variant in ("floor", "athooks"):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(3):
+                steps[variant](x, y)
+        per_step[variant] = {
+            e.key: (e.cpu_time_total / e.count, e.count)
+            for e in prof.key_averages()
+            if e.key.startswith("autograd::engine::evaluate_function: ")
+        }
+    backward = 0.0
+    nodes: list[tuple[float, str]] = []
+    for key, (each, count) in per_step["athooks"].items():
+        added = count - per_step["floor"].get(key, (0.0, 0))[1]
+        if added > 0:
+            cost = each * added / 3 / 1e6  # seconds per step
+            backward += cost
+            nodes.append((cost, key.split(": ", 1)[1]))
+    report(
+        f"### Where athooks' extra time goes: {setting.label}, {n} interleaved rounds "
+        "(CPU time per step)"
+    )
+    report()
+    rows = [
+        (label, f"{v / n * 1e3:.2f}", f"{v / n / floor * 100:.2f}%")
+        for label, v in sorted(acc.items())
+    ]
+    top = ", ".join(f"{name} {cost * 1e3:.2f}" for cost, name in sorted(nodes, reverse=True)[:4])
+    rows.append(
+        (
+            f"backward of the transfer graph (profiler; largest: {top} ms)",
+            f"{backward * 1e3:.2f}",
+            f"{backward / floor * 100:.2f}%",
+        )
+    )
+    rows.append(
+        (
+            "**athooks step minus floor step** (median of round-by-round differences)",
+            f"{total * 1e3:.2f}",
+            f"{total / floor * 100:.2f}%",
+        )
+    )
+    report.table(("part", "ms per step", "of the floor step"), rows)
+    report(
+        f"Floor step: {floor * 1e3:.1f} ms CPU. The parts are measured separately (the "
+        "profiler slows the ops it times), so they need not add up to the difference; what "
+        "they leave out is mainly the accumulation of each tapped output's gradient from two "
+        "paths (the network and the map), and noise."
+    )
+    report()
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -784,15 +922,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--rounds",
         type=int,
         default=None,
-        help="measured rounds per setting (default 24; half that for batches above 32)",
+        help="at most this many measured rounds per setting (default 40)",
+    )
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="seconds of measured rounds per setting (default 75): the number of rounds is what "
+        "fits at the pace of the warm-up, at least 6, at most --rounds",
     )
     parser.add_argument("--warmup", type=int, default=None, help="warm-up rounds")
     parser.add_argument("--sweep-rounds", type=int, default=None, help="rounds of the sweep")
     parser.add_argument("--batches", type=int, nargs="+", default=[32, 128])
     parser.add_argument(
-        "--only", choices=("timing", "memory", "sweep"), nargs="+", help="run only these parts"
+        "--only",
+        choices=("timing", "memory", "sweep", "breakdown"),
+        nargs="+",
+        help="run only these parts",
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=2,
+        help="memory children run at once (each measures only itself; default 2)",
     )
     parser.add_argument("--no-torchdistill", action="store_true", help="skip torchdistill")
+    parser.add_argument(
+        "--sweep-torchdistill", action="store_true", help="include torchdistill in the sweep"
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, a few seconds")
     parser.add_argument("--out", help="also write the tables to this markdown file")
     parser.add_argument("--child", nargs=2, metavar=("SETTING", "VARIANT"), help=argparse.SUPPRESS)
@@ -810,10 +967,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     smoke = args.smoke
-    rounds = args.rounds if args.rounds is not None else (2 if smoke else 24)
-    warmup = args.warmup if args.warmup is not None else (1 if smoke else 3)
+    rounds = args.rounds if args.rounds is not None else (2 if smoke else 40)
+    budget = args.budget if args.budget is not None else (None if smoke else 75.0)
+    warmup = args.warmup if args.warmup is not None else (1 if smoke else 2)
     sweep_rounds = args.sweep_rounds if args.sweep_rounds is not None else (2 if smoke else 8)
-    parts = set(args.only or ("timing", "memory", "sweep"))
+    parts = set(args.only or ("timing", "memory", "sweep", "breakdown"))
     variants = [v for v in VARIANTS if v != "torchdistill"]
     if have_torchdistill() and not args.no_torchdistill:
         variants.append("torchdistill")
@@ -844,11 +1002,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     report()
     t0 = time.perf_counter()
     if "timing" in parts:
-        timing_section(report, cfg["light"], variants, opts, warmup, rounds)
+        timing_section(report, cfg["light"], variants, opts, warmup, rounds, budget)
     if "memory" in parts:
-        memory_section(report, cfg["memory"], variants, opts)
+        memory_section(report, cfg["memory"], variants, opts, jobs=args.jobs)
     if "sweep" in parts:
-        sweep_section(report, cfg["sweep"], cfg["counts"], variants, opts, warmup, sweep_rounds)
+        sweep_variants = [v for v in variants if v != "torchdistill" or args.sweep_torchdistill]
+        sweep_section(
+            report, cfg["sweep"], cfg["counts"], sweep_variants, opts, warmup, sweep_rounds
+        )
+    if "breakdown" in parts:
+        for setting in cfg["light"]:
+            if setting.batch == min(s.batch for s in cfg["light"]):
+                breakdown_section(report, setting, opts, warmup, rounds, budget and budget / 2)
     report(f"Load average at the end: {load()}; total time {time.perf_counter() - t0:.0f} s.")
     if args.out:
         with open(args.out, "w") as fh:

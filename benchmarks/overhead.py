@@ -719,6 +719,76 @@ def fit_line(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
     return slope, my - slope * mx
 
 
+def transfer_backward(
+    step: Step, floor_nodes: dict[str, tuple[float, int]], x: Tensor, y: Tensor
+) -> float:
+    """Seconds per step in the autograd nodes ``step`` runs beyond the floor's (profiler)."""
+    nodes = backward_nodes(step, x, y)
+    total = 0.0
+    for key, (each, count) in nodes.items():
+        added = count - floor_nodes.get(key, (0.0, 0))[1]
+        if added > 0:
+            total += each * added
+    return total
+
+
+def backward_nodes(
+    step: Step, x: Tensor, y: Tensor, repeat: int = 2
+) -> dict[str, tuple[float, int]]:
+    """Per autograd node type: mean seconds per call and calls per step, under the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(repeat):
+            step(x, y)
+    prefix = "autograd::engine::evaluate_function: "
+    return {
+        e.key[len(prefix) :]: (e.cpu_time_total / e.count / 1e6, e.count // repeat)
+        for e in prof.key_averages()
+        if e.key.startswith(prefix)
+    }
+
+
+def forward_work(variant: str, step: Step, x: Tensor, y: Tensor, repeat: int = 4) -> float:
+    """CPU seconds per step spent in the variant's own transfer code on the forward side.
+
+    athooks: its taps (maps at capture), ``d.loss()`` and the end-of-forward hook; reference:
+    its ``at_loss`` calls (both maps and the loss). Timed by wrapping them, no profiler.
+    """
+    from athooks.distiller import Distiller as DistillerClass
+    from athooks.taps import Tap
+
+    module = sys.modules[__name__]
+    if variant == "athooks":
+        targets: list[tuple[Any, str, Callable[[Any], str]]] = [
+            (Tap, "on_output", lambda _: "athooks"),
+            (DistillerClass, "loss", lambda _: "athooks"),
+            (DistillerClass, "_on_student_end", lambda _: "athooks"),
+        ]
+        with timed_methods(targets) as acc:
+            for _ in range(repeat):
+                step(x, y)
+        return acc.get("athooks", 0.0) / repeat
+    spent = 0.0
+    original = module.at_loss
+
+    def timed_at_loss(a: Tensor, b: Tensor) -> Tensor:
+        nonlocal spent
+        start = time.process_time()
+        try:
+            return original(a, b)
+        finally:
+            spent += time.process_time() - start
+
+    module.at_loss = timed_at_loss  # type: ignore[attr-defined]
+    try:
+        for _ in range(repeat):
+            step(x, y)
+    finally:
+        module.at_loss = original  # type: ignore[attr-defined]
+    return spent / repeat
+
+
 def sweep_section(
     report: Report,
     base: Setting,
@@ -728,7 +798,7 @@ def sweep_section(
     warmup: int,
     rounds: int,
 ) -> None:
-    """Step time against the number of captured blocks; every count's variants interleaved."""
+    """Cost against the number of captured blocks: each variant's own work, and end to end."""
     steps: dict[str, Step] = {}
     for k in counts:
         setting = dataclasses.replace(base, taps=k)
@@ -740,34 +810,57 @@ def sweep_section(
     start_load = load()
     timing = interleaved(steps, x, y, opts.device, warmup, rounds)
     floor_ms = timing.median("floor", "cpu") * 1e3
+    others = [v for v in variants if v != "floor" and v in ("reference", "athooks")]
+    floor_nodes = backward_nodes(steps["floor"], x, y)
+    own: dict[str, list[float]] = {v: [] for v in others}
+    parts: dict[str, list[tuple[float, float]]] = {v: [] for v in others}
+    for k in counts:
+        for v in others:
+            fwd = forward_work(v, steps[f"{v}@{k}"], x, y)
+            bwd = transfer_backward(steps[f"{v}@{k}"], floor_nodes, x, y)
+            parts[v].append((fwd * 1e3, bwd * 1e3))
+            own[v].append((fwd + bwd) * 1e3)
     report(
-        f"### Step time against the number of captured blocks: {base.label.split(' (')[0]}, "
-        f"{warmup} warm-up + {rounds} rounds, every count in the same rounds"
+        f"### Cost against the number of captured blocks: {base.label.split(' (')[0]}, "
+        f"blocks spread evenly, {warmup} warm-up + {rounds} interleaved rounds"
     )
     report()
     report(
-        f"Extra CPU time per step over the floor (median of the round-by-round differences; "
-        f"ratio to the floor in brackets). Floor: {floor_ms:.1f} ms CPU, "
+        "Own work: the CPU time per step in the variant's transfer code on the forward side "
+        "(athooks: its taps, `d.loss()` and end-of-forward hook; reference: its `at_loss` calls), "
+        "timed by wrapping it, plus the backward of the autograd nodes the variant adds to the "
+        "floor's graph (profiler). End to end: median of the round-by-round CPU-time "
+        "differences to the floor (ratio in brackets), which the noise of a shared machine "
+        f"swamps at this size. Floor: {floor_ms:.1f} ms CPU, "
         f"{timing.median('floor') * 1e3:.1f} ms wall. Load {start_load} -> {load()}."
     )
     report()
-    others = [v for v in variants if v != "floor"]
     rows = []
-    for k in counts:
+    for i, k in enumerate(counts):
         row = [str(k)]
+        for v in others:
+            fwd, bwd = parts[v][i]
+            row.append(f"{own[v][i]:.2f} ({fwd:.2f} + {bwd:.2f})")
         for v in others:
             key = f"{v}@{k}"
             extra, ratio = timing.extra(key, clock="cpu"), timing.ratio(key, clock="cpu")
             row.append(f"{extra * 1e3:+.1f} ({ratio:.3f})")
         rows.append(row)
-    report.table(("blocks", *(f"{v}: ms over floor" for v in others)), rows)
+    report.table(
+        (
+            "blocks",
+            *(f"{v}: own work, ms (forward + backward)" for v in others),
+            *(f"{v}: end to end, ms over floor" for v in others),
+        ),
+        rows,
+    )
     for v in others:
-        extras = [timing.extra(f"{v}@{k}", clock="cpu") * 1e3 for k in counts]
-        slope, intercept = fit_line([float(k) for k in counts], extras)
-        resid = max(abs(e - (slope * k + intercept)) for k, e in zip(counts, extras, strict=True))
+        slope, intercept = fit_line([float(k) for k in counts], own[v])
+        resid = max(abs(e - (slope * k + intercept)) for k, e in zip(counts, own[v], strict=True))
         report(
-            f"- {v}: {slope:.2f} ms per captured block ({slope / floor_ms * 100:.2f}% of the "
-            f"floor step) + {intercept:.2f} ms; largest deviation from the line {resid:.2f} ms"
+            f"- {v}: own work {slope:.3f} ms per captured block ({slope / floor_ms * 100:.3f}% "
+            f"of the floor step) + {intercept:.2f} ms; largest deviation from the line "
+            f"{resid:.2f} ms"
         )
     report()
 

@@ -88,7 +88,12 @@ def test_smoke_mode_end_to_end(overhead, tmp_path):
     variants = ["floor", "reference", "athooks"]
     if overhead.have_torchdistill():
         variants.append("torchdistill")
-    for section in ("### Step time", "### Peak memory", "### Step time against the number"):
+    for section in (
+        "### Step time",
+        "### Peak memory",
+        "### Cost against the number of captured blocks",
+        "### Where athooks' extra time goes",
+    ):
         assert section in text
     rows = [line for line in text.splitlines() if line.startswith("| ")]
     for variant in variants:
@@ -99,4 +104,5 @@ def test_smoke_mode_end_to_end(overhead, tmp_path):
     for row in memory_rows:
         peak = float(row.split("|")[3].replace(",", ""))
         assert peak > 50  # MB: a python process with torch in it
-    assert "ms per captured block" in text
+    assert "- athooks: own work" in text and "ms per captured block" in text
+    assert "**athooks step minus floor step**" in text

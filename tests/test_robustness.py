@@ -250,11 +250,11 @@ def test_a_loss_that_reruns_the_student_does_not_disturb_another_distiller():
     calls = {"t2": 0}
     t2.register_forward_pre_hook(lambda *a: calls.__setitem__("t2", calls["t2"] + 1))
     with (
-        Distiller(t1, student, losses="grad_at") as d1,
+        Distiller(t1, student, losses="symmetry") as d1,  # re-runs the student, flipped
         Distiller(t2, student, layers="relu?") as d2,
     ):
         student(X)
-        d1.loss(Y)  # runs the student (and t1) again on the input internally
+        d1.loss(Y)  # runs the student (and t1) again on the flipped input internally
         got = d2.loss().item()
     assert calls["t2"] == 1
     assert got == pytest.approx(reference(t2, student, X), rel=1e-5)

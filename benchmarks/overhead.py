@@ -27,10 +27,14 @@ tensors), ``torch.cuda.max_memory_allocated`` on CUDA. Settings:
   stage outputs, batch 32 and 128: time and memory;
 * ``resnet50->resnet34`` at 128x128, batch 32, taps after all 16 residual blocks: memory;
 * a sweep of the number of captured blocks (1 to all 16) on ``resnet50->resnet34`` at 64x64,
-  batch 32: time, with the cost per layer from a least-squares line.
+  batch 32: each variant's own transfer work (its forward-side code timed by wrapping it, the
+  backward of the autograd nodes it adds from the profiler) and the end-to-end difference, with
+  the cost per layer from a least-squares line;
+* a breakdown of athooks' extra time per step (taps, ``d.loss()``, backward) at batch 32.
 
-Run: python3 benchmarks/overhead.py [--rounds 15] [--out overhead.md] [--device cpu|cuda]
-     [--channels-last] [--bf16] [--only timing|memory|sweep] [--smoke]
+Run: python3 benchmarks/overhead.py [--out overhead.md] [--budget 75] [--rounds 40]
+     [--device cpu|cuda] [--channels-last] [--bf16] [--threads 1]
+     [--only timing memory sweep breakdown] [--smoke]
 """
 
 from __future__ import annotations

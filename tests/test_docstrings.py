@@ -20,7 +20,6 @@ import athooks
 FENCE = re.compile(
     r"^(?P<indent>[ \t]*)```(?:python|py)\b[^\n]*\n(?P<body>.*?)^(?P=indent)```", re.S | re.M
 )
-SKIP_MODULES = {"athooks.lightning"}  # needs the optional lightning extra; tested in test_lightning
 
 
 def _objects(module: object) -> Iterator[tuple[str, object]]:
@@ -46,8 +45,6 @@ def _examples() -> list[tuple[str, str]]:
         m.name for m in pkgutil.walk_packages(athooks.__path__, prefix="athooks.")
     ]
     for modname in sorted(names):
-        if modname in SKIP_MODULES:
-            continue
         module = importlib.import_module(modname)
         for qualname, obj in _objects(module):
             doc = inspect.getdoc(obj) if not inspect.ismodule(obj) else obj.__doc__

@@ -144,7 +144,7 @@ def load_checkpoint(model: nn.Module, path: str) -> nn.Module:
 
     import torch
 
-    from athooks.layers import _WRAPPER_PREFIXES
+    from athooks.layers import WRAPPER_PREFIXES
 
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -170,7 +170,7 @@ def load_checkpoint(model: nn.Module, path: str) -> nn.Module:
         )
     cleaned = {}
     for key, value in state.items():
-        for prefix in _WRAPPER_PREFIXES:
+        for prefix in WRAPPER_PREFIXES:
             while key.startswith(prefix):
                 key = key[len(prefix) :]
         cleaned[key] = value

@@ -26,7 +26,7 @@ their prefix tokens and are reshaped to the patch grid; NHWC outputs of timm mod
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +34,9 @@ import torch
 from torch import Tensor, nn
 
 from athooks.errors import CaptureError, ConfigurationError, LayerResolutionError
+from athooks.context import internal_run
 from athooks.layers import Layer, unwrap
+from athooks.tensors import first_tensor, slice_batch
 
 __all__ = [
     "ChannelsLastToFirst",
@@ -43,10 +45,14 @@ __all__ = [
     "Pairing",
     "TokensToMap",
     "auto_pairs",
+    "conversion",
     "default_input_size",
     "describe",
+    "format_table",
+    "metadata_modules",
     "pair_input_size",
     "probe",
+    "stage_blocks",
     "stage_layers",
 ]
 
@@ -184,8 +190,20 @@ def default_input_size(model: nn.Module) -> tuple[int, int, int]:
     return (chans, 224, 224)
 
 
-def _conversion(model: nn.Module, out: Tensor) -> Any:
-    """The metadata-based conversion of one output to (B, C, H, W), or None."""
+def conversion(model: nn.Module, out: Tensor) -> Any:
+    """The conversion of one output of ``model`` to ``(B, C, H, W)`` its metadata implies, if any.
+
+    Tokens ``(B, N, C)`` of a timm ViT-style model (``num_prefix_tokens`` and
+    ``patch_embed.grid_size``) become :class:`TokensToMap`; a 4-D output of a model whose
+    ``output_fmt`` is ``"NHWC"`` becomes :class:`ChannelsLastToFirst`.
+
+    Args:
+        model: The (unwrapped) model.
+        out: One module's output tensor.
+
+    Returns:
+        The conversion, or ``None``.
+    """
     prefix = getattr(model, "num_prefix_tokens", None)
     grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
     if out.dim() == 3 and isinstance(prefix, int) and grid is not None:
@@ -198,24 +216,45 @@ def _conversion(model: nn.Module, out: Tensor) -> Any:
     return None
 
 
-def probe(
-    model: nn.Module, input_size: Sequence[int] | None = None, *, side: str = "model"
-) -> list[LayerInfo]:
-    """Run ``model`` once on a dummy input and record every module's output shape and stride.
+Example = tuple[tuple[Any, ...], dict[str, Any]]
 
-    The model runs in eval mode under ``no_grad`` on a batch of one, on its own device; each
-    module's training flag is restored afterwards.
+
+def _input_height(example: Example) -> int | None:
+    """The height of the first image-like tensor (``(B, C, H, W)`` or more) of an input."""
+    args, kwargs = example
+    for value in (*args, *kwargs.values()):
+        t = first_tensor(value)
+        if t is not None and t.dim() >= 4 and t.is_floating_point():
+            return int(t.shape[-2])
+    return None
+
+
+def probe(
+    model: nn.Module,
+    input_size: Sequence[int] | None = None,
+    *,
+    side: str = "model",
+    example: Example | None = None,
+) -> list[LayerInfo]:
+    """Run ``model`` once and record every module's output shape and stride.
+
+    The model runs in eval mode under ``no_grad`` on its own device, as one of athooks' own
+    runs (invisible to attached Distillers); each module's training flag is restored afterwards.
+    It runs on ``example``, a real input, when given, else on a random batch of one of
+    ``input_size``. Strides are the input's height over each map's height; for an input without
+    an image-like tensor (token ids, say), the height of the model's largest map is used instead.
 
     Args:
         model: The model (wrappers are looked through).
-        input_size: ``(C, H, W)``; default :func:`default_input_size`.
+        input_size: ``(C, H, W)`` of the dummy input; default :func:`default_input_size`.
         side: How to call the model in error messages.
+        example: ``(args, kwargs)`` to call the model with instead of a dummy input.
 
     Returns:
         One :class:`LayerInfo` per module that ran, in module order.
 
     Raises:
-        ConfigurationError: If the dummy forward fails.
+        ConfigurationError: If the forward fails.
 
     Example:
         ```python
@@ -227,50 +266,63 @@ def probe(
         ```
     """
     inner, _ = unwrap(model)
-    size = tuple(int(s) for s in (input_size or default_input_size(inner)))
-    if len(size) != 3:
-        raise ConfigurationError(f"input_size must be (C, H, W), got {size}")
+    param = next(inner.parameters(), None)
+    if example is None:
+        size = tuple(int(s) for s in (input_size or default_input_size(inner)))
+        if len(size) != 3:
+            raise ConfigurationError(f"input_size must be (C, H, W), got {size}")
+        device = param.device if param is not None else torch.device("cpu")
+        dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+        x = torch.randn((1, *size), generator=torch.Generator().manual_seed(0)).to(device, dtype)
+        example = ((x,), {})
+        what = f"a dummy input of shape {(1, *size)}"
+        fix = (
+            "Pass input_size=(C, H, W) that the model accepts (or, to athooks.describe, "
+            "example=a real input for models that take something else), or name the layers "
+            "explicitly"
+        )
+    else:
+        shape = first_tensor(example)
+        what = "its real input" + (f" (first tensor {tuple(shape.shape)})" if shape is not None else "")
+        fix = (
+            "athooks runs each model once, in eval mode under no_grad, to find its stage "
+            "outputs; name the layers explicitly (layers=[...], see `athooks layers <model>`) "
+            "to skip this"
+        )
     seen: dict[str, tuple[int, int, tuple[int, ...], Any]] = {}
     counter = [0]
 
     def make_hook(name: str) -> Any:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            from athooks.taps import _first_tensor
-
             counter[0] += 1
-            out = _first_tensor(output)
+            out = first_tensor(output)
             calls = seen[name][1] + 1 if name in seen else 1
             shape = tuple(out.shape[1:]) if out is not None else ()
-            convert = _conversion(inner, out) if out is not None else None
+            convert = conversion(inner, out) if out is not None else None
             seen[name] = (counter[0], calls, shape, convert)
 
         return hook
 
     named = [(n, m) for n, m in inner.named_modules() if n]
     flags = [(m, m.training) for m in inner.modules()]
-    param = next(inner.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
-    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     handles = [m.register_forward_hook(make_hook(n)) for n, m in named]
     try:
-        inner.eval()
-        x = torch.randn((1, *size), generator=torch.Generator().manual_seed(0)).to(device, dtype)
-        with torch.no_grad():
-            inner(x)
+        for module, _ in flags:
+            module.training = False
+        args, kwargs = example
+        with internal_run(), torch.no_grad():
+            inner(*args, **kwargs)
     except Exception as err:
         raise ConfigurationError(
-            f"probing the {side} with a dummy input of shape {(1, *size)} failed: "
-            f"{type(err).__name__}: {str(err).rstrip('.')}. Pass input_size=(C, H, W) that the "
-            "model accepts, or "
-            "name the layers explicitly"
+            f"probing the {side} with {what} failed: {type(err).__name__}: "
+            f"{str(err).rstrip('.')}. {fix}"
         ) from err
     finally:
         for handle in handles:
             handle.remove()
         for module, flag in flags:
             module.training = flag
-    infos = []
-    in_h = size[1]
+    raw = []
     for name, module in named:
         if name not in seen:
             continue
@@ -282,6 +334,12 @@ def probe(
             map_shape = (shape[2], shape[0], shape[1])
         elif len(shape) == 3:
             map_shape = (shape[0], shape[1], shape[2])
+        raw.append((name, module, shape, map_shape, transform, order, calls))
+    in_h = _input_height(example)
+    if in_h is None:
+        in_h = max((m[1] for _, _, _, m, _, _, _ in raw if m is not None), default=1)
+    infos = []
+    for name, module, shape, map_shape, transform, order, calls in raw:
         stride = None
         if map_shape is not None and map_shape[1] * map_shape[2] > 1:
             stride = max(1, round(in_h / map_shape[1]))
@@ -320,7 +378,8 @@ def pair_input_size(teacher: nn.Module, student: nn.Module) -> tuple[int, int, i
     return fixed or default_input_size(s_inner)
 
 
-def _metadata_modules(model: nn.Module) -> list[str] | None:
+def metadata_modules(model: nn.Module) -> list[str] | None:
+    """The module names a model's timm-style ``feature_info`` lists, or ``None``."""
     info = getattr(model, "feature_info", None)
     if not isinstance(info, (list, tuple)) or not info:
         return None
@@ -371,7 +430,7 @@ def stage_layers(
     ]
     by_name = {i.name: i for i in usable}
     chosen: dict[int, LayerInfo] = {}
-    listed = _metadata_modules(inner)
+    listed = metadata_modules(inner)
     if listed is not None:
         for name in listed:
             info = by_name.get(name)
@@ -401,10 +460,20 @@ def stage_layers(
     return [chosen[s] for s in sorted(chosen)]
 
 
-def _blocks(
+def stage_blocks(
     inner: nn.Module, stage: LayerInfo, infos: dict[str, LayerInfo], listed: list[str] | None
 ) -> list[LayerInfo]:
     """The blocks of a stage, or an empty list when the stage has none.
+
+    Args:
+        inner: The (unwrapped) model.
+        stage: The stage, as :func:`stage_layers` found it.
+        infos: The probe's infos, by name.
+        listed: :func:`metadata_modules` of the model.
+
+    Returns:
+        The blocks' infos, in order.
+
 
     Blocks are, in order of preference: the modules the model's metadata lists at this stride
     when it lists several (a ViT lists each block); else the children of the stage (or of its
@@ -518,20 +587,57 @@ def format_table(rows: Sequence[Sequence[str]], widths: Sequence[int]) -> str:
     return "\n".join(lines)
 
 
+def _probe_pair(
+    teacher: nn.Module,
+    student: nn.Module,
+    example: Example,
+    teacher_input: Callable[..., Any] | None,
+) -> tuple[list[LayerInfo], list[LayerInfo]]:
+    """Probe both models on a real input: a batch of one sliced from it, else the whole batch."""
+    first = first_tensor(example)
+    batch = int(first.shape[0]) if first is not None and first.dim() else 0
+    tries = [slice_batch(example, batch), example] if batch > 1 else [example]
+    for i, (args, kwargs) in enumerate(tries):
+        if teacher_input is None:
+            t_example = (args, kwargs)
+        else:
+            adapted = teacher_input(*args, **kwargs)
+            t_example = ((adapted if isinstance(adapted, tuple) else (adapted,)), {})
+        try:
+            return (
+                probe(teacher, side="teacher", example=t_example),
+                probe(student, side="student", example=(args, kwargs)),
+            )
+        except ConfigurationError:
+            if i == len(tries) - 1:
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
 def auto_pairs(
     teacher: nn.Module,
     student: nn.Module,
     mode: str = "auto",
     input_size: Sequence[int] | None = None,
+    *,
+    example: Example | None = None,
+    teacher_input: Callable[..., Any] | None = None,
 ) -> Pairing:
     """The teacher/student layer pairs of ``layers="auto"`` or ``layers="blocks"``.
+
+    Both models are probed (see :func:`probe`) on ``example`` when given, a real input of the
+    student (a batch of one is sliced from it; the whole batch is tried if that fails), passed
+    through ``teacher_input`` for the teacher; otherwise on a dummy input of ``input_size``.
+    Maps of one cell (after global pooling) are never paired.
 
     Args:
         teacher: The teacher model.
         student: The student model.
         mode: ``"auto"`` (stage outputs by stride) or ``"blocks"`` (every block of those stages).
-        input_size: The probe's input size ``(C, H, W)``, used for both models; by default
-            :func:`pair_input_size`.
+        input_size: The dummy input's size ``(C, H, W)``, used for both models; by default
+            :func:`pair_input_size`. Ignored with ``example``.
+        example: ``(args, kwargs)`` of a real call of the student.
+        teacher_input: The Distiller's ``teacher_input``, applied to ``example`` for the teacher.
 
     Returns:
         The pairing.
@@ -553,9 +659,12 @@ def auto_pairs(
         raise ConfigurationError(f"mode must be 'auto' or 'blocks', got {mode!r}")
     t_inner, _ = unwrap(teacher)
     s_inner, _ = unwrap(student)
-    size = tuple(input_size) if input_size is not None else pair_input_size(t_inner, s_inner)
-    t_infos = probe(t_inner, size, side="teacher")
-    s_infos = probe(s_inner, size, side="student")
+    if example is not None:
+        t_infos, s_infos = _probe_pair(t_inner, s_inner, example, teacher_input)
+    else:
+        size = tuple(input_size) if input_size is not None else pair_input_size(t_inner, s_inner)
+        t_infos = probe(t_inner, size, side="teacher")
+        s_infos = probe(s_inner, size, side="student")
     t_stages = stage_layers(t_inner, infos=t_infos, side="teacher")
     s_stages = stage_layers(s_inner, infos=s_infos, side="student")
     t_by_stride = {s.stride: s for s in t_stages}
@@ -576,11 +685,11 @@ def auto_pairs(
     else:
         t_map = {i.name: i for i in t_infos}
         s_map = {i.name: i for i in s_infos}
-        t_listed, s_listed = _metadata_modules(t_inner), _metadata_modules(s_inner)
+        t_listed, s_listed = metadata_modules(t_inner), metadata_modules(s_inner)
         t_layout, s_layout, same = [], [], True
         for s in shared:
-            t_blocks = _blocks(t_inner, t_by_stride[s], t_map, t_listed)
-            s_blocks = _blocks(s_inner, s_by_stride[s], s_map, s_listed)
+            t_blocks = stage_blocks(t_inner, t_by_stride[s], t_map, t_listed)
+            s_blocks = stage_blocks(s_inner, s_by_stride[s], s_map, s_listed)
             if not t_blocks and not s_blocks:
                 continue  # a stage without blocks (a stem): nothing to pair
             t_layout.append(f"{t_by_stride[s].name}: {len(t_blocks)}")
@@ -607,16 +716,24 @@ def describe(
     student: nn.Module,
     layers: str = "auto",
     input_size: Sequence[int] | None = None,
+    *,
+    example: Any = None,
+    teacher_input: Callable[..., Any] | None = None,
 ) -> Pairing:
     """The layer pairs ``layers="auto"`` (or ``"blocks"``) would use, with shapes and strides.
 
-    Prints as a table that fits 80 columns (in a notebook, the cell's value shows it).
+    Prints as a table that fits 80 columns (in a notebook, the cell's value shows it). The
+    models are probed on a dummy input of ``input_size``, or on ``example``, an input of the
+    student as you would call it (a tensor, or a tuple of positional arguments): give the
+    batch you train with to see the pairs a Distiller picks on its first call.
 
     Args:
         teacher: The teacher model.
         student: The student model.
         layers: ``"auto"`` or ``"blocks"``.
-        input_size: The probe's input size ``(C, H, W)``.
+        input_size: The dummy input's size ``(C, H, W)``.
+        example: A real input of the student instead of the dummy.
+        teacher_input: As for :class:`athooks.Distiller`, applied to ``example``.
 
     Returns:
         The pairing.
@@ -629,4 +746,7 @@ def describe(
         print(athooks.describe(torchvision.models.resnet34(), torchvision.models.resnet18()))
         ```
     """
-    return auto_pairs(teacher, student, layers, input_size)
+    if example is None:
+        return auto_pairs(teacher, student, layers, input_size)
+    args = example if isinstance(example, tuple) else (example,)
+    return auto_pairs(teacher, student, layers, example=(args, {}), teacher_input=teacher_input)

@@ -41,7 +41,8 @@ __all__ = [
     "unwrap",
 ]
 
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+#: The name prefixes wrappers add: DataParallel and DistributedDataParallel, torch.compile.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
 @dataclass(frozen=True)

@@ -89,18 +89,25 @@ def at_least_float32(t: Tensor) -> Tensor:
 
 
 class _AbsPowSum(torch.autograd.Function):
-    """``sum_c |a_c|^p`` in float32 or wider, saving only ``a`` for backward."""
+    """``sum_c |a_c|^p`` in float32 or wider, saving only ``a`` for backward.
+
+    Written with ``setup_context`` so that ``torch.func`` transforms can differentiate it.
+    """
 
     @staticmethod
-    def forward(ctx: Any, a: Tensor, p: float) -> Tensor:
-        ctx.save_for_backward(a)
-        ctx.p = p
+    def forward(a: Tensor, p: float) -> Tensor:
         af = at_least_float32(a)
         if p == 2:
             return af.square().sum(dim=1)
         if p == 1:
             return af.abs().sum(dim=1)
         return af.abs().pow(p).sum(dim=1)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Tensor, float], output: Tensor) -> None:
+        a, p = inputs
+        ctx.save_for_backward(a)
+        ctx.p = p
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None]:

@@ -1,179 +1,239 @@
 """Taps: athooks' forward hooks, which turn a module's output into attention maps as it is produced.
 
-A :class:`Tap` watches one module of one model. When the module fires while the tap is active, the
-tap selects a tensor from the output, optionally copies it (see below), applies the layer's
-transform and every mapping the losses asked for, and keeps only their results in
-:attr:`Tap.capture`.
+A :class:`Tap` watches one module of one model; a :class:`TapSet` holds one side's taps (the
+teacher's or the student's), places and removes their hooks, and *arms* them: a tap captures only
+while its set is armed in the calling thread, and only calls made at the depth of athooks' own
+model runs at which it was armed (see :mod:`athooks.context`), so a probe, a loss's re-run of a
+model, or another thread never writes into a step's captures. What a tap keeps from a call is a
+:class:`Capture`: the maps every mapping the losses asked for computed from the output
+(:func:`apply_layer`, the one capture path athooks has, also used by :mod:`athooks.viz`).
 
 In-place overwrites (``ReLU(inplace=True)`` after a tapped BatchNorm, ``x += shortcut``): the maps
 are computed at capture, so their values are those of the output as it was produced. For backward,
-a map needs the feature map it was computed from; if a later in-place op changes it, autograd
-cannot differentiate the map. A student tap therefore copies its output during the first forward
-("probing") and watches the output's version counter; taps whose output was overwritten keep
-copying, the others stop. If an output that was not overwritten while probing is overwritten later,
-:meth:`athooks.Distiller.loss` raises a clear error instead of autograd's.
+a map needs the feature map it was computed from; if a later in-place op changes it, the gradient
+would come from the edited values. A student tap therefore copies its output during the first
+forward ("probing") and watches the output's version counter until the forward ends; taps whose
+output was overwritten keep copying, the others stop. If an output that was not overwritten while
+probing is overwritten in a later forward, :meth:`athooks.Distiller.loss` raises; if it is edited
+after the forward (``out.mul_(3)`` on a returned stage output), ``backward()`` raises
+:class:`athooks.CaptureError` naming the layer: the tensors the maps save for backward carry their
+version at capture and are checked when backward reads them.
 
-Saved-tensor hooks (non-reentrant gradient checkpointing, ``save_on_cpu``) do not apply to the
-tensors the maps save for backward: the tapped feature map stays referenced until the backward
-pass, as it would without checkpointing.
+Those saved tensors are also kept out of any saved-tensor hooks in force (non-reentrant gradient
+checkpointing, ``save_on_cpu``): the tapped feature map stays referenced until the backward pass,
+as it would without checkpointing, and a checkpoint's recompute, where the taps are not armed,
+saves exactly what the segment saved.
 """
 
 from __future__ import annotations
 
+import threading
+import warnings
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from athooks._compile import eager
+from athooks.context import internal_depth
 from athooks.errors import CaptureError
 from athooks.layers import Layer
 from athooks.mappings import Mapping as AttentionMapping
 from athooks.mappings import apply_mapping
+from athooks.tensors import select_tensor
 
-__all__ = ["Capture", "Tap", "select_tensor"]
-
-
-def _first_tensor(output: Any, depth: int = 0) -> Tensor | None:
-    if isinstance(output, Tensor):
-        return output
-    if depth > 4:
-        return None
-    if isinstance(output, Mapping):
-        items: Any = output.values()
-    elif isinstance(output, (tuple, list)):
-        items = output
-    else:
-        return None
-    for item in items:
-        found = _first_tensor(item, depth + 1)
-        if found is not None:
-            return found
-    return None
+__all__ = [
+    "Capture",
+    "Captures",
+    "InertHook",
+    "Tap",
+    "TapSet",
+    "apply_layer",
+    "check_finite",
+    "is_replica",
+    "select_tensor",
+]
 
 
-def select_tensor(
-    output: Any, select: int | str | Callable[[Any], Tensor] | None, where: str
-) -> Tensor:
-    """Pick the tensor to use from a module's output.
+def apply_layer(
+    layer: Layer,
+    output: Any,
+    mappings: Sequence[AttentionMapping],
+    where: str,
+    *,
+    copy: bool = False,
+) -> tuple[Tensor, dict[AttentionMapping, Tensor]]:
+    """Compute every mapping on a module's output, as the layer spec says to read it.
+
+    The tensor is selected (``layer.select``), copied when ``copy`` is set, transformed
+    (``layer.transform``), then given to each mapping.
 
     Args:
+        layer: The layer spec.
         output: What the module returned.
-        select: ``None`` for the first tensor (depth first, in order), an index into a tuple or
-            list, a key of a dict (or an attribute name), or a callable.
-        where: The layer, for error messages.
+        mappings: The mappings to apply.
+        where: The layer, for error messages (``"student layer 'layer3'"``).
+        copy: Whether to map a copy of the selected tensor rather than the tensor itself.
 
     Returns:
-        The selected tensor.
+        The selected tensor (before any copy) and the result of each mapping.
 
     Raises:
-        CaptureError: If nothing usable is found.
+        CaptureError: If no tensor can be selected, the transform returns something else, or a
+            mapping's input or output has the wrong shape.
 
     Example:
         ```python
         import torch
-        from athooks.taps import select_tensor
+        import athooks
+        from athooks.taps import apply_layer
 
-        out = (torch.zeros(1), {"b": torch.ones(2)})
-        assert select_tensor(out, None, "x").shape == (1,)
-        assert select_tensor(out, 1, "x") is not None
+        out = (torch.randn(2, 8, 4, 4), "aux")
+        sum_p = athooks.mapping("sum_p")
+        raw, maps = apply_layer(athooks.Layer("block", select=0), out, [sum_p], "layer 'block'")
+        assert raw is out[0] and maps[sum_p].shape == (2, 4, 4)
         ```
     """
-    if select is None:
-        found = _first_tensor(output)
-        if found is None:
-            raise CaptureError(
-                f"{where} returned a {type(output).__name__} with no tensor in it; tap another "
-                "layer, or say which part to use with athooks.Layer(name, select=...)"
-            )
-        return found
-    try:
-        if callable(select):
-            picked = select(output)
-        elif isinstance(select, str) and not isinstance(output, Mapping):
-            picked = getattr(output, select)
-        else:
-            picked = output[select]
-    except (KeyError, IndexError, TypeError, AttributeError) as err:
+    raw = select_tensor(output, layer.select, where)
+    source = raw.clone() if copy else raw
+    features = layer.transform(source) if layer.transform is not None else source
+    if not isinstance(features, Tensor):
         raise CaptureError(
-            f"select={select!r} failed on the output of {where} (a {type(output).__name__}): "
-            f"{type(err).__name__}: {err}"
-        ) from None
-    if isinstance(picked, (tuple, list, Mapping)):
-        inner = _first_tensor(picked)
-        if inner is not None:
-            return inner
-    if not isinstance(picked, Tensor):
-        raise CaptureError(
-            f"select={select!r} on the output of {where} gave a {type(picked).__name__}, not a "
-            "tensor"
+            f"the transform of {where} returned a {type(features).__name__}, not a tensor"
         )
-    return picked
+    return raw, {mapping: apply_mapping(mapping, features, where) for mapping in mappings}
 
 
 @dataclass
 class Capture:
-    """What a tap kept from its module's last call in the current step."""
+    """What a tap kept from its module's last call in one step.
+
+    Attributes:
+        values: The result of each mapping.
+        source: The student's selected output, held until its forward ends (to read its version
+            counter), else ``None``.
+        version: The output's version counter at capture (``None`` for inference tensors).
+        calls: How many times the module ran in the step (the last call is kept).
+        grad_enabled: Whether gradient was enabled at capture.
+        overwritten: Whether the output was modified in place after capture with no copy kept.
+    """
 
     values: dict[AttentionMapping, Tensor]
-    source: Tensor | None  # the student output, held until the end of the forward
-    version: int
+    source: Tensor | None
+    version: int | None
     calls: int
     grad_enabled: bool
     overwritten: bool = False
 
 
-def _keep(t: Tensor) -> Tensor:
-    return t
+class Captures(dict[int, Capture]):
+    """One side's captures of one step, by tap index.
+
+    Attributes:
+        depth: The depth of athooks' own runs (:func:`athooks.context.internal_depth`) at which
+            the set was armed; calls at another depth are not captured.
+        replicas: Names of tapped modules whose ``DataParallel`` replicas fired.
+    """
+
+    def __init__(self, depth: int) -> None:
+        super().__init__()
+        self.depth = depth
+        self.replicas: list[str] = []
+
+
+class InertHook:
+    """What a pickled athooks hook becomes when unpickled: a hook that does nothing.
+
+    Example:
+        ```python
+        from athooks.taps import InertHook
+
+        assert InertHook()(None, (), None) is None
+        ```
+    """
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        """Do nothing."""
+        return None
+
+
+def is_replica(module: nn.Module, original: nn.Module) -> bool:
+    """Whether ``module`` is a ``DataParallel`` replica of ``original``.
+
+    A replica (``module._replicate_for_data_parallel()``) is another module object that shares
+    the original's hook dictionaries; a deep copy (an EMA model) has copies of them.
+
+    Args:
+        module: The module a hook fired on.
+        original: The module the hook was registered on.
+
+    Returns:
+        ``True`` for a replica.
+    """
+    return (
+        module is not original
+        and getattr(module, "_is_replica", False) is True
+        and module._forward_hooks is original._forward_hooks
+    )
+
+
+def _functorch_active() -> bool:
+    """Whether a torch.func transform (grad, vmap, ...) is running: it forbids saved-tensor hooks."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
 
 
 class _TapHook:
-    """The callable registered with ``register_forward_hook``.
+    """The callable registered with ``register_forward_hook`` for one tap of a :class:`TapSet`.
 
-    It holds its tap weakly and checks the module identity, so that a deep copy of the model (an
+    It holds its set weakly and checks the module identity, so that a deep copy of the model (an
     EMA copy, which copies hooks along with the modules) never writes into the original's captures,
     and pickling a model that carries it does not fail.
     """
 
-    __slots__ = ("__weakref__", "_tap_ref")
+    __slots__ = ("__weakref__", "_index", "_set")
 
-    def __init__(self, tap: Tap) -> None:
-        self._tap_ref = weakref.ref(tap)
+    def __init__(self, tapset: TapSet, index: int) -> None:
+        self._set = weakref.ref(tapset)
+        self._index = index
 
     @eager  # run eagerly inside a compiled model: a graph break per tap
     def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
-        tap = self._tap_ref()
-        if tap is not None and tap.active and module is tap.module:
-            tap.on_output(output)
+        tapset = self._set()
+        if tapset is None:
+            return
+        store = tapset.armed()
+        if store is None or store.depth != internal_depth():
+            return
+        tap = tapset.taps[self._index]
+        if module is not tap.module:
+            if is_replica(module, tap.module):
+                store.replicas.append(tap.name)
+            return
+        store[self._index] = tap.capture(output, store.get(self._index))
 
     def __deepcopy__(self, memo: dict[int, Any]) -> _TapHook:
         return self
 
     def __reduce__(self) -> tuple[type, tuple[()]]:
-        return (_InertHook, ())
-
-
-class _InertHook:
-    """What a pickled athooks hook becomes when unpickled: a hook that does nothing."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> None:
-        return None
+        return (InertHook, ())
 
 
 class Tap:
-    """A forward hook on one module that keeps attention maps of its output.
+    """A forward hook's logic for one module: keep the attention maps of its output.
 
     Args:
-        side: ``"teacher"`` or ``"student"``.
+        side: ``"teacher"``, ``"student"`` (or ``"model"`` for a plain probe, kept like the
+            teacher's: without gradient).
         name: The module's name in its model.
         module: The module.
         layer: The layer spec (pattern, ``select``, ``transform``).
         mappings: The mappings to compute at capture.
-        copy: ``"auto"`` (probe on the first call, see the module docs) or ``"always"``; ignored
-            for the teacher, which runs without gradient.
+        copy: ``"auto"`` (probe on the first call, see the module docs) or ``"always"``; only
+            the student's taps copy.
     """
 
     def __init__(
@@ -191,66 +251,353 @@ class Tap:
         self.layer = layer
         self.mappings = tuple(mappings)
         self.where = f"{side} layer {name!r}"
-        self.copy = copy == "always"
-        self.probing = side == "student" and copy == "auto"
-        self.active = False
-        self.capture: Capture | None = None
-        self._handle: torch.utils.hooks.RemovableHandle | None = None
+        self.student = side == "student"
+        self.copy = self.student and copy == "always"
+        self.probing = self.student and copy == "auto"
+        self.warned_no_grad = False
 
-    def attach(self) -> torch.utils.hooks.RemovableHandle:
-        """Register the forward hook; returns its handle."""
-        self._handle = self.module.register_forward_hook(_TapHook(self))
-        return self._handle
+    def capture(self, output: Any, previous: Capture | None = None) -> Capture:
+        """Compute the maps of one call of the module (the last call of a step wins).
 
-    def detach(self) -> None:
-        """Remove the forward hook and drop what was captured."""
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
-        self.active = False
-        self.capture = None
+        Args:
+            output: What the module returned.
+            previous: What an earlier call in the same step captured, if any.
 
-    def on_output(self, output: Any) -> None:
-        """Compute and keep the maps of one call of the module (the last call wins)."""
-        raw = select_tensor(output, self.layer.select, self.where)
-        student = self.side == "student"
-        copy = student and (self.copy or self.probing)
-        source = raw.clone() if copy else raw
-        features = self.layer.transform(source) if self.layer.transform is not None else source
-        if not isinstance(features, Tensor):
-            raise CaptureError(
-                f"the transform of {self.where} returned a {type(features).__name__}, not a tensor"
-            )
-        values: dict[AttentionMapping, Tensor] = {}
-        for mapping in self.mappings:
-            # Our own saved tensors bypass any saved-tensor hooks in force: inside a
-            # non-reentrant checkpoint they would count as the segment's, and its recompute
-            # (where taps are inactive) would then save fewer tensors and fail.
-            with torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
-                value = apply_mapping(mapping, features, self.where)
-            if not student:
+        Returns:
+            The capture.
+        """
+        copy = self.copy or self.probing
+        grad = torch.is_grad_enabled()
+        if self.student and grad and not _functorch_active():
+            with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
+                raw, values = apply_layer(self.layer, output, self.mappings, self.where, copy=copy)
+        else:
+            raw, values = apply_layer(self.layer, output, self.mappings, self.where, copy=copy)
+        if not self.student:
+            for mapping, value in values.items():
                 value = value.detach()
                 if value.untyped_storage().data_ptr() == raw.untyped_storage().data_ptr():
                     value = value.clone()  # a view of the output could be overwritten later
-            values[mapping] = value
-        calls = self.capture.calls + 1 if self.capture is not None else 1
-        self.capture = Capture(
+                values[mapping] = value
+        version = None if raw.is_inference() else raw._version
+        return Capture(
             values=values,
-            source=raw if student else None,
-            version=raw._version,
-            calls=calls,
-            grad_enabled=torch.is_grad_enabled(),
+            source=raw if self.student and version is not None else None,
+            version=version,
+            calls=previous.calls + 1 if previous is not None else 1,
+            grad_enabled=grad,
         )
 
-    def check_overwrite(self) -> None:
+    def _pack(self, tensor: Tensor) -> tuple[Tensor, int]:
+        return tensor, tensor._version
+
+    def _unpack(self, packed: tuple[Tensor, int]) -> Tensor:
+        tensor, version = packed
+        if tensor._version != version:
+            raise CaptureError(
+                f"the output of {self.where} was modified in place after athooks captured it "
+                f"(e.g. `out.mul_(...)` on a tensor the model returned, after the forward), so "
+                "the gradient of its attention map would be computed from the edited values. "
+                "Edit a copy (`out = out.clone()`) instead, or pass "
+                "Distiller(..., copy_outputs='always') to map a copy of every tapped output"
+            )
+        return tensor
+
+    def end_forward(self, cap: Capture) -> None:
         """After the model's forward: note an in-place overwrite of the captured output."""
-        cap = self.capture
-        if cap is None or cap.source is None:
+        if cap.source is None:
             return
         bumped = cap.source._version != cap.version
-        cap.source = None  # the version is all we needed it for
+        cap.source = None  # the version is all it was held for
         if self.probing:
             self.probing = False
             self.copy = bumped
         elif bumped and not self.copy:
             cap.overwritten = True
+
+
+class TapSet:
+    """One model's taps: deduplicated, attached and armed together.
+
+    Args:
+        side: ``"teacher"`` or ``"student"`` (or ``"model"``), for messages and capture policy.
+        model: The model the taps are on (for messages about it).
+        mappings: The mappings every tap computes.
+        copy: The student's ``copy_outputs`` policy (``"auto"`` or ``"always"``).
+
+    Example:
+        ```python
+        import torch
+        import torchvision
+        import athooks
+        from athooks.taps import TapSet
+
+        model = torchvision.models.resnet18()
+        sum_p = athooks.mapping("sum_p")
+        taps = TapSet("model", model, [sum_p])
+        index = taps.add("layer3", model.layer3, athooks.Layer("layer3"))
+        taps.attach()
+        store = taps.arm()
+        with torch.no_grad():
+            model(torch.randn(1, 3, 64, 64))
+        taps.disarm()
+        taps.detach()
+        assert store[index].values[sum_p].shape == (1, 4, 4)
+        ```
+    """
+
+    def __init__(
+        self,
+        side: str,
+        model: nn.Module,
+        mappings: Sequence[AttentionMapping],
+        copy: str = "auto",
+    ) -> None:
+        self.side = side
+        self.model = model
+        self.mappings = tuple(mappings)
+        self.copy_policy = copy
+        self.taps: list[Tap] = []
+        self._index: dict[tuple[int, Layer], int] = {}
+        self._handles: list[RemovableHandle] = []
+        self._local = threading.local()
+
+    def add(self, name: str, module: nn.Module, layer: Layer) -> int:
+        """Add a tap on ``module`` (read as ``layer`` says), or find the same one.
+
+        Returns:
+            The tap's index, the key of its :class:`Capture` in a step's :class:`Captures`.
+        """
+        key = (id(module), layer)
+        if key not in self._index:
+            self._index[key] = len(self.taps)
+            tap = Tap(self.side, name, module, layer, self.mappings, copy=self.copy_policy)
+            self.taps.append(tap)
+        return self._index[key]
+
+    @property
+    def attached(self) -> bool:
+        """Whether the hooks are in place."""
+        return bool(self._handles)
+
+    def attach(self) -> list[RemovableHandle]:
+        """Register one forward hook per tap.
+
+        Returns:
+            The hook handles (also kept by the set; :meth:`detach` removes them).
+        """
+        self._handles = [
+            tap.module.register_forward_hook(_TapHook(self, i)) for i, tap in enumerate(self.taps)
+        ]
+        return list(self._handles)
+
+    def detach(self) -> None:
+        """Remove the hooks and disarm every thread."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._local = threading.local()
+
+    def arm(self) -> Captures:
+        """Capture, in this thread, the calls made at the current depth of athooks' own runs.
+
+        Returns:
+            The store the taps fill until :meth:`disarm`.
+        """
+        store = Captures(internal_depth())
+        self._local.store = store
+        return store
+
+    def disarm(self) -> None:
+        """Stop capturing in this thread."""
+        self._local.store = None
+
+    def armed(self) -> Captures | None:
+        """The store being filled in this thread, if the set is armed."""
+        store: Captures | None = getattr(self._local, "store", None)
+        return store
+
+    def end_forward(self, store: Captures) -> None:
+        """The model's forward returned: check each captured output for in-place overwrites."""
+        for index, cap in store.items():
+            self.taps[index].end_forward(cap)
+
+    def collect(
+        self, store: Captures, indices: Sequence[int], *, grad_enabled: bool = False
+    ) -> list[dict[AttentionMapping, Tensor]]:
+        """The maps of the given taps from one step, checked.
+
+        Args:
+            store: The step's captures on this side.
+            indices: One tap index per pair, in pair order.
+            grad_enabled: Whether the step's forward had gradient enabled (student side).
+
+        Returns:
+            One ``{mapping: map}`` per index.
+
+        Raises:
+            CaptureError: If a tap did not fire, fired only as a ``DataParallel`` replica, or
+                (student side) its output was overwritten in place without a copy, or its maps
+                have no gradient although they should.
+        """
+        out = []
+        for index in indices:
+            tap = self.taps[index]
+            cap = store.get(index)
+            if cap is None:
+                raise CaptureError(self._not_fired_message(tap, store))
+            if tap.student:
+                self._check_student_capture(tap, cap, grad_enabled)
+            out.append(cap.values)
+        return out
+
+    def _check_student_capture(self, tap: Tap, cap: Capture, grad_enabled: bool) -> None:
+        if cap.overwritten:
+            raise CaptureError(
+                f"the output of student layer {tap.name!r} was overwritten in place after "
+                "athooks captured it (e.g. ReLU(inplace=True) or `x += ...`), which the "
+                "first forward did not do, so no copy was kept and its attention map cannot "
+                "be differentiated. Use Distiller(..., copy_outputs='always')"
+            )
+        if not grad_enabled:
+            return
+        if not cap.grad_enabled:
+            raise CaptureError(
+                f"student layer {tap.name!r} ran with gradient disabled inside the "
+                "student's forward, so its attention map has no gradient: reentrant "
+                "gradient checkpointing (torch.utils.checkpoint with use_reentrant=True) or "
+                "torch.no_grad() inside the model. Use checkpoint(..., use_reentrant=False) "
+                "or tap a layer outside the checkpointed segment"
+            )
+        if any(v.requires_grad for v in cap.values.values()):
+            return
+        if any(p.requires_grad for p in tap.module.parameters()):
+            raise CaptureError(
+                f"the attention map of student layer {tap.name!r} carries no gradient "
+                "although the layer has trainable parameters; something detaches its output "
+                "(.detach(), .data, a no_grad block). Tap a layer whose output is part of the "
+                "autograd graph"
+            )
+        if not tap.warned_no_grad:
+            tap.warned_no_grad = True
+            warnings.warn(
+                f"the attention map of student layer {tap.name!r} carries no gradient: nothing "
+                "trainable runs before it (a frozen backbone?), so its transfer term does not "
+                "train the student. Tap a layer after the trainable part",
+                stacklevel=4,
+            )
+
+    def _not_fired_message(self, tap: Tap, store: Captures) -> str:
+        if tap.name in store.replicas:
+            return (
+                f"{tap.where} ran only as DataParallel replicas (copies of the module on each "
+                "GPU), which athooks does not capture from. Use DistributedDataParallel (one "
+                "process per GPU), or DataParallel on a single device"
+            )
+        if not tap.student:
+            return (
+                f"teacher layer {tap.name!r} did not fire when athooks ran the teacher; the "
+                "layer is not on the teacher's forward path for this input (a wrong branch, or "
+                "a model that calls its stages directly)"
+            )
+        head = f"student layer {tap.name!r} did not fire during the student's last forward"
+        if compiled(self.model) and not store:
+            return (
+                f"{head}, nor did any other tapped layer: the student runs code that "
+                "torch.compile made before this Distiller added its hooks, and compiled code "
+                "does not see hooks added later. Create the Distiller first, then compile "
+                "(`with Distiller(teacher, student) as d: model = torch.compile(student)`), or "
+                "call torch._dynamo.reset() after creating the Distiller to recompile"
+            )
+        children = list(tap.module.named_children())
+        if children and any(getattr(m, "grad_checkpointing", False) is True for m in self.model.modules()):
+            last = f"{tap.name}.{children[-1][0]}"
+            return (
+                f"{head}: timm's set_grad_checkpointing(True) runs the blocks of "
+                f"{tap.name!r} one by one, so the hook on {tap.name!r} itself never fires. "
+                f"Tap its last block instead ({last!r}, the same output; checkpointed blocks "
+                "give correct values and gradients), or call set_grad_checkpointing(False)"
+            )
+        return (
+            f"{head}. Likely causes: the student was compiled with torch.compile before the "
+            "Distiller was made (make the Distiller first), gradient checkpointing that "
+            "bypasses the module, or a branch the forward did not take"
+        )
+
+    def copy_state(self) -> dict[str, bool]:
+        """Each student tap's decision of its first forward: copy its output or not."""
+        return {tap.name: tap.copy for tap in self.taps if tap.student and not tap.probing}
+
+    def load_copy_state(self, state: dict[str, bool]) -> list[str]:
+        """Restore :meth:`copy_state`; returns the names that match no tap of this set."""
+        taps = {tap.name: tap for tap in self.taps if tap.student}
+        for name, copy in state.items():
+            if name in taps:
+                taps[name].copy, taps[name].probing = bool(copy), False
+        return [name for name in state if name not in taps]
+
+
+def compiled(model: nn.Module) -> bool:
+    """Whether the model (or a wrapper of it) went through ``torch.compile``.
+
+    Args:
+        model: The model.
+
+    Returns:
+        ``True`` if it is an ``OptimizedModule``, was compiled in place, or its class's forward
+        has compiled code.
+    """
+    while True:
+        if getattr(model, "_compiled_call_impl", None) is not None:
+            return True
+        orig = getattr(model, "_orig_mod", None)
+        if isinstance(orig, nn.Module):
+            return True
+        inner = getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            break
+        model = inner
+    try:
+        from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
+    except ImportError:  # pragma: no cover - older or trimmed builds
+        return False
+    code = getattr(type(model).forward, "__code__", None)
+    return code is not None and bool(_debug_get_cache_entry_list(code))
+
+
+def check_finite(
+    pairs: Sequence[tuple[str, str]],
+    teacher_values: Sequence[dict[AttentionMapping, Tensor]],
+    student_values: Sequence[dict[AttentionMapping, Tensor]],
+) -> None:
+    """Raise naming the first layer whose attention map holds a NaN or an infinity.
+
+    One device synchronisation for all the maps.
+
+    Args:
+        pairs: The ``(teacher_name, student_name)`` pairs.
+        teacher_values: The teacher's maps per pair.
+        student_values: The student's maps per pair.
+
+    Raises:
+        CaptureError: If a map is not finite.
+    """
+    where: list[tuple[str, str]] = []
+    flags: list[Tensor] = []
+    for (t_name, s_name), t_vals, s_vals in zip(pairs, teacher_values, student_values, strict=True):
+        for side, name, vals in (("teacher", t_name, t_vals), ("student", s_name, s_vals)):
+            for value in vals.values():
+                where.append((side, name))
+                flags.append(torch.isfinite(value.detach()).all())
+    if not flags:
+        return
+    ok = torch.stack([f.to(flags[0].device) for f in flags])
+    if bool(ok.all()):
+        return
+    side, name = where[int((~ok).nonzero()[0, 0])]
+    raise CaptureError(
+        f"the attention map of {side} layer {name!r} holds NaN or infinite values in this "
+        "step, so the transfer loss would be NaN. Its feature map was already non-finite: "
+        "check the input batch, the learning rate, and (for float16 autocast) overflow in "
+        "the model; bfloat16 autocast or a GradScaler avoids most fp16 overflows"
+    )

@@ -42,18 +42,19 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
+from athooks.context import internal_run
 from athooks.discovery import (
-    _blocks,
-    _conversion,
-    _metadata_modules,
     auto_pairs,
+    conversion,
+    metadata_modules,
     probe,
+    stage_blocks,
     stage_layers,
 )
 from athooks.errors import CaptureError, ConfigurationError
 from athooks.layers import Layer, match_modules, resolve_pairs, unwrap
-from athooks.mappings import apply_mapping, as_mapping
-from athooks.taps import select_tensor
+from athooks.mappings import as_mapping
+from athooks.taps import TapSet
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -133,18 +134,31 @@ def _as_images(images: Tensor) -> Tensor:
     return images
 
 
-def _stages(
-    model: nn.Module, layers: Any, size: tuple[int, int, int]
-) -> list[tuple[str, Layer, int | None]]:
+@dataclass(frozen=True)
+class _Converted:
+    """A layer's own transform, or else the conversion the model's metadata implies (tokens)."""
+
+    model: nn.Module
+    transform: Any = None
+
+    def __call__(self, features: Tensor) -> Tensor:
+        if self.transform is not None:
+            out: Tensor = self.transform(features)
+            return out
+        convert = conversion(self.model, features) if features.dim() != 4 else None
+        return convert(features) if convert is not None else features
+
+
+def _stages(model: nn.Module, layers: Any, images: Tensor) -> list[tuple[str, Layer, int | None]]:
     """``(name, layer, stride)`` of every module to read, in the order given."""
     inner, _ = unwrap(model)
     if isinstance(layers, str) and layers in ("auto", "blocks"):
-        infos = probe(inner, size)
+        infos = probe(inner, example=((images[:1],), {}))
         stages = stage_layers(inner, infos=infos)
         if layers == "blocks":
             by_name = {i.name: i for i in infos}
-            listed = _metadata_modules(inner)
-            blocks = [b for s in stages for b in (_blocks(inner, s, by_name, listed) or [s])]
+            listed = metadata_modules(inner)
+            blocks = [b for s in stages for b in (stage_blocks(inner, s, by_name, listed) or [s])]
             stages = blocks
         return [(s.name, s.layer(), s.stride) for s in stages]
     specs = [layers] if isinstance(layers, (str, Layer)) else list(layers)
@@ -209,39 +223,30 @@ def attention_maps(
     inner, _ = unwrap(model)
     amap = as_mapping(mapping, **mapping_options)
     size = (int(images.shape[1]), int(images.shape[2]), int(images.shape[3]))
-    stages = _stages(inner, layers, size)
     param = next(inner.parameters(), None)
     device = param.device if param is not None else images.device
     dtype = param.dtype if param is not None and param.is_floating_point() else images.dtype
+    images = images.to(device=device, dtype=dtype)
+    stages = _stages(inner, layers, images)
     amap = amap.to(device)
-    captured: dict[str, Tensor] = {}
-
-    def make_hook(name: str, layer: Layer) -> Any:
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            where = f"layer {name!r}"
-            features = select_tensor(output, layer.select, where)
-            transform = layer.transform
-            if transform is None and features.dim() != 4:
-                transform = _conversion(inner, features)
-            if transform is not None:
-                features = transform(features)
-            captured[name] = apply_mapping(amap, features, where)
-
-        return hook
-
-    handles = [
-        inner.get_submodule(name).register_forward_hook(make_hook(name, layer))
+    taps = TapSet("model", inner, [amap])
+    indices = [
+        taps.add(name, inner.get_submodule(name), Layer(name, layer.select, _Converted(inner, layer.transform)))
         for name, layer, _ in stages
     ]
     flags = [(m, m.training) for m in inner.modules()]
+    taps.attach()
     try:
-        inner.eval()
-        inner(images.to(device=device, dtype=dtype))
+        for module, _ in flags:
+            module.training = False
+        with internal_run():
+            store = taps.arm()
+            inner(images)
     finally:
-        for handle in handles:
-            handle.remove()
+        taps.detach()
         for module, flag in flags:
             module.training = flag
+    captured = {name: store[i].values[amap] for (name, _, _), i in zip(stages, indices, strict=True) if i in store}
     label = str(amap).removesuffix("()")  # "sum_p(p=2)", "sum"
     maps = AttentionMaps()
     for name, _, stride in stages:

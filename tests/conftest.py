@@ -85,3 +85,43 @@ class TinyCNN(nn.Module):
 def tiny_pair(seed: int = 0, inplace: bool = True) -> tuple[TinyCNN, TinyCNN]:
     torch.manual_seed(seed)
     return TinyCNN(16, inplace=inplace), TinyCNN(8, inplace=inplace)
+
+
+class MapSpy(__import__("athooks").Loss):
+    """A loss of value 0 that records each step's (teacher, student) maps, for tests to read.
+
+    Put it next to the loss under test: ``losses=["at", spy]``; ``spy.seen[k][j]`` is the
+    ``(teacher_map, student_map)`` of pair ``j`` at step ``k`` (detached).
+    """
+
+    name = "spy"
+
+    def __init__(self, mapping: str = "sum_p", **options) -> None:
+        super().__init__()
+        import athooks
+
+        self.mapping = athooks.mapping(mapping, **options)
+        self.seen: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
+
+    def captures(self):
+        return (self.mapping,)
+
+    def forward(self, step):
+        maps = step.maps(self.mapping)
+        self.seen.append([(t.detach(), s.detach()) for t, s in maps])
+        return maps[0][1].sum() * 0 if maps else torch.zeros(())
+
+
+def held_captures(d, side: str | None = None) -> list:
+    """What a Distiller holds for this thread's last step: its Captures (white-box, for the
+    memory tests; the one place the tests read the step's internals)."""
+    record = d._recorder._state.last
+    if record is None:
+        return []
+    stores = {"teacher": record.teacher, "student": record.student}
+    return [
+        cap
+        for name, store in stores.items()
+        if store is not None and side in (None, name)
+        for cap in store.values()
+    ]

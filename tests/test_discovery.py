@@ -7,7 +7,7 @@ import timm
 import torch
 import torch.nn.functional as F  # noqa: N812
 import torchvision
-from conftest import TinyCNN, ref_attention
+from conftest import MapSpy, TinyCNN, ref_attention
 from torch import nn
 
 import athooks
@@ -104,9 +104,9 @@ def test_auto_pairs_common_models_and_trains(case):
     torch.manual_seed(0)
     teacher, student = build()
     x = torch.randn(2, 3, size, size)
-    with Distiller(teacher, student) as d:  # layers="auto" is the default
-        assert d.pairs == expected
+    with Distiller(teacher, student) as d:  # layers="auto": found on the first call
         out = student(x)
+        assert d.pairs == expected
         loss = out.float().pow(2).mean() * 0 + d.loss()
         assert torch.isfinite(loss) and loss.item() > 0
         loss.backward()
@@ -127,10 +127,11 @@ def test_vit_teacher_tokens_become_the_patch_grid():
         seen["t"] = out  # returns None: a hook that returns a value replaces the output
 
     vit.blocks[11].register_forward_hook(keep)
-    with Distiller(vit, timm.create_model("resnet18")) as d:
+    spy = MapSpy()
+    with Distiller(vit, timm.create_model("resnet18"), losses=["at", spy]) as d:
         d.student(x)
-        t_map = d._teacher_taps[0].capture.values[d.losses[0].mapping]
         d.loss()
+    t_map = spy.seen[0][0][0]
     grid = seen["t"][:, 1:].transpose(1, 2).reshape(2, 192, 4, 4)  # drop the class token
     torch.testing.assert_close(t_map, grid.pow(2).sum(1))
 
@@ -249,9 +250,35 @@ def test_probe_failure_says_to_pass_input_size():
         ConfigurationError,
         match=r"probing the teacher with a dummy input of shape \(1, 3, 224, 224\) failed.*input_size",
     ):
-        Distiller(NeedsSize(), seq_cnn(4))
+        athooks.describe(NeedsSize(), seq_cnn(4))
+    with pytest.raises(ConfigurationError, match="dummy input of shape"):
+        Distiller(NeedsSize(), seq_cnn(4), input_size=(3, 64, 64))
     with Distiller(NeedsSize(), seq_cnn(4), input_size=(3, 32, 32)) as d:
         assert d.pairs == [("conv", "1")]
+    # without input_size the pairs come from the first real input, which the model accepts
+    with Distiller(NeedsSize(), seq_cnn(4)) as d:
+        d.student(torch.randn(2, 3, 32, 32))
+        assert d.pairs == [("conv", "1")]
+        assert torch.isfinite(d.loss())
+
+
+def test_real_input_probe_failure_names_the_fix_not_input_size():
+    class Picky(nn.Module):  # fails in eval mode only, so the probe itself fails
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            if not self.training:
+                raise RuntimeError("this model only runs in training mode")
+            return self.conv(x)
+
+    with Distiller(Picky(), seq_cnn(4)) as d, pytest.raises(ConfigurationError) as err:
+        d.student(torch.randn(2, 3, 16, 16))
+    message = str(err.value)
+    assert "probing the teacher with its real input" in message
+    assert "only runs in training mode" in message and "name the layers explicitly" in message
+    assert "input_size" not in message
 
 
 def test_no_shared_stride_is_a_clear_error():
@@ -270,8 +297,8 @@ def test_blocks_on_equal_resnets():
     torch.manual_seed(0)
     teacher, student = timm.create_model("resnet18"), timm.create_model("resnet18")
     with Distiller(teacher, student, layers="blocks") as d:
-        assert d.pairs == [(f"layer{i}.{j}",) * 2 for i in range(1, 5) for j in (0, 1)]
         student(torch.randn(2, 3, 64, 64))
+        assert d.pairs == [(f"layer{i}.{j}",) * 2 for i in range(1, 5) for j in (0, 1)]
         d.loss().backward()
 
 
@@ -279,8 +306,8 @@ def test_blocks_on_wrns_of_equal_depth():
     torch.manual_seed(0)
     teacher, student = create_model("wrn16_2"), create_model("wrn16_1")
     with Distiller(teacher, student, layers="blocks") as d:
-        assert d.pairs == [(f"layer{i}.{j}",) * 2 for i in (1, 2, 3) for j in (0, 1)]
         student(torch.randn(2, 3, 32, 32))
+        assert d.pairs == [(f"layer{i}.{j}",) * 2 for i in (1, 2, 3) for j in (0, 1)]
         assert torch.isfinite(d.loss())
 
 
@@ -288,6 +315,7 @@ def test_auto_on_wrns_uses_the_group_outputs():
     teacher, student = create_model("wrn40_1"), create_model("wrn16_1")
     assert athooks.describe(teacher, student).layers()[0][0].pattern == "layer1"
     with Distiller(teacher, student) as d:
+        student(torch.randn(2, 3, 32, 32))
         assert d.pairs == [("layer1", "layer1"), ("layer2", "layer2"), ("layer3", "layer3")]
 
 
@@ -296,9 +324,15 @@ def test_blocks_with_different_layouts_is_a_clear_error():
         LayerResolutionError,
         match=r"same number of blocks per stage.*teacher: layer1: 3, layer2: 4, layer3: 6, layer4: 3; student: layer1: 2, layer2: 2, layer3: 2, layer4: 2",
     ):
-        Distiller(torchvision.models.resnet34(), torchvision.models.resnet18(), layers="blocks")
-    with pytest.raises(LayerResolutionError, match="same number of blocks"):
-        Distiller(create_model("wrn40_1"), create_model("wrn16_1"), layers="blocks")
+        Distiller(
+            torchvision.models.resnet34(), torchvision.models.resnet18(), layers="blocks",
+            input_size=(3, 64, 64),
+        )  # fmt: skip
+    with (
+        Distiller(create_model("wrn40_1"), create_model("wrn16_1"), layers="blocks") as d,
+        pytest.raises(LayerResolutionError, match="same number of blocks"),
+    ):
+        d.student(torch.randn(2, 3, 32, 32))  # found on the first call
 
 
 # ------------------------------------------------------------------ resize

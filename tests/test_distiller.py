@@ -12,7 +12,7 @@ import timm
 import torch
 import torch.nn.functional as F  # noqa: N812
 import torchvision
-from conftest import TinyCNN, ref_at_loss_code, tiny_pair
+from conftest import MapSpy, TinyCNN, held_captures, ref_at_loss_code, tiny_pair
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -180,12 +180,33 @@ def test_terms_sum_to_the_loss_and_labels_are_unique():
     assert d.terms["at"] == d.terms["at_3"]
 
 
-def test_loss_under_no_grad_for_validation_is_allowed():
+def test_a_forward_under_no_grad_runs_as_if_no_distiller_were_there():
     teacher, student = tiny_pair()
-    with Distiller(teacher, student, layers="relu?") as d, torch.no_grad():
-        student(X)
-        value = d.loss()
-    assert not value.requires_grad and torch.isfinite(value)
+    runs = []
+    teacher.register_forward_hook(lambda m, a, o: runs.append(1))
+    with torch.no_grad():
+        want = student(X)
+    for mode in (torch.no_grad, torch.inference_mode):
+        with Distiller(teacher, student, layers="relu?") as d:
+            with mode():
+                got = student(X)
+            assert runs == [] and torch.equal(got, want)
+            with pytest.raises(CaptureError, match='no_grad="capture"'):
+                d.loss()
+
+
+def test_loss_under_no_grad_with_capture_for_validation():
+    teacher, student = tiny_pair()
+    with torch.no_grad():
+        t_feats = teacher.eval().features(X)  # the teacher runs in eval mode
+        want = ref_at_loss_code(list(zip(t_feats, student.features(X), strict=True)))
+    teacher.train()
+    for mode in (torch.no_grad, torch.inference_mode):
+        with Distiller(teacher, student, layers="relu?", no_grad="capture") as d, mode():
+            student(X)
+            value = d.loss()
+        assert not value.requires_grad
+        assert value.item() == pytest.approx(want.item(), rel=1e-5)
 
 
 def test_data_parallel_student_with_bare_names():
@@ -331,10 +352,14 @@ def test_module_called_several_times_uses_the_last_call():
 
 def test_torchvision_shared_relu_fires_per_call_and_keeps_the_last():
     t, s = torchvision.models.resnet34(), torchvision.models.resnet18()
-    with Distiller(t, s, layers="layer1.0.relu") as d:
+    outs = []
+    s.layer1[0].relu.register_forward_hook(lambda m, a, o: outs.append(o.detach().clone()))
+    spy = MapSpy()
+    with Distiller(t, s, layers="layer1.0.relu", losses=["at", spy]) as d:
         s(torch.randn(2, 3, 32, 32))
-        assert d._student_taps[0].capture.calls == 2  # relu runs twice in a BasicBlock
+        assert len(outs) == 2  # relu runs twice in a BasicBlock
         assert torch.isfinite(d.loss())
+    torch.testing.assert_close(spy.seen[0][0][1], outs[-1].pow(2).sum(1))  # the last call
 
 
 # ------------------------------------------------------------------ layers that do not fire
@@ -427,12 +452,15 @@ def test_non_reentrant_checkpoint_gives_the_same_values_and_gradients():
     teacher, student = TinyCNN(16, inplace=False), Checkpointed(8, inplace=False)
     plain = TinyCNN(8, inplace=False)
     plain.load_state_dict(student.state_dict())
+    runs = []
+    teacher.register_forward_hook(lambda m, a, o: runs.append(1))
     with Distiller(teacher, student, layers="relu?") as d:
         student(X)
         got = d.loss()
         got.backward()
-        # the recompute during backward re-fired the hooks; nothing was captured from it
-        assert all(t.capture is None for t in d._student_taps)
+        # the recompute during backward re-fired the hooks; nothing was captured from it, and
+        # it did not run the teacher again
+        assert held_captures(d) == [] and runs == [1]
     with Distiller(teacher, plain, layers="relu?") as d:
         plain(X)
         want = d.loss()
@@ -480,7 +508,10 @@ def test_frozen_layers_before_the_tap_are_not_an_error():
             p.requires_grad_(False)
     with Distiller(teacher, student, layers="relu1") as d:
         student(X)
-        assert not d.loss().requires_grad
+        with pytest.warns(UserWarning, match="'relu1' carries no gradient: nothing trainable"):
+            assert not d.loss().requires_grad
+        student(X)
+        assert not d.loss().requires_grad  # warned once
 
 
 # ------------------------------------------------------------------ pitfall 8: deep copies
@@ -680,7 +711,7 @@ def test_captures_are_released_after_loss_and_nothing_is_retained_after_exit():
     with d:
         out = student(X)
         d.loss()
-        assert all(t.capture is None for t in (*d._student_taps, *d._teacher_taps))
+        assert held_captures(d) == []
     del out
     ref = weakref.ref(d)
     gc.disable()
@@ -911,7 +942,7 @@ def test_compiled_student_with_a_new_distiller_each_epoch():
             compiled(X)
             assert d.loss().item() == pytest.approx(want, rel=1e-5)
         compiled(X)  # a call between the blocks (validation) captures nothing
-        assert all(t.capture is None for t in d._student_taps)
+        assert held_captures(d) == []
     torch._dynamo.reset()
 
 
@@ -934,9 +965,9 @@ def test_no_teacher_feature_map_outlives_the_teacher_forward():
         out = student(X)
         assert refs and all(r() is None for r in refs.values()), "a teacher feature map is alive"
         # what is held: one small map per layer and side
-        held = [v for t in d._teacher_taps for v in t.capture.values.values()]
+        held = [v for cap in held_captures(d, "teacher") for v in cap.values.values()]
         assert [tuple(v.shape) for v in held] == [(4, 16, 16), (4, 8, 8), (4, 4, 4)]
-        assert all(t.capture.source is None for t in d._student_taps)
+        assert all(cap.source is None for cap in held_captures(d, "student"))
         d.loss()
     del out
 
@@ -946,7 +977,7 @@ def test_teacher_maps_are_no_grad_tensors_not_inference_tensors():
     teacher, student = tiny_pair()
     with Distiller(teacher, student, layers="relu?") as d:
         student(X)
-        maps = [v for t in d._teacher_taps for v in t.capture.values.values()]
+        maps = [v for cap in held_captures(d, "teacher") for v in cap.values.values()]
         assert maps and not any(m.is_inference() or m.requires_grad for m in maps)
         loss = d.loss() * torch.ones((), requires_grad=True).clone()  # usable in any graph
         loss.backward()

@@ -276,9 +276,14 @@ def test_gradient_losses_need_labels():
 
 def test_gradient_losses_need_a_forward_with_gradient():
     teacher, student = Linear(seed=1), Linear(seed=2)
-    with Distiller(teacher, student, losses="input_grad_l2") as d, torch.no_grad():
+    capture = Distiller(teacher, student, losses="input_grad_l2", no_grad="capture")
+    with capture as d, torch.no_grad():
         student(LX)
         with pytest.raises(CaptureError, match="ran without gradient"):
+            d.loss(target=LY)
+    with Distiller(teacher, student, losses="input_grad_l2") as d, torch.no_grad():
+        student(LX)  # by default a forward under no_grad is no step at all
+        with pytest.raises(CaptureError, match='before any forward.*no_grad="capture"'):
             d.loss(target=LY)
 
 

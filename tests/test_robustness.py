@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
-from conftest import TinyCNN, ref_at_loss_code, tiny_pair
+from conftest import TinyCNN, held_captures, ref_at_loss_code, tiny_pair
 
 from athooks import Distiller
 from athooks.errors import CaptureError, ConfigurationError
@@ -36,9 +36,7 @@ def test_bf16_autocast_maps_and_loss_are_float32_and_close_to_fp32():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = student(X)
             assert out.dtype == torch.bfloat16  # autocast really ran the convolutions in bf16
-            maps = [
-                v for t in (*d._teacher_taps, *d._student_taps) for v in t.capture.values.values()
-            ]
+            maps = [v for cap in held_captures(d) for v in cap.values.values()]
             loss = d.loss()
         total = F.cross_entropy(out.float(), Y) + loss
         total.backward()
@@ -218,6 +216,7 @@ def test_student_in_eval_mode_gives_the_validation_loss():
         assert not student.training  # athooks never changes the student's mode
         got = d.loss()
         assert got.requires_grad  # eval mode is not no_grad
+    with Distiller(teacher, student, layers="relu?", no_grad="capture") as d:
         with torch.no_grad():
             student(X)
             assert d.loss().item() == pytest.approx(got.item(), rel=1e-6)

@@ -23,7 +23,7 @@ import weakref
 import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
-from conftest import tiny_pair
+from conftest import held_captures, tiny_pair
 from timm.utils import ModelEmaV3
 
 from athooks import Distiller
@@ -109,12 +109,7 @@ def test_long_run_holds_no_growing_state_and_leaves_nothing_behind(one_thread):
     # after the block: no hooks on the models; the EMA copy's hooks are inert leftovers of the
     # deep copy (they hold the Distiller weakly)
     assert hooks(teacher, student) == 0
-    captures = [
-        weakref.ref(v)
-        for tap in (*d._teacher_taps, *d._student_taps)
-        if tap.capture is not None
-        for v in tap.capture.values.values()
-    ]
+    captures = [weakref.ref(v) for cap in held_captures(d) for v in cap.values.values()]
     assert not captures, "captures survived the with block"
     refs = {
         "teacher": weakref.ref(teacher),

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from athooks.errors import CaptureError
 from athooks.mappings import Mapping
 
-__all__ = ["Loss", "Step", "StepRunner", "logits_of", "resize_map"]
+__all__ = ["Loss", "Step", "StepRunner", "logits_of", "loss", "resize_map"]
 
 
 def resize_map(amap: Tensor, size: tuple[int, int]) -> Tensor:
@@ -328,3 +328,32 @@ class Loss(nn.Module):
             A scalar tensor.
         """
         raise NotImplementedError
+
+
+def loss(name: str, **options: Any) -> Loss:
+    """A configured transfer loss, by registry name.
+
+    Args:
+        name: A registered loss name (``athooks.list_losses()``).
+        **options: The loss's options, e.g. ``beta=1e3, mapping="max_p", p=4`` for ``"at"``.
+
+    Returns:
+        An :class:`athooks.plugin.Loss` to pass to :class:`athooks.Distiller`.
+
+    Raises:
+        UnknownNameError: If no plugin registers ``name``.
+        ConfigurationError: If an option is not accepted.
+        PluginError: If the plugin's factory fails or builds something that is not a ``Loss``.
+
+    Example:
+        ```python
+        import athooks
+
+        at = athooks.loss("at", beta=1e3, mapping="max_p", p=4)
+        print(at)
+        ```
+    """
+    from athooks.registry import loss as build_loss
+
+    made: Loss = build_loss(name, **options)
+    return made

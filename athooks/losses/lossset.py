@@ -1,0 +1,156 @@
+"""A :class:`LossSet`: the losses of one Distiller, their labels, and what they need of a step."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from athooks.errors import CaptureError, ConfigurationError
+from athooks.losses.base import Loss, Step, loss
+from athooks.mappings import Mapping
+
+__all__ = ["LossSet"]
+
+
+def _as_losses(losses: Any) -> list[Loss]:
+    items = [losses] if isinstance(losses, (str, Loss)) else losses
+    if not isinstance(items, Sequence) or isinstance(items, str):
+        raise ConfigurationError(
+            f"losses must be a loss name, a loss from athooks.loss(...), or a list of them; got "
+            f"{type(losses).__name__}"
+        )
+    out: list[Loss] = []
+    for item in items:
+        if isinstance(item, str):
+            out.append(loss(item))
+        elif isinstance(item, Loss):
+            out.append(item)
+        else:
+            raise ConfigurationError(
+                f"losses: expected a loss name or athooks.loss(...), got {type(item).__name__}: "
+                f"{item!r:.80}"
+            )
+    if not out:
+        raise ConfigurationError("losses is empty; give at least one, e.g. losses='at'")
+    return out
+
+
+class LossSet:
+    """The losses of a Distiller, evaluated together on one step.
+
+    Args:
+        losses: A loss name, a loss object, or a sequence of them.
+
+    Attributes:
+        modules: The losses, as an ``nn.ModuleList`` (their parameters and buffers).
+        labels: The key of each loss in ``Distiller.terms``: its name, made unique (``at``,
+            ``at_2``, ...).
+        mappings: Every mapping the losses declared, each once, in order.
+        needs_teacher_output: Whether some loss reads the teacher's output.
+        needs_input_grad: Whether some loss needs the student's input to require grad.
+
+    Example:
+        ```python
+        import athooks
+        from athooks.losses.lossset import LossSet
+
+        losses = LossSet(["at", athooks.loss("at", mapping="max_p"), "kd"])
+        assert losses.labels == ["at", "at_2", "kd"] and len(losses.mappings) == 2
+        ```
+    """
+
+    def __init__(self, losses: Any) -> None:
+        items = _as_losses(losses)
+        self.modules = nn.ModuleList(items)
+        self.labels: list[str] = []
+        for item in items:
+            label, n = item.name, 2
+            while label in self.labels:
+                label, n = f"{item.name}_{n}", n + 1
+            self.labels.append(label)
+        self.mappings: list[Mapping] = []
+        for item in items:
+            for mapping in item.captures():
+                if not any(mapping is m for m in self.mappings):
+                    self.mappings.append(mapping)
+        self.needs_teacher_output = any(item.needs_teacher_output for item in items)
+        self.needs_input_grad = any(item.needs_input_grad for item in items)
+        self.has_state = any(True for _ in self.modules.parameters()) or any(
+            True for _ in self.modules.buffers()
+        )
+        self._where: tuple[torch.device, torch.dtype] | None = None
+
+    def __iter__(self) -> Iterator[Loss]:
+        return iter(self.modules)  # type: ignore[arg-type]
+
+    def follow(self, model: nn.Module) -> None:
+        """Move the losses' parameters and buffers to ``model``'s device and floating dtype."""
+        ref = next((p for p in model.parameters() if p.is_floating_point()), None)
+        if ref is None:
+            return
+        where = (ref.device, ref.dtype)
+        if where != self._where:
+            self.modules.to(device=ref.device, dtype=ref.dtype)
+            self._where = where
+
+    def evaluate(self, step: Step) -> tuple[Tensor, dict[str, Tensor]]:
+        """Every loss on ``step``.
+
+        Args:
+            step: What the step captured.
+
+        Returns:
+            The sum of the terms, and each term by label (scalars, with their graphs).
+
+        Raises:
+            CaptureError: If a loss returns something other than a scalar tensor.
+        """
+        terms: dict[str, Tensor] = {}
+        for label, loss_fn in zip(self.labels, self.modules, strict=True):
+            value = loss_fn(step)
+            if not isinstance(value, Tensor) or value.numel() != 1:
+                shape = tuple(value.shape) if isinstance(value, Tensor) else ""
+                raise CaptureError(
+                    f"loss {label!r} returned {type(value).__name__}{shape}; a loss must "
+                    "return a scalar tensor"
+                )
+            terms[label] = value.reshape(())
+        values = list(terms.values())
+        total = values[0]
+        for value in values[1:]:
+            total = total + value
+        return total, terms
+
+    def state_dict(self) -> dict[str, Any]:
+        """The losses' parameters and buffers (keys as in an ``nn.ModuleList``: ``"0.mapping.weight"``)."""
+        return dict(self.modules.state_dict())
+
+    def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
+        """Restore :meth:`state_dict`.
+
+        Args:
+            state: The saved state, keys without the Distiller's ``"losses."`` prefix.
+            strict: Whether every key of this set must be given, and no other.
+
+        Raises:
+            ConfigurationError: With ``strict``, naming the missing and unexpected keys.
+        """
+        if strict:
+            expected = set(self.modules.state_dict())
+            missing = sorted(expected - set(state))
+            unexpected = sorted(set(state) - expected)
+            if missing or unexpected:
+                parts = []
+                if missing:
+                    parts.append(f"missing {', '.join(f'losses.{k}' for k in missing)}")
+                if unexpected:
+                    parts.append(f"unexpected {', '.join(f'losses.{k}' for k in unexpected)}")
+                raise ConfigurationError(
+                    f"the state dict does not fit this Distiller's losses: {'; '.join(parts)}. "
+                    "Build the Distiller with the same losses as the one saved, or pass "
+                    "strict=False to load what matches"
+                )
+        self.modules.load_state_dict(state, strict=False)

@@ -708,6 +708,8 @@ TRIGGERS = [
     # losses
     t("at_distance", CE, lambda: athooks.loss("at", distance="l1")),
     t("at_beta", CE, lambda: athooks.loss("at", beta="big")),
+    t("beta_not_finite", CE, lambda: athooks.loss("at", beta=float("nan"))),
+    t("beta_negative", CE, lambda: athooks.loss("fact", beta=-1.0)),
     t("kd_temperature", CE, lambda: athooks.loss("kd", temperature=0)),
     t("kd_classes", CE, _kd_classes),
     t("logits_missing", CP, _logits_missing),

@@ -222,6 +222,9 @@ def match_modules(
 ) -> list[tuple[str, nn.Module]]:
     """All modules of ``model`` whose name matches ``pattern``, in module order.
 
+    A module whose name is exactly ``pattern`` is returned alone, before the text is read as a
+    pattern: a module registered as ``"stage[0]"`` is found by that name.
+
     Args:
         model: The model (wrappers are looked through).
         pattern: A layer name or pattern.

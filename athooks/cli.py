@@ -331,10 +331,20 @@ def _cmd_show(args: argparse.Namespace) -> int:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    from athooks.registry import list_losses, list_mappings
+    from athooks.registry import list_losses, list_mappings, registered
 
     print("mappings: " + ", ".join(list_mappings()))
     print("losses:   " + ", ".join(list_losses()))
+    providers_of: dict[tuple[str, str], list[str]] = {}
+    for kind, name, provider, _ in registered():  # one row per claim
+        providers_of.setdefault((kind, name), []).append(provider)
+    for (kind, name), providers in providers_of.items():
+        if len(providers) < 2:
+            continue
+        print(
+            f"warning: {kind} {name!r} is claimed by {len(providers)} plugins "
+            f"({', '.join(providers)}); using it raises PluginError"
+        )
     return 0
 
 

@@ -13,7 +13,12 @@ Pattern syntax:
   ``bn2`` at any depth;
 * ``"re:<regex>"`` is a regular expression that must match the whole name.
 
-The root module (name ``""``) is never matched by a pattern.
+A text that is exactly the name of a module is that module, even when it holds pattern characters
+(a module registered as ``"stage[0]"``); it is read as a pattern only when no module has that
+name. The root module (name ``""``) is never matched by a pattern.
+
+Module objects can be given instead of names (``layers=[student.layer3]``,
+``layers=[(teacher.layer3, student.layer2)]``); they are found by identity.
 """
 
 from __future__ import annotations
@@ -80,10 +85,10 @@ class Layer:
             )
 
 
-LayerSpec: TypeAlias = "str | Layer"
+LayerSpec: TypeAlias = "str | Layer | nn.Module"
 LayersArg: TypeAlias = (
-    "str | Layer | Mapping[str | Layer, str | Layer]"
-    " | Sequence[str | Layer | tuple[str | Layer, str | Layer]]"
+    "str | Layer | nn.Module | Mapping[str | Layer | nn.Module, str | Layer | nn.Module]"
+    " | Sequence[str | Layer | nn.Module | tuple[str | Layer | nn.Module, str | Layer | nn.Module]]"
 )
 
 
@@ -218,6 +223,9 @@ def match_modules(
 ) -> list[tuple[str, nn.Module]]:
     """All modules of ``model`` whose name matches ``pattern``, in module order.
 
+    A module whose name is exactly ``pattern`` is returned alone, before the text is read as a
+    pattern: a module registered as ``"stage[0]"`` is found by that name.
+
     Args:
         model: The model (wrappers are looked through).
         pattern: A layer name or pattern.
@@ -248,70 +256,142 @@ def match_modules(
         if stripped.startswith(prefix):
             stripped = stripped[len(prefix) :]
             candidates.append(stripped)
+    # a real module name wins before the text is read as a pattern: a module registered as
+    # "stage[0]" is tapped by its own name, not by the set "[0]" (which would match "stage0")
     for candidate in reversed(candidates):  # most stripped first
-        if not _is_pattern(candidate):
-            hits = [(n, m) for n, m in named if n == candidate]
-        else:
-            rx = compile_pattern(candidate)
-            hits = [(n, m) for n, m in named if rx.fullmatch(n)]
+        hits = [(n, m) for n, m in named if n == candidate]
         if hits:
             return hits
+    for candidate in reversed(candidates):
+        if _is_pattern(candidate):
+            rx = compile_pattern(candidate)
+            hits = [(n, m) for n, m in named if rx.fullmatch(n)]
+            if hits:
+                return hits
     raise LayerResolutionError(_no_match_message(pattern, [n for n, _ in named], side))
+
+
+def _close_names_hint(text: str, names: list[str]) -> str:
+    close = difflib.get_close_matches(text, names, n=5, cutoff=0.6)
+    close.sort(key=names.index)  # module order reads better than similarity order
+    if not close:
+        close = [n for n in names if "." not in n][:8]
+        return f"top-level modules: {', '.join(close)}" if close else "the model has no submodules"
+    return f"close names: {', '.join(close)}"
 
 
 def _no_match_message(pattern: str, names: list[str], side: str) -> str:
     probe = pattern[3:] if pattern.startswith("re:") else pattern
-    literal = re.sub(r"[*?\[\]!]", "", probe)
-    close = difflib.get_close_matches(literal, names, n=5, cutoff=0.6)
-    close.sort(key=names.index)  # module order reads better than similarity order
-    if not close:
-        close = [n for n in names if "." not in n][:8]
-        hint = f"top-level modules: {', '.join(close)}" if close else "the model has no submodules"
-    else:
-        hint = f"close names: {', '.join(close)}"
+    hint = _close_names_hint(re.sub(r"[*?\[\]!]", "", probe), names)
     return (
         f"pattern {pattern!r} matched no module of the {side}; {hint} "
         f"(see `athooks layers <model>` or athooks.list_layers(model))"
     )
 
 
-def _normalise_layers(
-    layers: Any,
-) -> list[tuple[Layer, Layer]]:
-    def as_layer(spec: Any, where: str) -> Layer:
-        if isinstance(spec, Layer):
+_Spec: TypeAlias = "Layer | nn.Module"
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One entry of the ``layers`` argument: a pair of specs, or one spec for both models."""
+
+    teacher: _Spec
+    student: _Spec
+    both: bool  # one spec used on both models (a module: found in the student or the teacher)
+    label: str  # where it came from, for messages: "layers[1] ('layer4')"
+
+
+def _same_spec(a: Any, b: Any) -> bool:
+    """Whether two specs say the same thing: one module object, or equal names and reading."""
+    if isinstance(a, nn.Module) or isinstance(b, nn.Module):
+        return a is b
+    if not isinstance(a, (str, Layer)) or not isinstance(b, (str, Layer)):
+        return False
+    la = a if isinstance(a, Layer) else Layer(a)
+    lb = b if isinstance(b, Layer) else Layer(b)
+    return (
+        la.pattern == lb.pattern
+        and _same(la.select, lb.select)
+        and _same(la.transform, lb.transform)
+    )
+
+
+def _same(a: Any, b: Any) -> bool:
+    if a is b:
+        return True
+    try:
+        return bool(a == b)
+    except Exception:  # an object whose == does not give a truth value
+        return False
+
+
+def _is_spec(item: Any) -> bool:
+    return isinstance(item, (str, Layer, nn.Module))
+
+
+def _normalise_layers(layers: Any, describe: Callable[[Any], str] = repr) -> list[_Entry]:
+    """The entries of a ``layers`` argument, each with a label that says where it came from.
+
+    ``describe`` writes a spec in messages (the caller names module objects by their path).
+    """
+
+    def as_spec(spec: Any, where: str) -> _Spec:
+        if isinstance(spec, (Layer, nn.Module)):
             return spec
         if isinstance(spec, str):
             return Layer(spec)
         raise ConfigurationError(
-            f"{where}: expected a layer name, a pattern or athooks.Layer, got "
-            f"{type(spec).__name__}: {spec!r}"
+            f"{where}: expected a layer name, a pattern, athooks.Layer or a submodule of one of "
+            f"the models, got {type(spec).__name__}: {spec!r:.80}"
         )
 
-    if isinstance(layers, (str, Layer)):
-        spec = as_layer(layers, "layers")
-        return [(spec, spec)]
+    if _is_spec(layers):
+        return [_Entry(as_spec(layers, "layers"), as_spec(layers, "layers"), True, "layers")]
+    if isinstance(layers, tuple) and len(layers) == 2 and all(_is_spec(x) for x in layers):
+        first, second = layers
+        if _same_spec(first, second):  # one pair of the same layer: the layer on both models
+            spec = as_spec(first, "layers[0]")
+            return [_Entry(spec, spec, True, f"layers ({describe(first)})")]
+        a, b = describe(first), describe(second)
+        raise ConfigurationError(
+            f"layers=({a}, {b}) is ambiguous: a tuple of two layers could mean two layers, each "
+            f"used on both models, or one (teacher, student) pair. Write layers=[{a}, {b}] for "
+            f"two layers, each used on both models, or layers=[({a}, {b})] for one (teacher, "
+            f"student) pair (teacher: {a}, student: {b})"
+        )
+
+    def shown(item: Any) -> str:  # "(a, b)" for a pair, "(a)" for one spec
+        if isinstance(item, tuple):
+            return "(" + ", ".join(describe(x) for x in item) + ")"
+        return f"({describe(item)})"
+
     if isinstance(layers, Mapping):
-        items: Iterable[Any] = [(k, v) for k, v in layers.items()]
+        items: Iterable[tuple[str, Any]] = [
+            (f"the entry {describe(k)}: {describe(v)}", (k, v)) for k, v in layers.items()
+        ]
     elif isinstance(layers, Sequence):
-        items = layers
+        items = [(f"layers[{i}] {shown(item)}", item) for i, item in enumerate(layers)]
     else:
         raise ConfigurationError(
-            f"layers must be a pattern, a list of names or (teacher, student) pairs, or a dict "
-            f"teacher name -> student name; got {type(layers).__name__}"
+            f"layers must be a pattern, a module, a list of names, modules or (teacher, student) "
+            f"pairs, or a dict teacher -> student; got {type(layers).__name__}"
         )
-    out: list[tuple[Layer, Layer]] = []
-    for i, item in enumerate(items):
+    out: list[_Entry] = []
+    for i, (label, item) in enumerate(items):
+        where = f"layers[{i}]"
         if isinstance(item, tuple):
             if len(item) != 2:
                 raise ConfigurationError(
                     f"layers[{i}] is a tuple of {len(item)} items; a pair is "
                     "(teacher_name, student_name)"
                 )
-            out.append((as_layer(item[0], f"layers[{i}][0]"), as_layer(item[1], f"layers[{i}][1]")))
+            teacher = as_spec(item[0], f"{where}[0]")
+            student = as_spec(item[1], f"{where}[1]")
+            out.append(_Entry(teacher, student, False, label))
         else:
-            spec = as_layer(item, f"layers[{i}]")
-            out.append((spec, spec))
+            spec = as_spec(item, where)
+            out.append(_Entry(spec, spec, True, label))
     if not out:
         raise ConfigurationError(
             "layers is empty; name at least one layer to transfer attention at"
@@ -331,23 +411,91 @@ class ResolvedPair:
     student_layer: Layer
 
 
+def _python_path(side: str, name: str) -> str:
+    """``student.layer4[1]`` for the module named ``layer4.1`` of the student."""
+    parts = name.split(".")
+    if all(p.isidentifier() or p.isdigit() for p in parts):
+        return side + "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in parts)
+    return f"{side}.get_submodule({name!r})"
+
+
+class _Model:
+    """One side of the pair, for finding module objects by identity."""
+
+    def __init__(self, model: nn.Module, side: str) -> None:
+        self.model = model
+        self.side = side
+        self.inner = unwrap(model)[0]
+        self.named = [(n, m) for n, m in self.inner.named_modules() if n]
+        self.by_id = {id(m): n for n, m in self.named}
+
+    def is_root(self, module: nn.Module) -> bool:
+        return module is self.model or module is self.inner
+
+    def name_of(self, module: nn.Module) -> str | None:
+        return self.by_id.get(id(module))
+
+    def exactly(self, name: str, found_in: str) -> tuple[str, nn.Module]:
+        """The module named ``name`` (a name read off the other model), never a pattern."""
+        for n, m in self.named:
+            if n == name:
+                return n, m
+        hint = _close_names_hint(name, [n for n, _ in self.named])
+        raise LayerResolutionError(
+            f"layer {name!r} was given as a module object of the {found_in}, so it is tapped "
+            f"by that name on the {self.side} as well, but the {self.side} has no module "
+            f"{name!r}; {hint}. Give the pair explicitly: layers=[(teacher_layer, student_layer)]"
+        )
+
+
+def _module_name(module: nn.Module, side: _Model, other: _Model, where: str) -> str:
+    """The name of ``module`` in ``side``, or an error saying where it is not."""
+    if side.is_root(module) or other.is_root(module):
+        whole = side if side.is_root(module) else other
+        raise LayerResolutionError(
+            f"{where} is the {whole.side} itself ({type(module).__name__}), not one of its "
+            f"layers; give a submodule, e.g. {whole.side}.layer3, or its name"
+        )
+    name = side.name_of(module)
+    if name is not None:
+        return name
+    elsewhere = other.name_of(module)
+    if elsewhere is not None:
+        raise LayerResolutionError(
+            f"{where} is a {type(module).__name__} module that is not a submodule of the "
+            f"{side.side}; it is a submodule of the {other.side} ({elsewhere!r}). Pairs are "
+            f"(teacher, student): swap the two, or give a module of the {side.side}"
+        )
+    raise LayerResolutionError(
+        f"{where} is a {type(module).__name__} module that is not a submodule of the "
+        f"{side.side}; give one of the {side.side}'s modules (e.g. {side.side}.layer3) or a "
+        "layer name"
+    )
+
+
 def resolve_pairs(teacher: nn.Module, student: nn.Module, layers: Any) -> list[ResolvedPair]:
     """Resolve a ``layers`` argument into concrete teacher/student module pairs.
 
     Each entry's teacher pattern and student pattern are matched separately; the matches are
-    paired in module order and must be equally many.
+    paired in module order and must be equally many. An exact module name wins over reading the
+    text as a pattern. A module object is found by identity in its model (wrappers are looked
+    through); a module given alone (not in a pair) is found in the student, or failing that in
+    the teacher, and its name is used on the other model as well.
 
     Args:
         teacher: The teacher model.
         student: The student model.
-        layers: A pattern for both models, a list of names/patterns/``(teacher, student)``
-            tuples, or a dict mapping teacher names to student names.
+        layers: A pattern or a module for both models, a list of names, patterns, modules and
+            ``(teacher, student)`` tuples, or a dict mapping teacher layers to student layers.
+            A top-level tuple of two different layers is refused as ambiguous.
 
     Returns:
         The resolved pairs, in the order given.
 
     Raises:
-        LayerResolutionError: If a pattern matches nothing or the two sides differ in count.
+        ConfigurationError: If ``layers`` is malformed or ambiguous.
+        LayerResolutionError: If a pattern matches nothing, the two sides differ in count, a
+            module is not part of its model, or two entries give the same pair.
 
     Example:
         ```python
@@ -358,12 +506,30 @@ def resolve_pairs(teacher: nn.Module, student: nn.Module, layers: Any) -> list[R
         s = torchvision.models.resnet18()
         pairs = resolve_pairs(t, s, "layer?")
         print([(p.teacher_name, p.student_name) for p in pairs])
+        pairs = resolve_pairs(t, s, [(t.layer3[5], s.layer3[1]), s.layer4])
+        assert [(p.teacher_name, p.student_name) for p in pairs] == [
+            ("layer3.5", "layer3.1"),
+            ("layer4", "layer4"),
+        ]
         ```
     """
+    t_side, s_side = _Model(teacher, "teacher"), _Model(student, "student")
+
+    def describe(spec: Any) -> str:
+        if isinstance(spec, nn.Module):
+            for model in (s_side, t_side):
+                name = model.name_of(spec)
+                if name is not None:
+                    return _python_path(model.side, name)
+            return f"<{type(spec).__name__}>"
+        text = repr(spec)
+        return text if len(text) <= 80 else text[:77] + "..."
+
     pairs: list[ResolvedPair] = []
-    for t_layer, s_layer in _normalise_layers(layers):
-        t_hits = match_modules(teacher, t_layer.pattern, side="teacher")
-        s_hits = match_modules(student, s_layer.pattern, side="student")
+    sources: list[str] = []
+    for entry in _normalise_layers(layers, describe):
+        t_hits, t_layer = _resolve_side(entry, t_side, s_side)
+        s_hits, s_layer = _resolve_side(entry, s_side, t_side)
         if len(t_hits) != len(s_hits):
             raise LayerResolutionError(
                 f"teacher pattern {t_layer.pattern!r} matched {len(t_hits)} modules but student "
@@ -376,7 +542,60 @@ def resolve_pairs(teacher: nn.Module, student: nn.Module, layers: Any) -> list[R
             )
         for (tn, tm), (sn, sm) in zip(t_hits, s_hits, strict=True):
             pairs.append(ResolvedPair(tn, tm, t_layer, sn, sm, s_layer))
+            sources.append(entry.label)
+    _refuse_duplicates(pairs, sources)
     return pairs
+
+
+def _resolve_side(
+    entry: _Entry, side: _Model, other: _Model
+) -> tuple[list[tuple[str, nn.Module]], Layer]:
+    """The modules an entry names on one side, and the Layer that reads them."""
+    spec = entry.teacher if side.side == "teacher" else entry.student
+    if isinstance(spec, Layer):
+        return match_modules(side.model, spec.pattern, side=side.side), spec
+    where = entry.label
+    if not entry.both:
+        name = _module_name(spec, side, other, f"the {side.side} layer of {where}")
+        return [(name, spec)], Layer(name)
+    # one module for both models: found in the student, or failing that in the teacher
+    student, teacher = (side, other) if side.side == "student" else (other, side)
+    for home in (student, teacher):
+        found = home.name_of(spec)
+        if found is not None:
+            hit = (found, spec) if home is side else side.exactly(found, found_in=home.side)
+            return [hit], Layer(found)
+    if student.is_root(spec) or teacher.is_root(spec):
+        _module_name(spec, student, teacher, where)  # raises: the model itself
+    raise LayerResolutionError(
+        f"{where} is a {type(spec).__name__} module that is a submodule of neither the teacher "
+        "nor the student; give a module of one of the models (e.g. student.layer3) or a layer "
+        "name"
+    )
+
+
+def _refuse_duplicates(pairs: list[ResolvedPair], sources: list[str]) -> None:
+    """Two entries that give the same pair would count it twice in the loss: refuse it."""
+    seen: dict[tuple[int, int], list[int]] = {}
+    for i, p in enumerate(pairs):
+        bucket = seen.setdefault((id(p.teacher_module), id(p.student_module)), [])
+        for j in bucket:
+            q = pairs[j]
+            if all(
+                _same(getattr(p_layer, f), getattr(q_layer, f))
+                for p_layer, q_layer in (
+                    (p.teacher_layer, q.teacher_layer),
+                    (p.student_layer, q.student_layer),
+                )
+                for f in ("select", "transform")
+            ):
+                raise LayerResolutionError(
+                    f"the layer pair (teacher {p.teacher_name!r}, student {p.student_name!r}) "
+                    f"is given twice, by {sources[j]} and by {sources[i]}, so it would be "
+                    "counted twice in the loss. Remove one of the two entries, or narrow the "
+                    "pattern so that it leaves this layer out"
+                )
+        bucket.append(i)
 
 
 def _short_list(names: Sequence[str], limit: int = 12) -> str:

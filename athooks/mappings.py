@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from athooks.checks import check_real
 from athooks.errors import CaptureError, ConfigurationError
 
 __all__ = [
@@ -149,13 +150,13 @@ def abs_pow_sum(features: Tensor, p: float = 2.0) -> Tensor:
 
 
 def _check_p(p: Any, name: str) -> float:
-    if isinstance(p, bool) or not isinstance(p, (int, float)):
-        raise ConfigurationError(f"{name}: p must be a number >= 1, got {type(p).__name__} {p!r}")
-    if not p >= 1:
-        raise ConfigurationError(
-            f"{name}: p must be >= 1 (|A|^p is not differentiable at 0 for p < 1), got {p}"
-        )
-    return float(p)
+    return check_real(
+        p,
+        owner=name,
+        option="p",
+        minimum=1.0,
+        reason=" (|A|^p is not differentiable at 0 for p < 1)",
+    )
 
 
 class Sum(Mapping):

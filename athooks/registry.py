@@ -27,7 +27,7 @@ from typing import Any
 import pluggy
 
 from athooks import hookspecs
-from athooks.errors import ConfigurationError, PluginError, UnknownNameError
+from athooks.errors import AthooksError, ConfigurationError, PluginError, UnknownNameError
 from athooks.specs import LossSpec, MappingSpec
 
 __all__ = [
@@ -101,6 +101,7 @@ class _Collected:
     entries: dict[str, _Entry]
     conflicts: dict[str, list[str]]  # name -> plugins that all registered it
     broken: dict[str, str]  # plugin name -> what went wrong
+    claims: dict[str, list[_Entry]]  # name -> every entry of a name claimed more than once
 
 
 def _autoload(pm: pluggy.PluginManager) -> None:
@@ -191,6 +192,7 @@ def _collect(kind: str) -> _Collected:
     caller = getattr(pm.hook, hook_name)
     entries: dict[str, _Entry] = {}
     conflicts: dict[str, list[str]] = {}
+    claims: dict[str, list[_Entry]] = {}
     broken: dict[str, str] = {}
     for impl in caller.get_hookimpls():  # registration order: the built-ins come first
         plugin_name = impl.plugin_name
@@ -219,12 +221,16 @@ def _collect(kind: str) -> _Collected:
                 continue
             if spec.name in entries or spec.name in conflicts:
                 owners = conflicts.setdefault(spec.name, [])
+                claimed = claims.setdefault(spec.name, [])
                 if spec.name in entries:
-                    owners.append(entries.pop(spec.name).plugin_name)
+                    first = entries.pop(spec.name)
+                    owners.append(first.plugin_name)
+                    claimed.append(first)
                 owners.append(plugin_name)
+                claimed.append(_Entry(spec, plugin_name))
                 continue
             entries[spec.name] = _Entry(spec, plugin_name)
-    return _Collected(entries, conflicts, broken)
+    return _Collected(entries, conflicts, broken, claims)
 
 
 def plugin_label(plugin_name: str) -> str:
@@ -301,16 +307,50 @@ def _make(kind: str, name: str, options: dict[str, Any]) -> tuple[Any, str]:
                 ) from None
     try:
         obj = factory(**options)
-    except ConfigurationError:
-        raise
-    except TypeError as err:
-        raise ConfigurationError(f"{kind} {name!r} rejected its options {options}: {err}") from err
     except Exception as err:
+        ours = isinstance(err, AthooksError)
+        if ours and _raised_by_an_inner_lookup(err):
+            raise  # e.g. loss("at", mapping="sum_p", p=0.5): the mapping's error says it all
+        if isinstance(err, (TypeError, ValueError)) and (
+            not ours or type(err) is ConfigurationError
+        ):  # the factory refused the user's option: the user's error, not the plugin's
+            raise ConfigurationError(
+                f"{kind} {name!r} rejected its options {_shown(options)}: {err}"
+            ) from err
+        if isinstance(err, ConfigurationError):
+            raise  # a subclass (UnknownNameError, LayerResolutionError): keep its class
         raise PluginError(
             f"{kind} {name!r} from {plugin_label(entry.plugin_name)} failed to build: "
             f"{type(err).__name__}: {err}"
         ) from err
     return obj, entry.plugin_name
+
+
+def _raised_by_an_inner_lookup(err: BaseException) -> bool:
+    """Whether ``err`` came out of a registry call the factory made itself (a loss's mapping).
+
+    Its message already names that mapping or loss and its options; wrapping it again would
+    repeat them.
+    """
+    tb = err.__traceback__.tb_next if err.__traceback__ is not None else None  # skip our frame
+    while tb is not None:
+        if tb.tb_frame.f_globals.get("__name__") == __name__:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _shown(options: dict[str, Any]) -> str:
+    """The options as a dict literal, each value short: multi-line reprs by class, long ones cut."""
+    parts = []
+    for key, value in options.items():
+        text = repr(value)
+        if "\n" in text:  # a module, a tensor: its class says enough
+            text = f"<{type(value).__name__}>"
+        elif len(text) > 40:
+            text = text[:37] + "..."
+        parts.append(f"{key!r}: {text}")
+    return "{" + ", ".join(parts) + "}"
 
 
 def mapping(name: str, **options: Any) -> Any:
@@ -395,7 +435,9 @@ def registered() -> list[tuple[str, str, str, str]]:
 
     Returns:
         ``(kind, name, provider, summary)`` rows, mappings first, each kind sorted by name;
-        ``provider`` is the distribution and version (``"athooks 0.1.0 (built-in)"``).
+        ``provider`` is the distribution and version (``"athooks 0.1.0 (built-in)"``). A name
+        that several plugins claim has one row per claim, in registration order, whose summary
+        starts with ``"claimed twice; using it raises PluginError"``.
 
     Example:
         ```python
@@ -408,14 +450,27 @@ def registered() -> list[tuple[str, str, str, str]]:
     rows = []
     for kind in ("mapping", "loss"):
         found = _collect(kind)
-        for name in sorted(found.entries):
-            entry = found.entries[name]
-            rows.append((kind, name, plugin_label(entry.plugin_name), entry.spec.summary))
+        for name in sorted({*found.entries, *found.claims}):
+            if name in found.entries:
+                entry = found.entries[name]
+                rows.append((kind, name, plugin_label(entry.plugin_name), entry.spec.summary))
+                continue
+            claims = found.claims[name]
+            times = "twice" if len(claims) == 2 else f"{len(claims)} times"
+            for claim in claims:
+                others = ", ".join(plugin_label(c.plugin_name) for c in claims if c is not claim)
+                summary = f"claimed {times}; using it raises PluginError (also: {others})"
+                if claim.spec.summary:
+                    summary += f"; {claim.spec.summary}"
+                rows.append((kind, name, plugin_label(claim.plugin_name), summary))
     return rows
 
 
 def list_mappings() -> list[str]:
     """Names of every registered attention mapping, sorted.
+
+    A name two plugins claim is listed too, although using it raises :class:`PluginError`
+    (``athooks.registry.registered()`` shows who claims it).
 
     Returns:
         The names.
@@ -427,11 +482,15 @@ def list_mappings() -> list[str]:
         assert {"sum", "sum_p", "max_p"} <= set(athooks.list_mappings())
         ```
     """
-    return sorted(_collect("mapping").entries)
+    found = _collect("mapping")
+    return sorted({*found.entries, *found.claims})
 
 
 def list_losses() -> list[str]:
     """Names of every registered transfer loss, sorted.
+
+    A name two plugins claim is listed too, although using it raises :class:`PluginError`
+    (``athooks.registry.registered()`` shows who claims it).
 
     Returns:
         The names.
@@ -443,4 +502,5 @@ def list_losses() -> list[str]:
         assert "at" in athooks.list_losses()
         ```
     """
-    return sorted(_collect("loss").entries)
+    found = _collect("loss")
+    return sorted({*found.entries, *found.claims})

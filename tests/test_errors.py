@@ -395,6 +395,21 @@ def _plugin(register, kind: str):
     }[kind]()
 
 
+def _resolve(layers: Callable[[nn.Module, nn.Module], Any]) -> None:
+    from athooks.layers import resolve_pairs
+
+    teacher, student = _pair()
+    resolve_pairs(teacher, student, layers(teacher, student))
+
+
+def _module_name_not_on_teacher():
+    from athooks.layers import resolve_pairs
+
+    teacher, student = _pair()
+    student.add_module("extra", nn.Conv2d(3, 3, 1))
+    resolve_pairs(teacher, student, [student.extra])
+
+
 def _fact_shapes():
     teacher, student = _pair()
     with Distiller(teacher, student, layers="relu1", losses="fact") as d:
@@ -655,6 +670,13 @@ TRIGGERS = [
     t("layers_type", CE, lambda: Distiller(*_pair(), layers=3)),
     t("pair_tuple", CE, lambda: Distiller(*_pair(), layers=[("relu1", "relu1", "relu1")])),
     t("layers_empty", CE, lambda: Distiller(*_pair(), layers=[])),
+    t("layers_ambiguous_tuple", CE, lambda: _resolve(lambda t, s: ("relu3", "relu2"))),
+    t("layer_pair_twice", LR, lambda: _resolve(lambda t, s: ["relu?", "relu3"])),
+    t("module_of_neither", LR, lambda: _resolve(lambda t, s: [TinyCNN(4).relu1])),
+    t("module_other_side", LR, lambda: _resolve(lambda t, s: [(s.relu1, "relu1")])),
+    t("module_not_in_side", LR, lambda: _resolve(lambda t, s: [("relu1", TinyCNN(4).relu1)])),
+    t("module_is_the_model", LR, lambda: _resolve(lambda t, s: [(t, "relu1")])),
+    t("module_name_not_on_other", LR, _module_name_not_on_teacher),
     t("pattern_no_match", LR, lambda: Distiller(*_pair(), layers="rleu1")),
     t(
         "unequal_matches",
@@ -686,6 +708,8 @@ TRIGGERS = [
     # losses
     t("at_distance", CE, lambda: athooks.loss("at", distance="l1")),
     t("at_beta", CE, lambda: athooks.loss("at", beta="big")),
+    t("beta_not_finite", CE, lambda: athooks.loss("at", beta=float("nan"))),
+    t("beta_negative", CE, lambda: athooks.loss("fact", beta=-1.0)),
     t("kd_temperature", CE, lambda: athooks.loss("kd", temperature=0)),
     t("kd_classes", CE, _kd_classes),
     t("logits_missing", CP, _logits_missing),

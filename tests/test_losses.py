@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+from fractions import Fraction
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -13,7 +15,7 @@ from torch.func import functional_call
 
 import athooks
 from athooks import Distiller
-from athooks.errors import CaptureError
+from athooks.errors import CaptureError, ConfigurationError
 
 X = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
 Y = torch.tensor([0, 1, 2, 3])
@@ -323,3 +325,106 @@ def test_combined_terms_sum_to_the_loss():
         total = d.loss(target=Y)
     assert list(d.terms) == ["at", "kd", "grad_at", "symmetry"]
     assert total.item() == pytest.approx(sum(v.item() for v in d.terms.values()), rel=1e-6)
+
+
+# ------------------------------------------------------------- numeric options (issue 14)
+
+NAN, INF = float("nan"), float("inf")
+GRAD_LOSSES = ("grad_at", "symmetry", "input_grad_l2")
+
+
+@pytest.mark.parametrize(
+    ("name", "option", "value", "match"),
+    [
+        *[("at", "beta", v, "at: beta must be finite") for v in (NAN, INF, -INF, 10**400)],
+        ("at", "beta", -1.0, r"at: beta must be >= 0"),
+        ("at", "beta", "big", "at: beta must be a real number"),
+        ("at", "beta", True, "at: beta must be a real number.*got bool"),
+        ("at", "beta", torch.tensor(1e3), r"got Tensor.*\.item\(\)"),
+        *[("kd", "weight", v, "kd: weight must be finite") for v in (NAN, INF)],
+        ("kd", "weight", -0.5, "kd: weight must be >= 0"),
+        ("kd", "weight", "0.9", "kd: weight must be a real number.*got str"),
+        *[("kd", "temperature", v, "kd: temperature must be finite") for v in (NAN, INF)],
+        *[("kd", "temperature", v, "kd: temperature must be > 0") for v in (0, -4.0)],
+        *[("fact", "beta", v, "fact: beta must be finite") for v in (NAN, INF)],
+        ("fact", "beta", -1e-3, "fact: beta must be >= 0"),
+        ("fact", "beta", "1e-3", "fact: beta must be a real number"),
+        *[(g, "beta", v, f"{g}: beta must be finite") for g in GRAD_LOSSES for v in (NAN, INF)],
+        *[(g, "beta", -1.0, f"{g}: beta must be >= 0") for g in GRAD_LOSSES],
+    ],
+    ids=lambda v: repr(v)[:20] if not isinstance(v, str) else None,
+)
+def test_bad_numeric_options_are_refused(name, option, value, match):
+    with pytest.raises(ConfigurationError, match=match):
+        athooks.loss(name, **{option: value})
+
+
+@pytest.mark.parametrize(
+    ("name", "option", "value", "expected"),
+    [
+        ("at", "beta", np.float32(1e3), 1000.0),
+        ("at", "beta", np.int64(10), 10.0),
+        ("at", "beta", 0, 0.0),  # zero switches a term off, e.g. to log it only
+        ("kd", "weight", np.float64(0.9), 0.9),
+        ("kd", "temperature", np.int64(4), 4.0),
+        ("kd", "temperature", Fraction(1, 2), 0.5),
+        ("fact", "beta", np.float32(0.5), 0.5),
+        *[(g, "beta", np.float32(2.0), 2.0) for g in GRAD_LOSSES],
+    ],
+)
+def test_real_numbers_of_any_kind_are_stored_as_python_floats(name, option, value, expected):
+    loss = athooks.loss(name, **{option: value})
+    stored = getattr(loss, option)
+    assert type(stored) is float and stored == expected
+
+
+def test_the_checks_also_apply_to_losses_built_directly():
+    from athooks.losses import AT, KD, FActT, GradAT
+
+    for build in (lambda: AT(beta=NAN), lambda: FActT(beta=-1), lambda: GradAT(beta=INF)):
+        with pytest.raises(ConfigurationError, match="beta must be"):
+            build()
+    with pytest.raises(ConfigurationError, match="temperature must be finite"):
+        KD(temperature=INF)
+
+
+def test_a_numpy_beta_gives_the_reference_loss():
+    teacher, student = tiny_pair(inplace=False)
+    beta = np.float32(1e3)
+    with Distiller(teacher, student, layers="relu?", losses=athooks.loss("at", beta=beta)) as d:
+        student(X)
+        got = d.loss()
+    teacher.eval()  # the Distiller runs the teacher in eval mode
+    with torch.no_grad():
+        pairs = list(zip(teacher.features(X), student.features(X), strict=True))
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx(ref_at_loss_code(pairs, beta=1000.0).item(), rel=1e-5)
+
+
+# ------------------------------------------------------------- athooks.checks.check_real
+
+
+def test_check_real_returns_a_python_float():
+    from athooks.checks import check_real
+
+    assert type(check_real(np.float32(0.25), owner="o", option="x")) is float
+    assert check_real(3, owner="o", option="x", minimum=3) == 3.0
+    assert check_real(-5, owner="o", option="x") == -5.0  # no bound unless asked
+
+
+@pytest.mark.parametrize(
+    ("value", "kwargs", "match"),
+    [
+        (NAN, {}, "o: x must be finite, got nan"),
+        (np.float32("inf"), {}, "o: x must be finite"),
+        (np.bool_(True), {}, "o: x must be a real number.*got bool"),
+        (3, {"minimum": 3, "strict": True}, "o: x must be > 3, got 3"),
+        (0.5, {"minimum": 1, "reason": " (why)"}, r"o: x must be >= 1 \(why\), got 0.5"),
+        (None, {"minimum": 0}, "o: x must be a real number >= 0, got NoneType None"),
+    ],
+)
+def test_check_real_refuses(value, kwargs, match):
+    from athooks.checks import check_real
+
+    with pytest.raises(ConfigurationError, match=match):
+        check_real(value, owner="o", option="x", **kwargs)

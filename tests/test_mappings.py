@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import assume, given, settings
@@ -100,6 +101,25 @@ def test_low_precision_gradient_is_the_float32_gradient_rounded(p):
 def test_bad_exponent_is_rejected(p):
     with pytest.raises(ConfigurationError, match="p must be"):
         athooks.mapping("sum_p", p=p)
+
+
+@pytest.mark.parametrize("name", ["sum_p", "max_p"])
+@pytest.mark.parametrize("p", [float("inf"), float("nan"), np.float64("inf")])
+def test_a_non_finite_exponent_is_rejected(name, p):
+    # |A|^inf is 0 or inf: the loss would be NaN
+    with pytest.raises(ConfigurationError, match=f"{name}: p must be finite"):
+        athooks.mapping(name, p=p)
+    with pytest.raises(ConfigurationError, match=f"{name}: p must be finite"):
+        athooks.loss("at", mapping=name, p=p)
+
+
+@pytest.mark.parametrize(("p", "expected"), [(np.int64(4), 4.0), (np.float32(1.5), 1.5)])
+def test_numpy_exponents_are_accepted_as_python_floats(p, expected):
+    m = athooks.mapping("sum_p", p=p)
+    assert type(m.p) is float and m.p == expected
+    a = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    torch.testing.assert_close(m(a), (a.abs() ** expected).sum(1))
+    assert athooks.loss("at", mapping="max_p", p=p).mapping.p == expected
 
 
 def test_repr_names_the_configuration():

@@ -185,3 +185,148 @@ def test_a_factory_that_fails_or_returns_junk_names_the_plugin(register):
 def test_name_must_be_a_string():
     with pytest.raises(ConfigurationError, match="name must be a string"):
         athooks.mapping(3)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------- issue 14, group B
+
+
+def test_a_factory_value_error_is_the_users_bad_option(register):
+    def sized(size=3):
+        if size < 1:
+            raise ValueError(f"size must be >= 1, got {size}")
+        return lambda f: f.sum(1)
+
+    class Plugin:
+        @hookimpl
+        def athooks_mappings(self):
+            return [MappingSpec("sized_t", sized)]
+
+    register(Plugin(), "value-error-plugin")
+    with pytest.raises(ConfigurationError) as info:
+        athooks.mapping("sized_t", size=0)
+    assert not isinstance(info.value, PluginError)
+    assert str(info.value) == (
+        "mapping 'sized_t' rejected its options {'size': 0}: size must be >= 1, got 0"
+    )
+    assert isinstance(info.value.__cause__, ValueError)
+    assert athooks.mapping("sized_t", size=2) is not None
+
+
+def test_a_factory_configuration_error_is_prefixed_once(register):
+    from athooks.losses import AT
+
+    def strict_at(beta=1e3, mapping="sum_p", **options):
+        if beta > 1e4:
+            raise ConfigurationError(f"strict_at: beta must be <= 1e4, got {beta:g}")
+        return AT(beta, mapping, **options)
+
+    class Plugin:
+        @hookimpl
+        def athooks_losses(self):
+            return [LossSpec("strict_at_t", strict_at)]
+
+    register(Plugin(), "config-error-plugin")
+    with pytest.raises(ConfigurationError) as info:
+        athooks.loss("strict_at_t", beta=1e5)
+    assert str(info.value) == (
+        "loss 'strict_at_t' rejected its options {'beta': 100000.0}: "
+        "strict_at: beta must be <= 1e4, got 100000"
+    )
+    assert isinstance(info.value.__cause__, ConfigurationError)
+    # an inner lookup's error (the mapping's own) is passed on as it is, not wrapped again
+    with pytest.raises(ConfigurationError) as info:
+        athooks.loss("strict_at_t", mapping="sum_p", p=0.5)
+    msg = str(info.value)
+    assert msg.startswith("mapping 'sum_p' rejected its options {'p': 0.5}: sum_p: p must be >= 1")
+    assert msg.count("rejected its options") == 1
+
+
+def test_a_builtin_option_error_names_the_loss_and_the_options_once():
+    with pytest.raises(ConfigurationError) as info:
+        athooks.loss("at", beta=float("nan"))
+    assert str(info.value).startswith(
+        "loss 'at' rejected its options {'beta': nan}: at: beta must be finite"
+    )
+    with pytest.raises(ConfigurationError) as info:
+        athooks.loss("at", mapping="max_p", p=float("inf"))
+    msg = str(info.value)
+    assert msg.startswith("mapping 'max_p' rejected its options {'p': inf}: max_p: p must be")
+    assert msg.count("rejected its options") == 1
+    # the class of an inner athooks error is kept
+    with pytest.raises(UnknownNameError, match="unknown mapping 'sum_q'"):
+        athooks.loss("at", mapping="sum_q")
+
+
+def test_a_long_option_value_is_shortened_in_the_message(register):
+    def picky(table=None):
+        raise ValueError("no table wanted")
+
+    class Plugin:
+        @hookimpl
+        def athooks_mappings(self):
+            return [MappingSpec("picky_t", picky)]
+
+    register(Plugin(), "picky-plugin")
+    with pytest.raises(ConfigurationError) as info:
+        athooks.mapping("picky_t", table=torch.nn.Sequential(*[torch.nn.Linear(4, 4)] * 50))
+    assert "{'table': <Sequential>}" in str(info.value) and len(str(info.value)) < 200
+
+
+def test_other_factory_exceptions_stay_plugin_errors(register):
+    def broken():
+        raise KeyError("weights")
+
+    class Plugin:
+        @hookimpl
+        def athooks_mappings(self):
+            return [MappingSpec("broken_t", broken)]
+
+    register(Plugin(), "keyerror-plugin")
+    with pytest.raises(PluginError, match="failed to build: KeyError"):
+        athooks.mapping("broken_t")
+
+
+def clash(name="sum", summary="mine"):
+    class Clash:
+        @hookimpl
+        def athooks_mappings(self):
+            return [MappingSpec(name, lambda: lambda f: f.sum(1), summary)]
+
+    return Clash()
+
+
+def test_a_name_two_plugins_claim_is_still_listed(register):
+    register(clash(), "clash-plugin")
+    register(clash("twice_t"), "first-plugin")
+    register(clash("twice_t"), "second-plugin")
+    names = athooks.list_mappings()
+    assert {"sum", "twice_t", "sum_p"} <= set(names) and names == sorted(names)
+    with pytest.raises(PluginError, match="first-plugin, second-plugin"):
+        athooks.mapping("twice_t")
+
+
+def test_registered_shows_one_row_per_claiming_provider(register):
+    register(clash(), "clash-plugin")
+    rows = [r for r in athooks.registry.registered() if r[:2] == ("mapping", "sum")]
+    assert [provider for _, _, provider, _ in rows] == [
+        athooks.registry.plugin_label("athooks.builtins"),
+        "clash-plugin",
+    ]
+    for _, _, _, summary in rows:
+        assert summary.startswith("claimed twice; using it raises PluginError")
+    assert "also: clash-plugin" in rows[0][3] and "mine" in rows[1][3]
+    unique = [r for r in athooks.registry.registered() if r[:2] == ("mapping", "sum_p")]
+    assert len(unique) == 1 and "claimed" not in unique[0][3]
+
+
+def test_athooks_list_marks_a_name_claimed_twice(register, capsys):
+    from athooks.cli import _cmd_list
+
+    register(clash(), "clash-plugin")
+    assert _cmd_list(None) == 0  # type: ignore[arg-type]
+    out = capsys.readouterr().out.splitlines()
+    mappings = out[0].removeprefix("mappings: ").split(", ")
+    assert "sum" in mappings and mappings == sorted(mappings)
+    assert any(
+        "'sum'" in line and "clash-plugin" in line and "PluginError" in line for line in out[2:]
+    )

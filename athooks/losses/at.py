@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor
 
+from athooks.checks import NEGATIVE_WEIGHT, check_real
 from athooks.errors import ConfigurationError
 from athooks.losses.base import Loss, Step
 from athooks.mappings import Mapping, as_mapping
@@ -30,7 +31,7 @@ class AT(Loss):
     The two differ in scale by orders of magnitude: pick ``beta`` for the form you use.
 
     Args:
-        beta: The weight.
+        beta: The weight: a finite real number ``>= 0`` (``0`` turns the term off).
         mapping: A mapping name (``"sum_p"``, ``"sum"``, ``"max_p"``, or a plugin's), a mapping
             object, or a callable ``(B, C, H, W) -> (B, H, W)``.
         distance: ``"code"`` or ``"paper"``, as above.
@@ -61,9 +62,7 @@ class AT(Loss):
                 f"at: distance must be 'code' (the authors' code, default) or 'paper' (Eq. 2), "
                 f"got {distance!r}"
             )
-        if isinstance(beta, bool) or not isinstance(beta, (int, float)):
-            raise ConfigurationError(f"at: beta must be a number, got {type(beta).__name__}")
-        self.beta = float(beta)
+        self.beta = check_real(beta, owner="at", option="beta", minimum=0.0, reason=NEGATIVE_WEIGHT)
         self.distance: Distance = distance
         self.mapping: Mapping = as_mapping(mapping, **mapping_options)
 

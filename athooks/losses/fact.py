@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from athooks.checks import NEGATIVE_WEIGHT, check_real
 from athooks.errors import CaptureError
 from athooks.losses.base import Loss, Step
 from athooks.mappings import Features, Mapping, at_least_float32
@@ -21,7 +22,7 @@ class FActT(Loss):
     only the spatial sizes to agree because a mapping collapses the channels.
 
     Args:
-        beta: The weight.
+        beta: The weight: a finite real number ``>= 0``.
 
     Example:
         ```python
@@ -35,7 +36,9 @@ class FActT(Loss):
 
     def __init__(self, beta: float = 1e-3) -> None:
         super().__init__()
-        self.beta = float(beta)
+        self.beta = check_real(
+            beta, owner="fact", option="beta", minimum=0.0, reason=NEGATIVE_WEIGHT
+        )
         self.features = Features()
 
     def captures(self) -> tuple[Mapping, ...]:

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor
 
-from athooks.errors import CaptureError, ConfigurationError
+from athooks.checks import NEGATIVE_WEIGHT, check_real
+from athooks.errors import CaptureError
 from athooks.losses.base import Loss, Step, logits_of
 from athooks.mappings import at_least_float32
 
@@ -94,9 +95,7 @@ def _per_sample_norm(t: Tensor) -> Tensor:
 
 
 def _check_beta(beta: float, name: str) -> float:
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)):
-        raise ConfigurationError(f"{name}: beta must be a number, got {type(beta).__name__}")
-    return float(beta)
+    return check_real(beta, owner=name, option="beta", minimum=0.0, reason=NEGATIVE_WEIGHT)
 
 
 class GradAT(Loss):
@@ -105,7 +104,7 @@ class GradAT(Loss):
     Needs the labels: ``d.loss(target=y)``.
 
     Args:
-        beta: The weight.
+        beta: The weight: a finite real number ``>= 0``.
 
     Example:
         ```python
@@ -142,7 +141,7 @@ class Symmetry(GradAT):
     Needs the labels: ``d.loss(target=y)``.
 
     Args:
-        beta: The weight.
+        beta: The weight: a finite real number ``>= 0``.
     """
 
     name = "symmetry"
@@ -161,7 +160,7 @@ class InputGradL2(GradAT):
     Needs the labels: ``d.loss(target=y)``.
 
     Args:
-        beta: The weight.
+        beta: The weight: a finite real number ``>= 0``.
     """
 
     name = "input_grad_l2"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor
 
+from athooks.checks import NEGATIVE_WEIGHT, check_real
 from athooks.errors import ConfigurationError
 from athooks.losses.base import Loss, Step, logits_of
 from athooks.mappings import at_least_float32
@@ -22,8 +23,8 @@ class KD(Loss):
     ``loss = (1 - alpha) * F.cross_entropy(out, y) + d.loss()``; AT + KD adds the AT term.
 
     Args:
-        weight: The factor ``alpha`` (0.9 in the authors' code).
-        temperature: ``T`` (4 in the authors' code).
+        weight: The factor ``alpha`` (0.9 in the authors' code): finite, ``>= 0``.
+        temperature: ``T`` (4 in the authors' code): finite, ``> 0``.
 
     Example:
         ```python
@@ -39,10 +40,17 @@ class KD(Loss):
 
     def __init__(self, weight: float = 0.9, temperature: float = 4.0) -> None:
         super().__init__()
-        if not temperature > 0:
-            raise ConfigurationError(f"kd: temperature must be > 0, got {temperature}")
-        self.weight = float(weight)
-        self.temperature = float(temperature)
+        self.weight = check_real(
+            weight, owner="kd", option="weight", minimum=0.0, reason=NEGATIVE_WEIGHT
+        )
+        self.temperature = check_real(
+            temperature,
+            owner="kd",
+            option="temperature",
+            minimum=0.0,
+            strict=True,
+            reason=" (the logits are divided by it; the authors' code uses 4)",
+        )
 
     def forward(self, step: Step) -> Tensor:
         """The KD term of the step."""

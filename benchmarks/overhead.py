@@ -45,7 +45,9 @@ import contextlib
 import copy
 import dataclasses
 import datetime
+import importlib
 import importlib.util
+import inspect
 import json
 import os
 import platform
@@ -75,6 +77,66 @@ MB = 1e6
 
 def have_torchdistill() -> bool:
     return importlib.util.find_spec("torchdistill") is not None
+
+
+# --------------------------------------------------------------------------- instrumentation
+
+Label = str | Callable[[Any], str]
+
+
+def instrumentation_targets() -> list[tuple[str, str, Label]]:
+    """The athooks internals that the breakdown and the sweep's own-work timing wrap, by name.
+
+    Each target is ``(owner, attribute, label)``: ``owner`` the dotted path of a class,
+    ``attribute`` the method wrapped on it (its CPU time is accumulated while it runs), ``label``
+    the breakdown row that time goes to, a string or a function of the instance called. These
+    are internal names of athooks' step lifecycle: when it changes, update this table. A target
+    that does not exist (any more) is left out with a note in the report, not a crash, and so is
+    one that exists but is never called during the measured steps.
+    """
+    return [
+        ("athooks.taps.Tap", "on_output", lambda tap: f"{tap.side} taps: mapping at capture"),
+        ("athooks.distiller.Distiller", "loss", "d.loss(): the AT loss on the maps"),
+        ("athooks.distiller.Distiller", "_on_student_end", "end of the student's forward"),
+    ]
+
+
+Target = tuple[type, str, Callable[[Any], str]]
+
+
+def _resolve(path: str) -> Any | None:
+    """The object at a dotted path (``package.module.Class``), or None where there is none."""
+    parts = path.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj: Any = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        for name in parts[i:]:
+            obj = getattr(obj, name, None)
+            if obj is None:
+                return None
+        return obj
+    return None
+
+
+def resolve_targets(
+    targets: Sequence[tuple[str, str, Label]],
+) -> tuple[list[Target], list[str]]:
+    """The targets that exist, ready for :func:`timed_methods`; a note for each that does not."""
+    found: list[Target] = []
+    missing: list[str] = []
+    for owner_path, attribute, label in targets:
+        owner = _resolve(owner_path)
+        if not isinstance(owner, type):
+            missing.append(f"`{owner_path}` does not exist (or is not a class)")
+            continue
+        if not inspect.isfunction(inspect.getattr_static(owner, attribute, None)):
+            missing.append(f"`{owner_path}.{attribute}` does not exist (or is not a method)")
+            continue
+        label_of = label if callable(label) else (lambda _, text=label: text)
+        found.append((owner, attribute, label_of))
+    return found, missing
 
 
 # --------------------------------------------------------------------------- settings and models
@@ -753,26 +815,29 @@ def backward_nodes(
     }
 
 
-def forward_work(variant: str, step: Step, x: Tensor, y: Tensor, repeat: int = 4) -> float:
+def forward_work(
+    variant: str,
+    step: Step,
+    x: Tensor,
+    y: Tensor,
+    repeat: int = 4,
+    targets: Sequence[Target] | None = None,
+) -> float:
     """CPU seconds per step spent in the variant's own transfer code on the forward side.
 
-    athooks: its taps (maps at capture), ``d.loss()`` and the end-of-forward hook; reference:
-    its ``at_loss`` calls (both maps and the loss). Timed by wrapping them, no profiler.
+    athooks: the methods of :func:`instrumentation_targets` (its taps, i.e. maps at capture,
+    ``d.loss()`` and the end-of-forward hook; ``targets`` if given, resolved already);
+    reference: its ``at_loss`` calls (both maps and the loss). Timed by wrapping them, no
+    profiler.
     """
-    from athooks.distiller import Distiller as DistillerClass
-    from athooks.taps import Tap
-
     module = sys.modules[__name__]
     if variant == "athooks":
-        targets: list[tuple[Any, str, Callable[[Any], str]]] = [
-            (Tap, "on_output", lambda _: "athooks"),
-            (DistillerClass, "loss", lambda _: "athooks"),
-            (DistillerClass, "_on_student_end", lambda _: "athooks"),
-        ]
-        with timed_methods(targets) as acc:
+        if targets is None:
+            targets, _ = resolve_targets(instrumentation_targets())
+        with timed_methods([(cls, name, lambda _: "athooks") for cls, name, _ in targets]) as t:
             for _ in range(repeat):
                 step(x, y)
-        return acc.get("athooks", 0.0) / repeat
+        return t.seconds.get("athooks", 0.0) / repeat
     spent = 0.0
     original = module.at_loss
 
@@ -818,9 +883,10 @@ def sweep_section(
     floor_nodes = backward_nodes(steps["floor"], x, y)
     own: dict[str, list[float]] = {v: [] for v in others}
     parts: dict[str, list[tuple[float, float]]] = {v: [] for v in others}
+    targets, notes = resolve_targets(instrumentation_targets())
     for k in counts:
         for v in others:
-            fwd = forward_work(v, steps[f"{v}@{k}"], x, y)
+            fwd = forward_work(v, steps[f"{v}@{k}"], x, y, targets=targets)
             bwd = transfer_backward(steps[f"{v}@{k}"], floor_nodes, x, y)
             parts[v].append((fwd * 1e3, bwd * 1e3))
             own[v].append((fwd + bwd) * 1e3)
@@ -867,26 +933,59 @@ def sweep_section(
             f"{resid:.2f} ms"
         )
     report()
+    if "athooks" in others:
+        instrumentation_notes(report, notes, "athooks' forward-side own work leaves them out")
+
+
+@dataclasses.dataclass
+class Timed:
+    """What :func:`timed_methods` accumulated: CPU seconds by label, calls by target."""
+
+    seconds: dict[str, float]
+    calls: dict[str, int]  # "Owner.attribute" -> calls
+
+    def uncalled(self, targets: Sequence[Target]) -> list[str]:
+        """Notes for the targets that exist but were never called while timing."""
+        return [
+            f"`{cls.__module__}.{cls.__qualname__}.{name}` exists but was never called"
+            for cls, name, _ in targets
+            if not self.calls.get(f"{cls.__qualname__}.{name}")
+        ]
 
 
 @contextlib.contextmanager
-def timed_methods(
-    targets: Sequence[tuple[type, str, Callable[[Any], str]]],
-) -> Iterator[dict[str, float]]:
-    """Accumulate the CPU time spent in methods (by label) while the context is open."""
-    acc: dict[str, float] = {}
+def timed_methods(targets: Sequence[Target]) -> Iterator[Timed]:
+    """Accumulate the CPU time spent in methods (by label) while the context is open.
+
+    A label function that fails (say, an attribute it reads was renamed) gives the target's
+    own name as the label instead.
+    """
+    acc = Timed({}, {})
     saved = []
     for cls, name, label_of in targets:
         orig = getattr(cls, name)
         saved.append((cls, name, orig))
+        key = f"{cls.__qualname__}.{name}"
 
-        def wrapper(self: Any, *a: Any, _orig: Any = orig, _label: Any = label_of, **k: Any) -> Any:
+        def wrapper(
+            self: Any,
+            *a: Any,
+            _orig: Any = orig,
+            _label: Any = label_of,
+            _key: str = key,
+            **k: Any,
+        ) -> Any:
             start = time.process_time()
             try:
                 return _orig(self, *a, **k)
             finally:
-                label = _label(self)
-                acc[label] = acc.get(label, 0.0) + time.process_time() - start
+                spent = time.process_time() - start
+                try:
+                    label = _label(self)
+                except Exception:
+                    label = _key
+                acc.seconds[label] = acc.seconds.get(label, 0.0) + spent
+                acc.calls[_key] = acc.calls.get(_key, 0) + 1
 
         setattr(cls, name, wrapper)
     try:
@@ -907,20 +1006,15 @@ def breakdown_section(
     """What athooks adds to the floor's step, part by part (CPU time, one process)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from athooks.distiller import Distiller as DistillerClass
-    from athooks.taps import Tap
-
     steps, _ = build_variants(setting, ["floor", "athooks"], opts)
     x, y = opts.batch(setting)
     pace = sum(t[0] for t in interleaved(steps, x, y, opts.device, warmup, 1).wall.values())
     n = rounds if budget is None else max(min(6, rounds), min(rounds, int(budget / pace)))
-    targets: list[tuple[type, str, Callable[[Any], str]]] = [
-        (Tap, "on_output", lambda tap: f"{tap.side} taps: mapping at capture"),
-        (DistillerClass, "loss", lambda d: "d.loss(): the AT loss on the maps"),
-        (DistillerClass, "_on_student_end", lambda d: "end of the student's forward"),
-    ]
-    with timed_methods(targets) as acc:
+    targets, notes = resolve_targets(instrumentation_targets())
+    with timed_methods(targets) as timed:
         timing = interleaved(steps, x, y, opts.device, 0, n)
+    notes += timed.uncalled(targets)
+    acc = timed.seconds
     floor = timing.median("floor", "cpu")
     total = timing.extra("athooks", clock="cpu")
     # the backward of the transfer: autograd nodes the athooks step runs and the floor's does
@@ -974,6 +1068,21 @@ def breakdown_section(
         "they leave out is mainly the accumulation of each tapped output's gradient from two "
         "paths (the network and the map), and noise."
     )
+    report()
+    instrumentation_notes(report, notes, "the table above has no rows for them")
+
+
+def instrumentation_notes(report: Report, notes: Sequence[str], consequence: str) -> None:
+    """Say which instrumentation targets were left out (see :func:`instrumentation_targets`)."""
+    if not notes:
+        return
+    report(
+        f"**Note: some athooks internals this benchmark times by name were left out** "
+        f"({consequence}); update `instrumentation_targets()` in `benchmarks/overhead.py`:"
+    )
+    report()
+    for note in notes:
+        report(f"- {note}")
     report()
 
 

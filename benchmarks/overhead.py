@@ -277,25 +277,24 @@ def load_baseline(src: str) -> types.ModuleType:
     loaded into the baseline: installed plugins import today's ``athooks``, so their specs
     would be today's classes inside the baseline; the baseline's first lookup is made here with
     ``ATHOOKS_DISABLE_PLUGIN_AUTOLOAD=1`` (its registry reads that on the first lookup, and
-    loads entry points only then). Loaded once per process and ``src``.
+    loads entry points only then). Loaded once per process and ``src``; a second ``src`` in the
+    same process (the tests) is imported as ``athooks_baseline2``, and so on.
     """
     real = os.path.realpath(src)
     if real in _baselines:
         return _baselines[real]
-    if BASELINE_PACKAGE in sys.modules:
-        raise RuntimeError(
-            f"{BASELINE_PACKAGE} is already loaded from {sys.modules[BASELINE_PACKAGE].__file__}: "
-            "one baseline per process"
-        )
+    name = BASELINE_PACKAGE + (str(len(_baselines) + 1) if _baselines else "")
+    if name in sys.modules:
+        raise RuntimeError(f"{name} is already loaded from {sys.modules[name].__file__}")
     package_dir = os.path.join(real, "athooks")
     if not os.path.isfile(os.path.join(package_dir, "__init__.py")):
         raise FileNotFoundError(f"--baseline-src {src}: no athooks package in it ({package_dir})")
     folder = tempfile.mkdtemp(prefix="athooks-baseline-")
     atexit.register(shutil.rmtree, folder, True)
-    target = os.path.join(folder, BASELINE_PACKAGE)
+    target = os.path.join(folder, name)
     shutil.copytree(package_dir, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     for path in sorted(pathlib.Path(target).rglob("*.py")):
-        renamed = rename_package(path.read_text(encoding="utf-8"))
+        renamed = rename_package(path.read_text(encoding="utf-8"), new=name)
         left = leftover_references(renamed)
         if left:
             raise RuntimeError(
@@ -307,7 +306,7 @@ def load_baseline(src: str) -> types.ModuleType:
     sys.path.insert(0, folder)
     importlib.invalidate_caches()
     with environment(AUTOLOAD_ENV, "1"):
-        package = importlib.import_module(BASELINE_PACKAGE)
+        package = importlib.import_module(name)
         package.list_losses()  # the registry's first lookup: no entry points loaded
     reached = sorted({m for m in sys.modules if _is_main_athooks(m)} - main_modules)
     if reached:

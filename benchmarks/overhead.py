@@ -13,6 +13,9 @@ Variants, each with its own copy of the same randomly initialised teacher and st
 * ``torchdistill``: torchdistill's ``ForwardHookManager`` on both models plus its ``ATLoss``
   (``mode="code"``, each pair weighted by ``beta``), teacher first as in its distillation box;
   only when torchdistill is importable (a benchmark-only dependency, never a runtime one).
+* ``athooks@LABEL``, with ``--baseline-src DIR``: the athooks of another checkout, used exactly
+  as ``athooks`` is (public API, same layers), in the same timing rounds and memory children,
+  with ratios athooks / baseline; see "Against another commit" below.
 
 One step is forward, loss, backward and an SGD update (momentum 0.9, weight decay 5e-4, the
 authors' optimiser) on a fixed random batch. Before timing, the variants' losses are checked to
@@ -35,6 +38,22 @@ tensors), ``torch.cuda.max_memory_allocated`` on CUDA. Settings:
 Run: python3 benchmarks/overhead.py [--out overhead.md] [--budget 75] [--rounds 40]
      [--device cpu|cuda] [--channels-last] [--bf16] [--threads 1]
      [--only timing memory sweep breakdown] [--smoke]
+     [--baseline-src DIR [--baseline-label main]]
+
+Against another commit (no regression in step time or peak memory against main, in one run):
+
+    git worktree add --detach /tmp/athooks-main main
+    python3 benchmarks/overhead.py --baseline-src /tmp/athooks-main --only timing memory
+    git worktree remove /tmp/athooks-main
+
+``DIR/athooks`` is copied to a temporary folder as package ``athooks_baseline``, its absolute
+imports renamed, and imported next to today's ``athooks`` (see :func:`load_baseline`, which checks
+that it runs only its own modules with its own plugin manager). It joins the loss check, the
+step-time rounds (columns ``wall/CPU vs athooks@main``) and the memory children (every child then
+imports both packages), and a last table puts athooks / baseline side by side per setting. In
+such a run neither package loads entry-point plugins (``ATHOOKS_DISABLE_PLUGIN_AUTOLOAD=1``).
+The sweep and the breakdown leave the baseline out: they wrap athooks internals by name, listed
+in :func:`instrumentation_targets` (update it when they are renamed; a missing one is noted).
 """
 
 from __future__ import annotations

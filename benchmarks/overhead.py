@@ -13,6 +13,9 @@ Variants, each with its own copy of the same randomly initialised teacher and st
 * ``torchdistill``: torchdistill's ``ForwardHookManager`` on both models plus its ``ATLoss``
   (``mode="code"``, each pair weighted by ``beta``), teacher first as in its distillation box;
   only when torchdistill is importable (a benchmark-only dependency, never a runtime one).
+* ``athooks@LABEL``, with ``--baseline-src DIR``: the athooks of another checkout, used exactly
+  as ``athooks`` is (public API, same layers), in the same timing rounds and memory children,
+  with ratios athooks / baseline; see "Against another commit" below.
 
 One step is forward, loss, backward and an SGD update (momentum 0.9, weight decay 5e-4, the
 authors' optimiser) on a fixed random batch. Before timing, the variants' losses are checked to
@@ -35,25 +38,51 @@ tensors), ``torch.cuda.max_memory_allocated`` on CUDA. Settings:
 Run: python3 benchmarks/overhead.py [--out overhead.md] [--budget 75] [--rounds 40]
      [--device cpu|cuda] [--channels-last] [--bf16] [--threads 1]
      [--only timing memory sweep breakdown] [--smoke]
+     [--baseline-src DIR [--baseline-label main]]
+
+Against another commit (no regression in step time or peak memory against main, in one run):
+
+    git worktree add --detach /tmp/athooks-main main
+    python3 benchmarks/overhead.py --baseline-src /tmp/athooks-main --only timing memory
+    git worktree remove /tmp/athooks-main
+
+``DIR/athooks`` is copied to a temporary folder as package ``athooks_baseline``, its absolute
+imports renamed, and imported next to today's ``athooks`` (see :func:`load_baseline`, which checks
+that it runs only its own modules with its own plugin manager). It joins the loss check, the
+step-time rounds (columns ``wall/CPU vs athooks@main``) and the memory children (every child then
+imports both packages), and a last table puts athooks / baseline side by side per setting. In
+such a run neither package loads entry-point plugins (``ATHOOKS_DISABLE_PLUGIN_AUTOLOAD=1``).
+The sweep and the breakdown leave the baseline out: they wrap athooks internals by name, listed
+in :func:`instrumentation_targets` (update it when they are renamed; a missing one is noted).
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import atexit
 import concurrent.futures
 import contextlib
 import copy
 import dataclasses
 import datetime
+import hashlib
+import importlib
 import importlib.util
+import inspect
 import json
 import os
+import pathlib
 import platform
+import re
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+import types
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -63,7 +92,6 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
 import athooks
-from athooks import Distiller
 from athooks.models import create_model
 
 VARIANTS = ("floor", "reference", "athooks", "torchdistill")
@@ -75,6 +103,284 @@ MB = 1e6
 
 def have_torchdistill() -> bool:
     return importlib.util.find_spec("torchdistill") is not None
+
+
+# --------------------------------------------------------------------------- instrumentation
+
+Label = str | Callable[[Any], str]
+
+
+def instrumentation_targets() -> list[tuple[str, str, Label]]:
+    """The athooks internals that the breakdown and the sweep's own-work timing wrap, by name.
+
+    Each target is ``(owner, attribute, label)``: ``owner`` the dotted path of a class,
+    ``attribute`` the method wrapped on it (its CPU time is accumulated while it runs), ``label``
+    the breakdown row that time goes to, a string or a function of the instance called. These
+    are internal names of athooks' step lifecycle: when it changes, update this table. A target
+    that does not exist (any more) is left out with a note in the report, not a crash, and so is
+    one that exists but is never called during the measured steps.
+    """
+    return [
+        ("athooks.taps.Tap", "on_output", lambda tap: f"{tap.side} taps: mapping at capture"),
+        ("athooks.distiller.Distiller", "loss", "d.loss(): the AT loss on the maps"),
+        ("athooks.distiller.Distiller", "_on_student_end", "end of the student's forward"),
+    ]
+
+
+Target = tuple[type, str, Callable[[Any], str]]
+
+
+def _resolve(path: str) -> Any | None:
+    """The object at a dotted path (``package.module.Class``), or None where there is none."""
+    parts = path.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj: Any = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        for name in parts[i:]:
+            obj = getattr(obj, name, None)
+            if obj is None:
+                return None
+        return obj
+    return None
+
+
+def resolve_targets(
+    targets: Sequence[tuple[str, str, Label]],
+) -> tuple[list[Target], list[str]]:
+    """The targets that exist, ready for :func:`timed_methods`; a note for each that does not."""
+    found: list[Target] = []
+    missing: list[str] = []
+    for owner_path, attribute, label in targets:
+        owner = _resolve(owner_path)
+        if not isinstance(owner, type):
+            missing.append(f"`{owner_path}` does not exist (or is not a class)")
+            continue
+        if not inspect.isfunction(inspect.getattr_static(owner, attribute, None)):
+            missing.append(f"`{owner_path}.{attribute}` does not exist (or is not a method)")
+            continue
+        label_of = label if callable(label) else (lambda _, text=label: text)
+        found.append((owner, attribute, label_of))
+    return found, missing
+
+
+# --------------------------------------------------------------------------- baseline athooks
+
+BASELINE_PACKAGE = "athooks_baseline"
+AUTOLOAD_ENV = "ATHOOKS_DISABLE_PLUGIN_AUTOLOAD"
+_baselines: dict[str, types.ModuleType] = {}  # real path of --baseline-src -> package
+
+
+def rename_package(source: str, old: str = "athooks", new: str = BASELINE_PACKAGE) -> str:
+    """``source`` with its absolute imports of package ``old`` and its ``"old.x"`` strings renamed.
+
+    ``from old.x import y`` becomes ``from new.x import y``; ``import old`` becomes
+    ``import new as old`` (the name ``old`` in that module is then the renamed package);
+    ``import old.x`` becomes ``import new.x, new as old``; string literals that start with
+    ``old.`` (module names for importlib) start with ``new.``. Relative imports need nothing.
+    """
+
+    def plain_import(m: re.Match[str]) -> str:
+        indent, sub, alias = m.group(1), m.group(2), m.group(3)
+        if alias:
+            return f"{indent}import {new}{sub} as {alias}"
+        if not sub:
+            return f"{indent}import {new} as {old}"
+        return f"{indent}import {new}{sub}, {new} as {old}"
+
+    source = re.sub(rf"(?m)^([ \t]*)from {old}(?=[.\s])", rf"\1from {new}", source)
+    source = re.sub(
+        rf"(?m)^([ \t]*)import {old}((?:\.\w+)*)(?:[ \t]+as[ \t]+(\w+))?(?=[ \t]*(?:#|;|$))",
+        plain_import,
+        source,
+    )
+    return re.sub(rf"(?<=[\"']){old}\.(?=\w)", f"{new}.", source)
+
+
+def leftover_references(source: str, old: str = "athooks") -> list[str]:
+    """Where renamed code would still reach package ``old``: imports and importlib strings."""
+
+    def is_old(name: str | None) -> bool:
+        return name is not None and (name == old or name.startswith(old + "."))
+
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import) and any(is_old(a.name) for a in node.names):
+            found.append(f"line {node.lineno}: import {', '.join(a.name for a in node.names)}")
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and is_old(node.module):
+            found.append(f"line {node.lineno}: from {node.module} import ...")
+        elif (
+            isinstance(node, ast.Constant)
+            and isinstance(node.value, str)
+            and node.value.startswith(old + ".")
+        ):
+            found.append(f"line {node.lineno}: string {node.value[:40]!r}")
+        elif isinstance(node, ast.Call) and node.args:
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+            arg = node.args[0]
+            if (
+                name in ("import_module", "__import__", "find_spec")
+                and isinstance(arg, ast.Constant)
+                and isinstance(arg.value, str)
+                and is_old(arg.value)
+            ):
+                found.append(f"line {node.lineno}: {name}({arg.value!r})")
+    return found
+
+
+def tree_digests(package_dir: str) -> dict[str, str]:
+    """sha256 of every file of a package tree, by relative path (no ``__pycache__``)."""
+    root = pathlib.Path(package_dir)
+    return {
+        str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(root.rglob("*"))
+        if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc"
+    }
+
+
+def _is_main_athooks(name: object) -> bool:
+    return isinstance(name, str) and (name == "athooks" or name.startswith("athooks."))
+
+
+def check_baseline_isolated(package: types.ModuleType) -> None:
+    """Raise unless the baseline package runs only its own code, with its own plugin manager.
+
+    Every module of the package must come from its renamed copy, none may hold a module, class
+    or function of today's athooks, and its plugin manager must be another object than today's,
+    holding only plugins of the baseline package (and today's none of the baseline's).
+    """
+    name, root = package.__name__, os.path.dirname(os.path.realpath(package.__file__ or ""))
+    problems = []
+    for mod_name, module in list(sys.modules.items()):
+        if mod_name != name and not mod_name.startswith(name + "."):
+            continue
+        file = getattr(module, "__file__", None)
+        if file is None or not os.path.realpath(file).startswith(root + os.sep):
+            problems.append(f"{mod_name} was loaded from {file}, not from {root}")
+        for attr, value in vars(module).items():
+            owner = value.__name__ if isinstance(value, types.ModuleType) else None
+            owner = owner or getattr(value, "__module__", None)
+            if _is_main_athooks(owner):
+                problems.append(f"{mod_name}.{attr} is {owner}'s, today's athooks")
+    own_pm, main_pm = package.get_plugin_manager(), athooks.get_plugin_manager()
+    if own_pm is main_pm:
+        problems.append("the baseline shares today's plugin manager")
+
+    def module_of(plugin: Any) -> str:
+        if isinstance(plugin, types.ModuleType):
+            return plugin.__name__
+        return type(plugin).__module__
+
+    for plugin in own_pm.get_plugins():
+        if not module_of(plugin).startswith(name + "."):
+            problems.append(f"the baseline's plugin manager holds {module_of(plugin)}")
+    for plugin in main_pm.get_plugins():
+        if module_of(plugin).startswith(name + "."):
+            problems.append(f"today's plugin manager holds the baseline's {module_of(plugin)}")
+    if problems:
+        raise RuntimeError(
+            "the baseline athooks is not isolated from today's:\n  " + "\n  ".join(problems)
+        )
+
+
+def load_baseline(src: str) -> types.ModuleType:
+    """Today's process gets a second athooks: ``src/athooks``, imported as ``athooks_baseline``.
+
+    ``src`` is a checkout of another commit (say, a git worktree of main). Its ``athooks``
+    package is copied into a temporary folder as ``athooks_baseline``, its absolute imports
+    renamed (:func:`rename_package`; any reference left is an error), and imported from there:
+    the baseline's code, under another name, next to today's ``athooks``. Each package keeps
+    its own module-level plugin manager with its own built-ins. Entry-point plugins are not
+    loaded into the baseline: installed plugins import today's ``athooks``, so their specs
+    would be today's classes inside the baseline; the baseline's first lookup is made here with
+    ``ATHOOKS_DISABLE_PLUGIN_AUTOLOAD=1`` (its registry reads that on the first lookup, and
+    loads entry points only then). Loaded once per process and ``src``; a second ``src`` in the
+    same process (the tests) is imported as ``athooks_baseline2``, and so on.
+    """
+    real = os.path.realpath(src)
+    if real in _baselines:
+        return _baselines[real]
+    name = BASELINE_PACKAGE + (str(len(_baselines) + 1) if _baselines else "")
+    if name in sys.modules:
+        raise RuntimeError(f"{name} is already loaded from {sys.modules[name].__file__}")
+    package_dir = os.path.join(real, "athooks")
+    if not os.path.isfile(os.path.join(package_dir, "__init__.py")):
+        raise FileNotFoundError(f"--baseline-src {src}: no athooks package in it ({package_dir})")
+    folder = tempfile.mkdtemp(prefix="athooks-baseline-")
+    atexit.register(shutil.rmtree, folder, True)
+    target = os.path.join(folder, name)
+    shutil.copytree(package_dir, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for path in sorted(pathlib.Path(target).rglob("*.py")):
+        renamed = rename_package(path.read_text(encoding="utf-8"), new=name)
+        left = leftover_references(renamed)
+        if left:
+            raise RuntimeError(
+                f"{path.relative_to(folder)}: references to athooks that renaming missed: "
+                + "; ".join(left)
+            )
+        path.write_text(renamed, encoding="utf-8")
+    main_modules = {m for m in sys.modules if _is_main_athooks(m)}
+    sys.path.insert(0, folder)
+    importlib.invalidate_caches()
+    with environment(AUTOLOAD_ENV, "1"):
+        package = importlib.import_module(name)
+        package.list_losses()  # the registry's first lookup: no entry points loaded
+    reached = sorted({m for m in sys.modules if _is_main_athooks(m)} - main_modules)
+    if reached:
+        raise RuntimeError(f"importing the baseline imported today's {', '.join(reached)}")
+    check_baseline_isolated(package)
+    _baselines[real] = package
+    return package
+
+
+def describe_baseline(src: str, package: types.ModuleType) -> str:
+    """One line for the report: where the baseline comes from, and how it differs from today's."""
+    real = os.path.realpath(src)
+
+    def git(*args: str) -> str:
+        try:
+            done = subprocess.run(
+                ["git", "-C", real, *args], capture_output=True, text=True, check=False
+            )
+        except OSError:
+            return ""
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    commit = git("rev-parse", "--short", "HEAD")
+    if commit and git("status", "--porcelain", "--", "athooks"):
+        commit += ", with uncommitted changes in athooks/"
+    theirs = tree_digests(os.path.join(real, "athooks"))
+    ours = tree_digests(os.path.dirname(os.path.realpath(athooks.__file__ or "")))
+    changed = sorted(p for p in theirs.keys() | ours.keys() if theirs.get(p) != ours.get(p))
+    if changed:
+        shown = ", ".join(changed[:6]) + (
+            f" and {len(changed) - 6} more" if len(changed) > 6 else ""
+        )
+        differs = f"differs from today's athooks in {len(changed)} files ({shown})"
+    else:
+        differs = "identical to today's athooks (an A/A comparison: the resolution of the run)"
+    version = getattr(package, "__version__", "?")
+    where = f"`{src}` (git {commit})" if commit else f"`{src}` (not a git checkout)"
+    return (
+        f"athooks {version} from {where}, imported as `{package.__name__}` from "
+        f"`{os.path.dirname(package.__file__ or '')}`; {differs}"
+    )
+
+
+@contextlib.contextmanager
+def environment(name: str, value: str) -> Iterator[None]:
+    """Set an environment variable while the context is open."""
+    saved = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved
 
 
 # --------------------------------------------------------------------------- settings and models
@@ -184,10 +490,19 @@ class Options:
     channels_last: bool = False
     bf16: bool = False
     threads: int = 1
+    baseline_src: str | None = None  # another checkout whose athooks is variant athooks@LABEL
+    baseline_label: str = "main"
+
+    @property
+    def baseline(self) -> str | None:
+        """The baseline's variant name, ``athooks@LABEL``, or None without a baseline."""
+        return f"athooks@{self.baseline_label}" if self.baseline_src else None
 
     def argv(self) -> list[str]:
         """The command-line flags that recreate these options (for the memory children)."""
         flags = ["--device", str(self.device), "--threads", str(self.threads)]
+        if self.baseline_src:
+            flags += ["--baseline-src", self.baseline_src, "--baseline-label", self.baseline_label]
         return flags + ["--channels-last"] * self.channels_last + ["--bf16"] * self.bf16
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
@@ -270,8 +585,10 @@ def make_variant(
 
         return reference_step, lambda x: reference_loss(x)[1]
 
-    if name == "athooks":
-        d = Distiller(teacher, student, layers=pairs, losses=athooks.loss("at", beta=BETA))
+    if name == "athooks" or name == opts.baseline:
+        # the baseline is another athooks package, used exactly as today's, public API only
+        package = athooks if name == "athooks" else load_baseline(opts.baseline_src or "")
+        d = package.Distiller(teacher, student, layers=pairs, losses=package.loss("at", beta=BETA))
         d.attach()  # a training run attaches once
 
         def athooks_step(x: Tensor, y: Tensor) -> Tensor:
@@ -320,7 +637,8 @@ def make_variant(
 
         return torchdistill_step, lambda x: torchdistill_loss(x)[1]
 
-    raise ValueError(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
+    known = [*VARIANTS, *([opts.baseline] if opts.baseline else [])]
+    raise ValueError(f"unknown variant {name!r}; choose from {', '.join(known)}")
 
 
 def fresh_pair(setting: Setting, seed: int = 0) -> tuple[nn.Module, nn.Module]:
@@ -361,6 +679,8 @@ def build_variants(
         steps[CONTROL], _ = make_variant(
             "floor", copy.deepcopy(teacher), copy.deepcopy(student), names, opts
         )
+    if opts.baseline in variants:  # again: building and running it may import more modules
+        check_baseline_isolated(load_baseline(opts.baseline_src or ""))
     if losses:
         ref = losses.get("reference", next(iter(losses.values())))
         tol = 2e-2 if opts.bf16 else 1e-4
@@ -505,6 +825,8 @@ def memory_child(setting: Setting, variant: str, opts: Options) -> dict[str, Any
     ``peak`` is the process's peak; ``steps`` the peak of each step on its own where the peak
     can be reset (Linux RSS, CUDA), else empty; ``before`` the memory just before the first step.
     """
+    if opts.baseline_src:  # every child imports both athooks packages, whichever it runs
+        load_baseline(opts.baseline_src)
     teacher, student = fresh_pair(setting)
     names = tap_names(student, setting.taps)
     step, _ = make_variant(variant, teacher, student, names, opts)
@@ -535,6 +857,8 @@ def memory_child(setting: Setting, variant: str, opts: Options) -> dict[str, Any
 
 def measure_memory(setting: Setting, variant: str, opts: Options) -> dict[str, Any]:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    if opts.baseline_src:  # the baseline's and today's athooks alike: built-ins only
+        env[AUTOLOAD_ENV] = "1"
     cmd = [
         sys.executable,
         os.path.abspath(__file__),
@@ -597,6 +921,7 @@ def timing_section(
     budget: float | None = None,
 ) -> dict[str, Timing]:
     results: dict[str, Timing] = {}
+    baseline = opts.baseline if opts.baseline in variants else None
     report(
         f"### Step time: {warmup} warm-up rounds, then measured rounds, interleaved, per setting"
     )
@@ -628,6 +953,14 @@ def timing_section(
                     f"{timing.ratio(variant, 'reference', 'cpu'):.3f}"
                     if "reference" in steps
                     else "-",
+                    *(
+                        (
+                            _ratio_cell(timing, variant, "wall", baseline),
+                            _ratio_cell(timing, variant, "cpu", baseline),
+                        )
+                        if baseline
+                        else ()
+                    ),
                 )
             )
             report.progress(" | ".join(rows[-1]))
@@ -644,6 +977,7 @@ def timing_section(
             "CPU vs floor",
             "fastest CPU vs floor",
             "CPU vs reference",
+            *((f"wall vs {baseline}", f"CPU vs {baseline}") if baseline else ()),
         ),
         rows,
     )
@@ -670,6 +1004,7 @@ def memory_section(
     report()
     rows: list[Sequence[str]] = []
     results: dict[str, dict[str, dict[str, Any]]] = {}
+    baseline = opts.baseline if opts.baseline in variants else None
     for setting in settings:
         with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
             futures = {v: pool.submit(measure_memory, setting, v, opts) for v in variants}
@@ -697,6 +1032,7 @@ def memory_section(
                     f"{(m['peak'] - m['before']) / MB:,.0f}",
                     first,
                     later,
+                    *(memory_vs(m, mem[baseline]) if baseline else ()),
                 )
             )
     report.table(
@@ -709,10 +1045,63 @@ def memory_section(
             "step memory (MB)",
             "step 1 (vs floor)",
             "steps 2+ (vs floor)",
+            *((f"vs {baseline}", f"step memory vs {baseline}") if baseline else ()),
         ),
         rows,
     )
     return results
+
+
+def memory_vs(m: dict[str, Any], base: dict[str, Any]) -> tuple[str, str]:
+    """Peak and step memory of one child over another's."""
+    step, base_step = m["peak"] - m["before"], base["peak"] - base["before"]
+    return f"{m['peak'] / base['peak']:.3f}", f"{step / base_step:.3f}" if base_step > 0 else "-"
+
+
+def baseline_section(
+    report: Report,
+    baseline: str,
+    timings: dict[str, Timing],
+    memory: dict[str, dict[str, dict[str, Any]]],
+) -> None:
+    """athooks against the baseline, setting by setting: the acceptance table of a redesign."""
+    report(f"### athooks against {baseline}: step time and peak memory, side by side")
+    report()
+    report(
+        f"Each cell is athooks over {baseline}, measured in the runs above: step time as the "
+        "median of the round-by-round ratios (interquartile range in brackets) of the same "
+        f"interleaved rounds, and `{CONTROL}` over floor in the same rounds for comparison (how "
+        "far a ratio strays from 1 without any change); memory as the ratio of the peaks, and "
+        "of the step memory (peak minus the memory before the first step), of one fresh child "
+        "process each. Above 1: athooks costs more than the baseline."
+    )
+    report()
+    rows = []
+    for label in list(dict.fromkeys([*timings, *memory])):
+        t, mem = timings.get(label), memory.get(label)
+        cells = ["-"] * 6
+        if t is not None:
+            cells[:4] = [
+                _ratio_cell(t, "athooks", "wall", baseline),
+                _ratio_cell(t, "athooks", "cpu", baseline),
+                f"{t.fastest('athooks', baseline):.3f}",
+                _ratio_cell(t, CONTROL, "cpu") if CONTROL in t.cpu else "-",
+            ]
+        if mem is not None:
+            cells[4:] = memory_vs(mem["athooks"], mem[baseline])
+        rows.append((label, *cells))
+    report.table(
+        (
+            "setting",
+            "step time, wall",
+            "step time, CPU",
+            "fastest CPU",
+            f"CPU, {CONTROL} vs floor",
+            "peak memory",
+            "step memory",
+        ),
+        rows,
+    )
 
 
 def fit_line(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
@@ -753,26 +1142,29 @@ def backward_nodes(
     }
 
 
-def forward_work(variant: str, step: Step, x: Tensor, y: Tensor, repeat: int = 4) -> float:
+def forward_work(
+    variant: str,
+    step: Step,
+    x: Tensor,
+    y: Tensor,
+    repeat: int = 4,
+    targets: Sequence[Target] | None = None,
+) -> float:
     """CPU seconds per step spent in the variant's own transfer code on the forward side.
 
-    athooks: its taps (maps at capture), ``d.loss()`` and the end-of-forward hook; reference:
-    its ``at_loss`` calls (both maps and the loss). Timed by wrapping them, no profiler.
+    athooks: the methods of :func:`instrumentation_targets` (its taps, i.e. maps at capture,
+    ``d.loss()`` and the end-of-forward hook; ``targets`` if given, resolved already);
+    reference: its ``at_loss`` calls (both maps and the loss). Timed by wrapping them, no
+    profiler.
     """
-    from athooks.distiller import Distiller as DistillerClass
-    from athooks.taps import Tap
-
     module = sys.modules[__name__]
     if variant == "athooks":
-        targets: list[tuple[Any, str, Callable[[Any], str]]] = [
-            (Tap, "on_output", lambda _: "athooks"),
-            (DistillerClass, "loss", lambda _: "athooks"),
-            (DistillerClass, "_on_student_end", lambda _: "athooks"),
-        ]
-        with timed_methods(targets) as acc:
+        if targets is None:
+            targets, _ = resolve_targets(instrumentation_targets())
+        with timed_methods([(cls, name, lambda _: "athooks") for cls, name, _ in targets]) as t:
             for _ in range(repeat):
                 step(x, y)
-        return acc.get("athooks", 0.0) / repeat
+        return t.seconds.get("athooks", 0.0) / repeat
     spent = 0.0
     original = module.at_loss
 
@@ -818,9 +1210,10 @@ def sweep_section(
     floor_nodes = backward_nodes(steps["floor"], x, y)
     own: dict[str, list[float]] = {v: [] for v in others}
     parts: dict[str, list[tuple[float, float]]] = {v: [] for v in others}
+    targets, notes = resolve_targets(instrumentation_targets())
     for k in counts:
         for v in others:
-            fwd = forward_work(v, steps[f"{v}@{k}"], x, y)
+            fwd = forward_work(v, steps[f"{v}@{k}"], x, y, targets=targets)
             bwd = transfer_backward(steps[f"{v}@{k}"], floor_nodes, x, y)
             parts[v].append((fwd * 1e3, bwd * 1e3))
             own[v].append((fwd + bwd) * 1e3)
@@ -867,26 +1260,59 @@ def sweep_section(
             f"{resid:.2f} ms"
         )
     report()
+    if "athooks" in others:
+        instrumentation_notes(report, notes, "athooks' forward-side own work leaves them out")
+
+
+@dataclasses.dataclass
+class Timed:
+    """What :func:`timed_methods` accumulated: CPU seconds by label, calls by target."""
+
+    seconds: dict[str, float]
+    calls: dict[str, int]  # "Owner.attribute" -> calls
+
+    def uncalled(self, targets: Sequence[Target]) -> list[str]:
+        """Notes for the targets that exist but were never called while timing."""
+        return [
+            f"`{cls.__module__}.{cls.__qualname__}.{name}` exists but was never called"
+            for cls, name, _ in targets
+            if not self.calls.get(f"{cls.__qualname__}.{name}")
+        ]
 
 
 @contextlib.contextmanager
-def timed_methods(
-    targets: Sequence[tuple[type, str, Callable[[Any], str]]],
-) -> Iterator[dict[str, float]]:
-    """Accumulate the CPU time spent in methods (by label) while the context is open."""
-    acc: dict[str, float] = {}
+def timed_methods(targets: Sequence[Target]) -> Iterator[Timed]:
+    """Accumulate the CPU time spent in methods (by label) while the context is open.
+
+    A label function that fails (say, an attribute it reads was renamed) gives the target's
+    own name as the label instead.
+    """
+    acc = Timed({}, {})
     saved = []
     for cls, name, label_of in targets:
         orig = getattr(cls, name)
         saved.append((cls, name, orig))
+        key = f"{cls.__qualname__}.{name}"
 
-        def wrapper(self: Any, *a: Any, _orig: Any = orig, _label: Any = label_of, **k: Any) -> Any:
+        def wrapper(
+            self: Any,
+            *a: Any,
+            _orig: Any = orig,
+            _label: Any = label_of,
+            _key: str = key,
+            **k: Any,
+        ) -> Any:
             start = time.process_time()
             try:
                 return _orig(self, *a, **k)
             finally:
-                label = _label(self)
-                acc[label] = acc.get(label, 0.0) + time.process_time() - start
+                spent = time.process_time() - start
+                try:
+                    label = _label(self)
+                except Exception:
+                    label = _key
+                acc.seconds[label] = acc.seconds.get(label, 0.0) + spent
+                acc.calls[_key] = acc.calls.get(_key, 0) + 1
 
         setattr(cls, name, wrapper)
     try:
@@ -907,20 +1333,15 @@ def breakdown_section(
     """What athooks adds to the floor's step, part by part (CPU time, one process)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from athooks.distiller import Distiller as DistillerClass
-    from athooks.taps import Tap
-
     steps, _ = build_variants(setting, ["floor", "athooks"], opts)
     x, y = opts.batch(setting)
     pace = sum(t[0] for t in interleaved(steps, x, y, opts.device, warmup, 1).wall.values())
     n = rounds if budget is None else max(min(6, rounds), min(rounds, int(budget / pace)))
-    targets: list[tuple[type, str, Callable[[Any], str]]] = [
-        (Tap, "on_output", lambda tap: f"{tap.side} taps: mapping at capture"),
-        (DistillerClass, "loss", lambda d: "d.loss(): the AT loss on the maps"),
-        (DistillerClass, "_on_student_end", lambda d: "end of the student's forward"),
-    ]
-    with timed_methods(targets) as acc:
+    targets, notes = resolve_targets(instrumentation_targets())
+    with timed_methods(targets) as timed:
         timing = interleaved(steps, x, y, opts.device, 0, n)
+    notes += timed.uncalled(targets)
+    acc = timed.seconds
     floor = timing.median("floor", "cpu")
     total = timing.extra("athooks", clock="cpu")
     # the backward of the transfer: autograd nodes the athooks step runs and the floor's does
@@ -974,6 +1395,21 @@ def breakdown_section(
         "they leave out is mainly the accumulation of each tapped output's gradient from two "
         "paths (the network and the map), and noise."
     )
+    report()
+    instrumentation_notes(report, notes, "the table above has no rows for them")
+
+
+def instrumentation_notes(report: Report, notes: Sequence[str], consequence: str) -> None:
+    """Say which instrumentation targets were left out (see :func:`instrumentation_targets`)."""
+    if not notes:
+        return
+    report(
+        f"**Note: some athooks internals this benchmark times by name were left out** "
+        f"({consequence}); update `instrumentation_targets()` in `benchmarks/overhead.py`:"
+    )
+    report()
+    for note in notes:
+        report(f"- {note}")
     report()
 
 
@@ -1045,6 +1481,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--no-torchdistill", action="store_true", help="skip torchdistill")
     parser.add_argument(
+        "--baseline-src",
+        metavar="DIR",
+        help="another checkout (e.g. a git worktree of main): its DIR/athooks runs as variant "
+        "athooks@LABEL next to today's athooks, in the same timing rounds and memory children, "
+        "with athooks / baseline ratios; entry-point plugins are then off for both",
+    )
+    parser.add_argument(
+        "--baseline-label", default="main", help="name of the baseline variant (default main)"
+    )
+    parser.add_argument(
         "--sweep-torchdistill", action="store_true", help="include torchdistill in the sweep"
     )
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, a few seconds")
@@ -1054,10 +1500,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     threads = args.threads if args.threads is not None else 1
     if args.threads is not None or args.device == "cpu":
         torch.set_num_threads(threads)
-    opts = Options(torch.device(args.device), args.channels_last, args.bf16, threads)
+    if not re.fullmatch(r"[\w.-]+", args.baseline_label):
+        parser.error(f"--baseline-label {args.baseline_label!r}: letters, digits, _ . - only")
+    if args.baseline_src and not os.path.isfile(
+        os.path.join(args.baseline_src, "athooks", "__init__.py")
+    ):
+        parser.error(f"--baseline-src {args.baseline_src}: no athooks package in it")
+    opts = Options(
+        torch.device(args.device),
+        args.channels_last,
+        args.bf16,
+        threads,
+        os.path.abspath(args.baseline_src) if args.baseline_src else None,
+        args.baseline_label,
+    )
     if opts.device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
+    # with a baseline, neither athooks loads entry-point plugins (see load_baseline): the two
+    # packages then run on the same footing, built-ins only, here and in the memory children
+    with environment(AUTOLOAD_ENV, "1") if opts.baseline_src else contextlib.nullcontext():
+        return run(args, opts, argv)
 
+
+def run(args: argparse.Namespace, opts: Options, argv: Sequence[str] | None) -> int:
+    """The benchmark itself, or one memory child, as ``args`` say."""
     if args.child:
         raw = json.loads(args.child[0])
         print(json.dumps(memory_child(Setting(**raw), args.child[1], opts)))
@@ -1070,6 +1536,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     sweep_rounds = args.sweep_rounds if args.sweep_rounds is not None else (2 if smoke else 8)
     parts = set(args.only or ("timing", "memory", "sweep", "breakdown"))
     variants = [v for v in VARIANTS if v != "torchdistill"]
+    if opts.baseline:
+        variants.insert(variants.index("athooks") + 1, opts.baseline)
+        about_baseline = describe_baseline(
+            opts.baseline_src or "", load_baseline(opts.baseline_src or "")
+        )
     if have_torchdistill() and not args.no_torchdistill:
         variants.append("torchdistill")
     cfg = settings_for(smoke, args.batches)
@@ -1095,15 +1566,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     report(f"- command: `{command.strip()}`")
     report(f"- device: {device}{'; ' + ', '.join(extras) if extras else ''}")
     report(f"- {versions}, Python {platform.python_version()}")
+    report(f"- athooks {athooks.__version__} from `{os.path.dirname(athooks.__file__ or '')}`")
+    if opts.baseline:
+        report(
+            f"- baseline `{opts.baseline}`: {about_baseline}; entry-point plugins off for both "
+            f"(`{AUTOLOAD_ENV}=1`), and every memory child imports both packages"
+        )
     report(f"- load average at start (1, 5, 15 min): {load()}")
     report()
     t0 = time.perf_counter()
+    timings: dict[str, Timing] = {}
+    memory: dict[str, dict[str, dict[str, Any]]] = {}
     if "timing" in parts:
-        timing_section(report, cfg["light"], variants, opts, warmup, rounds, budget)
+        timings = timing_section(report, cfg["light"], variants, opts, warmup, rounds, budget)
     if "memory" in parts:
-        memory_section(report, cfg["memory"], variants, opts, jobs=args.jobs)
+        memory = memory_section(report, cfg["memory"], variants, opts, jobs=args.jobs)
+    if opts.baseline and (timings or memory):
+        baseline_section(report, opts.baseline, timings, memory)
     if "sweep" in parts:
-        sweep_variants = [v for v in variants if v != "torchdistill" or args.sweep_torchdistill]
+        sweep_variants = [
+            v
+            for v in variants
+            if v != opts.baseline and (v != "torchdistill" or args.sweep_torchdistill)
+        ]
         sweep_section(
             report, cfg["sweep"], cfg["counts"], sweep_variants, opts, warmup, sweep_rounds
         )

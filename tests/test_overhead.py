@@ -6,14 +6,18 @@ the variants it compares compute the same thing and that the report is complete.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
+import os
 import pathlib
+import shutil
 import sys
 
 import pytest
 import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+ENVIRON_AUTOLOAD = os.environ.get("ATHOOKS_DISABLE_PLUGIN_AUTOLOAD")
 
 
 @pytest.fixture(scope="module")
@@ -106,3 +110,169 @@ def test_smoke_mode_end_to_end(overhead, tmp_path):
         assert peak > 50  # MB: a python process with torch in it
     assert "- athooks: own work" in text and "ms per captured block" in text
     assert "**athooks step minus floor step**" in text
+
+
+# --------------------------------------------------------------------------- --baseline-src
+
+BASELINE_MARK = "0.0+baseline-test"
+
+
+def copy_tree(dest: pathlib.Path, edit=None) -> pathlib.Path:
+    """A baseline checkout without git: this repository's athooks/ copied, optionally edited."""
+    shutil.copytree(
+        ROOT / "athooks", dest / "athooks", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    init = dest / "athooks" / "__init__.py"
+    init.write_text(init.read_text().replace('__version__ = "', f'__version__ = "{BASELINE_MARK}'))
+    if edit:
+        edit(dest / "athooks")
+    return dest
+
+
+@pytest.fixture(scope="module")
+def baseline_tree(tmp_path_factory):
+    return copy_tree(tmp_path_factory.mktemp("athooks-main"))
+
+
+def test_rename_package(overhead):
+    source = (
+        "import athooks\n"
+        "import athooks.registry\n"
+        "import athooks.layers as layers  # comment\n"
+        "from athooks.errors import AthooksError\n"
+        "from athooks import Distiller\n"
+        "from . import sibling\n"
+        "    from athooks.taps import Tap\n"
+        'importlib.import_module("athooks.viz")\n'
+        'PROJECT = "athooks"\n'
+        "import athooks_ltpa\n"
+    )
+    renamed = overhead.rename_package(source, new="athooks_baseline")
+    assert renamed.splitlines() == [
+        "import athooks_baseline as athooks",
+        "import athooks_baseline.registry, athooks_baseline as athooks",
+        "import athooks_baseline.layers as layers  # comment",
+        "from athooks_baseline.errors import AthooksError",
+        "from athooks_baseline import Distiller",
+        "from . import sibling",
+        "    from athooks_baseline.taps import Tap",
+        'importlib.import_module("athooks_baseline.viz")',
+        'PROJECT = "athooks"',  # pluggy's project name and the entry-point group stay
+        "import athooks_ltpa",
+    ]
+    assert overhead.leftover_references(renamed.replace("    from", "from")) == []
+    left = overhead.leftover_references("import athooks, os\nx = __import__('athooks')\n")
+    assert [entry.split(":")[0] for entry in left] == ["line 1", "line 2"]
+
+
+def test_baseline_runs_its_own_code(overhead, baseline_tree):
+    import athooks
+
+    main_pm = athooks.get_plugin_manager()
+    main_plugins = set(main_pm.list_name_plugin())
+    baseline = overhead.load_baseline(str(baseline_tree))
+    assert overhead.load_baseline(str(baseline_tree)) is baseline  # once per process and tree
+    assert baseline.__version__.startswith(BASELINE_MARK)  # the tree's code, not today's
+    assert baseline.__name__ == "athooks_baseline"
+    assert not pathlib.Path(baseline.__file__).is_relative_to(ROOT)
+    assert baseline.Distiller is not athooks.Distiller
+    assert baseline.Distiller.__module__ == "athooks_baseline.distiller"
+    # its own plugin manager, holding only its own built-ins; today's is untouched
+    assert baseline.get_plugin_manager() is not main_pm
+    assert [name for name, _ in baseline.get_plugin_manager().list_name_plugin()] == [
+        "athooks_baseline.builtins"
+    ]
+    assert set(main_pm.list_name_plugin()) == main_plugins
+    assert "at" in baseline.list_losses()
+    overhead.check_baseline_isolated(baseline)
+    about = overhead.describe_baseline(str(baseline_tree), baseline)
+    assert "not a git checkout" in about and "differs from today's athooks in 1 files" in about
+
+
+def test_baseline_agrees_with_athooks(overhead, baseline_tree):
+    setting = overhead.Setting("athooks:wrn16_2", "athooks:wrn16_1", 16, 2)
+    opts = overhead.Options(torch.device("cpu"), baseline_src=str(baseline_tree))
+    assert opts.baseline == "athooks@main"
+    teacher, student = overhead.fresh_pair(setting)
+    names = overhead.tap_names(student, setting.taps)
+    x, _ = opts.batch(setting, seed=1)
+    got = {}
+    for variant in ("athooks", "athooks@main"):
+        _, transfer = overhead.make_variant(
+            variant, copy.deepcopy(teacher), copy.deepcopy(student), names, opts
+        )
+        got[variant] = transfer(x).detach()
+    assert got["athooks"] > 0
+    torch.testing.assert_close(got["athooks@main"], got["athooks"], rtol=1e-6, atol=0)
+    steps, _ = overhead.build_variants(setting, ["floor", "reference", "athooks@main"], opts)
+    assert list(steps) == ["floor", "reference", "athooks@main"]
+
+
+def test_baseline_disagreeing_is_caught(overhead, tmp_path):
+    # a baseline whose AT weighs twice as much: the loss check must see the baseline's code
+    def double_beta(package: pathlib.Path) -> None:
+        at = package / "losses" / "at.py"
+        at.write_text(
+            at.read_text().replace("self.beta = float(beta)", "self.beta = 2 * float(beta)")
+        )
+
+    tree = copy_tree(tmp_path, edit=double_beta)
+    setting = overhead.Setting("athooks:wrn16_2", "athooks:wrn16_1", 16, 2)
+    opts = overhead.Options(torch.device("cpu"), baseline_src=str(tree), baseline_label="broken")
+    with pytest.raises(RuntimeError, match="athooks@broken's transfer loss .* do not compute"):
+        overhead.build_variants(setting, ["floor", "reference", "athooks", "athooks@broken"], opts)
+
+
+@pytest.mark.slow
+def test_smoke_mode_with_a_baseline(overhead, baseline_tree, tmp_path):
+    out = tmp_path / "overhead.md"
+    argv = ["--smoke", "--baseline-src", str(baseline_tree), "--only", "timing", "memory"]
+    assert overhead.main([*argv, "--out", str(out)]) == 0
+    assert os.environ.get(overhead.AUTOLOAD_ENV) == ENVIRON_AUTOLOAD  # restored
+    text = out.read_text()
+    assert f"- baseline `athooks@main`: athooks {BASELINE_MARK}" in text
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    timing_header = next(r for r in rows if r.startswith("| setting | variant | median step"))
+    assert timing_header.endswith("| wall vs athooks@main | CPU vs athooks@main |")
+    memory_header = next(r for r in rows if r.startswith("| setting | variant | peak RSS"))
+    assert memory_header.endswith("| vs athooks@main | step memory vs athooks@main |")
+    baseline_rows = [r for r in rows if "| athooks@main |" in r]
+    assert len(baseline_rows) == 2  # a timing row and a memory row
+    memory_row = next(r for r in baseline_rows if "(blocks)" in r)
+    assert float(memory_row.split("|")[3].replace(",", "")) > 50  # MB: a child with torch
+    assert "### athooks against athooks@main: step time and peak memory, side by side" in text
+    start = text.index("### athooks against athooks@main")
+    table = [r for r in text[start:].splitlines() if r.startswith("| ")][1:]  # no header
+    assert len(table) == 2  # the timing setting and the memory setting of --smoke
+    for row in table:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert any(c[0].isdigit() for c in cells[1:]), row
+
+
+# --------------------------------------------------------------------------- instrumentation
+
+
+def test_instrumentation_targets_exist_today(overhead):
+    targets, missing = overhead.resolve_targets(overhead.instrumentation_targets())
+    assert missing == []
+    assert len(targets) == len(overhead.instrumentation_targets())
+
+
+def test_breakdown_notes_renamed_internals(overhead, monkeypatch, capsys):
+    renamed = [
+        *overhead.instrumentation_targets()[:1],
+        ("athooks.distiller.Distiller", "_no_such_method", "gone"),
+        ("athooks.no_such_module.Thing", "run", "gone too"),
+        ("athooks.distiller.Distiller", "detach", "exists, not called in a step"),
+    ]
+    monkeypatch.setattr(overhead, "instrumentation_targets", lambda: renamed)
+    report = overhead.Report()
+    setting = overhead.Setting("athooks:wrn16_2", "athooks:wrn16_1", 16, 2)
+    overhead.breakdown_section(report, setting, overhead.Options(torch.device("cpu")), 1, 2)
+    text = "\n".join(report.lines)
+    assert "| student taps: mapping at capture |" in text  # the target that exists still runs
+    assert "**athooks step minus floor step**" in text
+    assert "`athooks.distiller.Distiller._no_such_method` does not exist" in text
+    assert "`athooks.no_such_module.Thing` does not exist" in text
+    assert "`athooks.distiller.Distiller.detach` exists but was never called" in text
+    assert "update `instrumentation_targets()`" in capsys.readouterr().out

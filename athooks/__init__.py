@@ -31,10 +31,11 @@ from athooks.errors import (
 )
 from athooks.layers import Layer, list_layers
 from athooks.losses import Loss, Step
-from athooks.mappings import Mapping
-from athooks.registry import get_plugin_manager, list_losses, list_mappings, loss, mapping
+from athooks.losses.base import loss
+from athooks.mappings import Mapping, mapping
+from athooks.registry import get_plugin_manager, list_losses, list_mappings
+from athooks.version import __version__
 
-__version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> Any:

@@ -33,8 +33,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from athooks.errors import CaptureError, ConfigurationError, LayerResolutionError
 from athooks.context import internal_run
+from athooks.errors import CaptureError, ConfigurationError, LayerResolutionError
 from athooks.layers import Layer, unwrap
 from athooks.tensors import first_tensor, slice_batch
 
@@ -282,8 +282,7 @@ def probe(
             "explicitly"
         )
     else:
-        shape = first_tensor(example)
-        what = "its real input" + (f" (first tensor {tuple(shape.shape)})" if shape is not None else "")
+        what = "its real input"
         fix = (
             "athooks runs each model once, in eval mode under no_grad, to find its stage "
             "outputs; name the layers explicitly (layers=[...], see `athooks layers <model>`) "

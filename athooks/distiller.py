@@ -149,7 +149,9 @@ class Distiller:
                 f"{type(teacher_input).__name__}"
             )
         resize_meaning = "'student' (resize the teacher's maps to the student's size), 'teacher'"
-        _check_choice("resize", resize, ("student", "teacher", "error"), resize_meaning + " or 'error'")
+        _check_choice(
+            "resize", resize, ("student", "teacher", "error"), resize_meaning + " or 'error'"
+        )
         _check_choice("copy_outputs", copy_outputs, ("auto", "always"), "'auto' or 'always'")
         _check_choice("no_grad", no_grad, ("skip", "capture"), "'skip' or 'capture'")
         if not isinstance(check_finite, bool):
@@ -318,8 +320,8 @@ class Distiller:
             names = ", ".join(name for _, name in self._pairs or []) or "(not resolved yet)"
             keys = f"key{'s' if len(other) > 1 else ''} {', '.join(repr(k) for k in other)}"
             raise ConfigurationError(
-                f"unexpected {keys} in the Distiller's state dict; it has 'losses.*' and 'taps.<student layer>.copy' for layers {names}. "
-                "Pass strict=False to ignore them"
+                f"unexpected {keys} in the Distiller's state dict; it has 'losses.*' and "
+                f"'taps.<student layer>.copy' for layers {names}. Pass strict=False to ignore them"
             )
         self._losses.load_state_dict(losses, strict=strict)
 

@@ -24,7 +24,8 @@ import torch
 from torch import Tensor, nn
 
 from athooks.checks import check_real
-from athooks.errors import CaptureError, ConfigurationError
+from athooks.errors import CaptureError, ConfigurationError, PluginError
+from athooks.registry import build
 
 __all__ = [
     "Features",
@@ -35,6 +36,7 @@ __all__ = [
     "SumP",
     "abs_pow_sum",
     "as_mapping",
+    "mapping",
 ]
 
 
@@ -303,10 +305,8 @@ def as_mapping(mapping: Any, **options: Any) -> Mapping:
         ```
     """
     if isinstance(mapping, str):
-        from athooks.registry import mapping as make
-
-        made: Mapping = make(mapping, **options)
-        return made
+        named: Mapping = _named_mapping(mapping, **options)
+        return named
     if options:
         raise ConfigurationError(
             f"mapping options {sorted(options)} were given with a mapping object {mapping!r}; "
@@ -363,3 +363,49 @@ def apply_mapping(mapping: Mapping, features: Tensor, where: str) -> Tensor:
             f"{where}; a mapping must return a floating tensor of shape (B, H, W) = {(b, h, w)}"
         )
     return out
+
+
+def mapping(name: str, **options: Any) -> Mapping:
+    """A configured attention mapping, by registry name.
+
+    The result is an :class:`athooks.plugin.Mapping` (an ``nn.Module``) that turns a
+    ``(B, C, H, W)`` tensor into a ``(B, H, W)`` attention map.
+
+    Args:
+        name: A registered mapping name (``athooks.list_mappings()``).
+        **options: The mapping's options, e.g. ``p=4``.
+
+    Returns:
+        The mapping.
+
+    Raises:
+        UnknownNameError: If no plugin registers ``name``.
+        ConfigurationError: If an option is not accepted.
+        PluginError: If the plugin's factory fails or builds something that is not callable.
+
+    Example:
+        ```python
+        import torch
+        import athooks
+
+        amap = athooks.mapping("sum_p", p=4)(torch.randn(2, 64, 8, 8))
+        assert amap.shape == (2, 8, 8)
+        ```
+    """
+    made, provider = build("mapping", name, options)
+    if isinstance(made, Mapping):
+        obj: Mapping = made
+    elif callable(made):
+        obj = FunctionMapping(made, name=name)
+    else:
+        raise PluginError(
+            f"mapping {name!r} from {provider} built a {type(made).__name__}, which is not "
+            "callable; a mapping factory must return an athooks.plugin.Mapping or a "
+            "callable (B, C, H, W) -> (B, H, W)"
+        )
+    obj.name = name
+    obj.provider = provider
+    return obj
+
+
+_named_mapping = mapping  # as_mapping's own argument is called `mapping`

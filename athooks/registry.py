@@ -15,6 +15,7 @@ Plugins run arbitrary code when they are loaded: install only plugins you trust.
 from __future__ import annotations
 
 import difflib
+import importlib
 import importlib.metadata
 import inspect
 import os
@@ -29,13 +30,17 @@ import pluggy
 from athooks import hookspecs
 from athooks.errors import AthooksError, ConfigurationError, PluginError, UnknownNameError
 from athooks.specs import LossSpec, MappingSpec
+from athooks.version import __version__
 
 __all__ = [
+    "build",
     "get_plugin_manager",
     "list_losses",
     "list_mappings",
-    "loss",
-    "mapping",
+    "load_errors",
+    "plugin_label",
+    "registered",
+    "reload_entry_points",
 ]
 
 BUILTIN_PLUGIN_NAME = "athooks.builtins"
@@ -81,11 +86,10 @@ def get_plugin_manager() -> pluggy.PluginManager:
     global _manager
     with _lock:
         if _manager is None:
-            from athooks import builtins
-
             pm = pluggy.PluginManager(hookspecs.PROJECT)
             pm.add_hookspecs(hookspecs)
-            pm.register(builtins, name=BUILTIN_PLUGIN_NAME)
+            # the built-ins sit above the registry (they are mappings and losses): by name
+            pm.register(importlib.import_module(BUILTIN_PLUGIN_NAME), name=BUILTIN_PLUGIN_NAME)
             _manager = pm
         return _manager
 
@@ -243,8 +247,6 @@ def plugin_label(plugin_name: str) -> str:
         E.g. ``"athooks 0.1.0 (built-in)"`` or ``"athooks-cbam 0.1.0"`` or the plain name.
     """
     if plugin_name == BUILTIN_PLUGIN_NAME:
-        from athooks import __version__
-
         return f"athooks {__version__} (built-in)"
     if plugin_name in _distributions:
         dist, version = _distributions[plugin_name]
@@ -282,7 +284,34 @@ def _lookup(kind: str, name: str) -> _Entry:
     raise UnknownNameError(msg)
 
 
-def _make(kind: str, name: str, options: dict[str, Any]) -> tuple[Any, str]:
+def build(kind: str, name: str, options: dict[str, Any]) -> tuple[Any, str]:
+    """Call the factory a plugin registered for ``name``, with the user's options.
+
+    The registry knows no mapping or loss type: :func:`athooks.mapping` and :func:`athooks.loss`
+    check what the factory built.
+
+    Args:
+        kind: ``"mapping"`` or ``"loss"``.
+        name: The registered name.
+        options: The user's options.
+
+    Returns:
+        What the factory built, and the label of the plugin that provides ``name``
+        (:func:`plugin_label`).
+
+    Raises:
+        UnknownNameError: If no plugin registers ``name``.
+        PluginError: If two plugins claim it, or the factory fails.
+        ConfigurationError: If an option is unknown, or the factory refuses its value.
+
+    Example:
+        ```python
+        from athooks.registry import build
+
+        made, provider = build("mapping", "sum_p", {"p": 4})
+        assert provider.endswith("(built-in)")
+        ```
+    """
     entry = _lookup(kind, name)
     factory: Callable[..., Any] = entry.spec.factory
     try:
@@ -323,7 +352,7 @@ def _make(kind: str, name: str, options: dict[str, Any]) -> tuple[Any, str]:
             f"{kind} {name!r} from {plugin_label(entry.plugin_name)} failed to build: "
             f"{type(err).__name__}: {err}"
         ) from err
-    return obj, entry.plugin_name
+    return obj, plugin_label(entry.plugin_name)
 
 
 def _raised_by_an_inner_lookup(err: BaseException) -> bool:
@@ -351,83 +380,6 @@ def _shown(options: dict[str, Any]) -> str:
             text = text[:37] + "..."
         parts.append(f"{key!r}: {text}")
     return "{" + ", ".join(parts) + "}"
-
-
-def mapping(name: str, **options: Any) -> Any:
-    """A configured attention mapping, by registry name.
-
-    The result is an :class:`athooks.plugin.Mapping` (an ``nn.Module``) that turns a
-    ``(B, C, H, W)`` tensor into a ``(B, H, W)`` attention map.
-
-    Args:
-        name: A registered mapping name (``athooks.list_mappings()``).
-        **options: The mapping's options, e.g. ``p=4``.
-
-    Returns:
-        The mapping.
-
-    Raises:
-        UnknownNameError: If no plugin registers ``name``.
-        ConfigurationError: If an option is not accepted.
-
-    Example:
-        ```python
-        import torch
-        import athooks
-
-        amap = athooks.mapping("sum_p", p=4)(torch.randn(2, 64, 8, 8))
-        assert amap.shape == (2, 8, 8)
-        ```
-    """
-    from athooks.mappings import FunctionMapping, Mapping
-
-    obj, plugin_name = _make("mapping", name, options)
-    if not isinstance(obj, Mapping):
-        if not callable(obj):
-            raise PluginError(
-                f"mapping {name!r} from {plugin_label(plugin_name)} built a "
-                f"{type(obj).__name__}, which is not callable; a mapping factory must return an "
-                "athooks.plugin.Mapping or a callable (B, C, H, W) -> (B, H, W)"
-            )
-        obj = FunctionMapping(obj, name=name)
-    obj.name = name
-    obj.provider = plugin_label(plugin_name)
-    return obj
-
-
-def loss(name: str, **options: Any) -> Any:
-    """A configured transfer loss, by registry name.
-
-    Args:
-        name: A registered loss name (``athooks.list_losses()``).
-        **options: The loss's options, e.g. ``beta=1e3, mapping="max_p", p=4`` for ``"at"``.
-
-    Returns:
-        An :class:`athooks.plugin.Loss` to pass to :class:`athooks.Distiller`.
-
-    Raises:
-        UnknownNameError: If no plugin registers ``name``.
-        ConfigurationError: If an option is not accepted.
-
-    Example:
-        ```python
-        import athooks
-
-        at = athooks.loss("at", beta=1e3, mapping="max_p", p=4)
-        print(at)
-        ```
-    """
-    from athooks.losses.base import Loss
-
-    obj, plugin_name = _make("loss", name, options)
-    if not isinstance(obj, Loss):
-        raise PluginError(
-            f"loss {name!r} from {plugin_label(plugin_name)} built a {type(obj).__name__}; a "
-            "loss factory must return an athooks.plugin.Loss"
-        )
-    if obj.name == Loss.name:
-        obj.name = name
-    return obj
 
 
 def registered() -> list[tuple[str, str, str, str]]:
@@ -504,3 +456,13 @@ def list_losses() -> list[str]:
     """
     found = _collect("loss")
     return sorted({*found.entries, *found.claims})
+
+
+_MOVED = {"mapping": "athooks.mappings", "loss": "athooks.losses.base"}
+
+
+def __getattr__(name: str) -> Any:
+    # athooks.registry.mapping/loss moved next to Mapping and Loss; kept reachable for old code
+    if name in _MOVED:
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

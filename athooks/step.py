@@ -167,7 +167,11 @@ class TeacherGuard:
             for param, flag in self._grads.items():
                 param.requires_grad_(flag)
             for name, param in self.teacher.named_parameters():  # parameters replaced meanwhile
-                if name in self._grads_by_name and param not in self._grads and id(param) not in owned:
+                if (
+                    name in self._grads_by_name
+                    and param not in self._grads
+                    and id(param) not in owned
+                ):
                     param.requires_grad_(self._grads_by_name[name])
             self._modes, self._grads, self._grads_by_name = {}, {}, {}
             self._modules, self._shared = [], set()
@@ -370,7 +374,7 @@ class _ThreadState(threading.local):
 
 def _call_frame() -> FrameType | None:
     """The frame of ``nn.Module._call_impl`` that is running the hook's caller."""
-    frame = sys._getframe(2)
+    frame: FrameType | None = sys._getframe(2)
     for _ in range(8):
         if frame is None:
             return None
@@ -618,7 +622,7 @@ class StepRecorder:
                 f" The student's last {state.skipped} forward(s) ran with gradient disabled "
                 "(torch.no_grad(), torch.inference_mode(), or checkpoint(student, x, "
                 "use_reentrant=True), which runs it without gradient), where athooks does not "
-                "run the teacher; pass Distiller(..., no_grad=\"capture\") to compute the "
+                'run the teacher; pass Distiller(..., no_grad="capture") to compute the '
                 "transfer loss there too, or checkpoint with use_reentrant=False"
             )
         if state.replica and record is None:

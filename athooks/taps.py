@@ -182,7 +182,7 @@ def is_replica(module: nn.Module, original: nn.Module) -> bool:
 
 
 def _functorch_active() -> bool:
-    """Whether a torch.func transform (grad, vmap, ...) is running: it forbids saved-tensor hooks."""
+    """Whether a torch.func transform (grad, vmap...) is running: it forbids saved-tensor hooks."""
     return torch._C._functorch.peek_interpreter_stack() is not None
 
 
@@ -510,7 +510,9 @@ class TapSet:
                 "call torch._dynamo.reset() after creating the Distiller to recompile"
             )
         children = list(tap.module.named_children())
-        if children and any(getattr(m, "grad_checkpointing", False) is True for m in self.model.modules()):
+        if children and any(
+            getattr(m, "grad_checkpointing", False) is True for m in self.model.modules()
+        ):
             last = f"{tap.name}.{children[-1][0]}"
             return (
                 f"{head}: timm's set_grad_checkpointing(True) runs the blocks of "

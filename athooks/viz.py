@@ -231,8 +231,9 @@ def attention_maps(
     amap = amap.to(device)
     taps = TapSet("model", inner, [amap])
     indices = [
-        taps.add(name, inner.get_submodule(name), Layer(name, layer.select, _Converted(inner, layer.transform)))
+        taps.add(name, inner.get_submodule(name), Layer(name, layer.select, _Converted(inner, t)))
         for name, layer, _ in stages
+        for t in (layer.transform,)
     ]
     flags = [(m, m.training) for m in inner.modules()]
     taps.attach()
@@ -246,7 +247,11 @@ def attention_maps(
         taps.detach()
         for module, flag in flags:
             module.training = flag
-    captured = {name: store[i].values[amap] for (name, _, _), i in zip(stages, indices, strict=True) if i in store}
+    captured = {
+        name: store[i].values[amap]
+        for (name, _, _), i in zip(stages, indices, strict=True)
+        if i in store
+    }
     label = str(amap).removesuffix("()")  # "sum_p(p=2)", "sum"
     maps = AttentionMaps()
     for name, _, stride in stages:

@@ -121,9 +121,9 @@ def instrumentation_targets() -> list[tuple[str, str, Label]]:
     one that exists but is never called during the measured steps.
     """
     return [
-        ("athooks.taps.Tap", "on_output", lambda tap: f"{tap.side} taps: mapping at capture"),
+        ("athooks.taps.Tap", "capture", lambda tap: f"{tap.side} taps: mapping at capture"),
         ("athooks.distiller.Distiller", "loss", "d.loss(): the AT loss on the maps"),
-        ("athooks.distiller.Distiller", "_on_student_end", "end of the student's forward"),
+        ("athooks.step.StepRecorder", "_end", "end of the student's forward"),
     ]
 
 

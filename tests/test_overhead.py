@@ -122,8 +122,11 @@ def copy_tree(dest: pathlib.Path, edit=None) -> pathlib.Path:
     shutil.copytree(
         ROOT / "athooks", dest / "athooks", ignore=shutil.ignore_patterns("__pycache__")
     )
-    init = dest / "athooks" / "__init__.py"
-    init.write_text(init.read_text().replace('__version__ = "', f'__version__ = "{BASELINE_MARK}'))
+    for name in ("__init__.py", "version.py"):  # wherever the tree defines its version
+        path = dest / "athooks" / name
+        if path.exists():
+            text = path.read_text().replace('__version__ = "', f'__version__ = "{BASELINE_MARK}')
+            path.write_text(text)
     if edit:
         edit(dest / "athooks")
     return dest

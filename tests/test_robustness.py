@@ -216,10 +216,9 @@ def test_student_in_eval_mode_gives_the_validation_loss():
         assert not student.training  # athooks never changes the student's mode
         got = d.loss()
         assert got.requires_grad  # eval mode is not no_grad
-    with Distiller(teacher, student, layers="relu?", no_grad="capture") as d:
-        with torch.no_grad():
-            student(X)
-            assert d.loss().item() == pytest.approx(got.item(), rel=1e-6)
+    with Distiller(teacher, student, layers="relu?", no_grad="capture") as d, torch.no_grad():
+        student(X)
+        assert d.loss().item() == pytest.approx(got.item(), rel=1e-6)
     assert got.item() == pytest.approx(want, rel=1e-5)
 
 

@@ -27,8 +27,8 @@ from torch import Tensor, nn
 
 from athooks.demo.data import cluttered_digits
 from athooks.distiller import Distiller
+from athooks.losses.base import loss as make_loss
 from athooks.models import create_model
-from athooks.registry import loss as make_loss
 
 __all__ = ["DemoConfig", "DemoResult", "run_demo", "train"]
 

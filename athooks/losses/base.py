@@ -9,8 +9,9 @@ from typing import Any, Protocol
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
-from athooks.errors import CaptureError
+from athooks.errors import CaptureError, PluginError
 from athooks.mappings import Mapping
+from athooks.registry import build
 
 __all__ = ["Loss", "Step", "StepRunner", "logits_of", "loss", "resize_map"]
 
@@ -353,7 +354,12 @@ def loss(name: str, **options: Any) -> Loss:
         print(at)
         ```
     """
-    from athooks.registry import loss as build_loss
-
-    made: Loss = build_loss(name, **options)
-    return made
+    obj, provider = build("loss", name, options)
+    if not isinstance(obj, Loss):
+        raise PluginError(
+            f"loss {name!r} from {provider} built a {type(obj).__name__}; a loss factory must "
+            "return an athooks.plugin.Loss"
+        )
+    if obj.name == Loss.name:
+        obj.name = name
+    return obj

@@ -125,7 +125,7 @@ class LossSet:
         return total, terms
 
     def state_dict(self) -> dict[str, Any]:
-        """The losses' parameters and buffers (keys as in an ``nn.ModuleList``: ``"0.mapping.weight"``)."""
+        """The losses' parameters and buffers, keyed as in their ``nn.ModuleList``."""
         return dict(self.modules.state_dict())
 
     def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:

@@ -80,5 +80,5 @@ def test_se_channel_with_different_widths_is_a_clear_error():
 
 
 def test_bad_kernel_size():
-    with pytest.raises(athooks.PluginError, match="kernel_size must be odd"):
+    with pytest.raises(athooks.ConfigurationError, match="kernel_size must be odd"):
         athooks.mapping("cbam_spatial", learned=True, kernel_size=4)

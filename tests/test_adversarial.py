@@ -17,6 +17,7 @@ import copy
 import gc
 import io
 import pickle
+import re
 import threading
 import warnings
 from collections import OrderedDict
@@ -341,6 +342,13 @@ def hookless(model: nn.Module) -> bool:
 # ====================================================================== §2.1 in-place edits
 
 
+class FlatNet(StageNet):
+    """Returns a flattened *view* of its last stage's output (an embedding head's input)."""
+
+    def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
+        return super().forward(x)[-1].flatten(1)
+
+
 def inplace_case(kind: str):
     """(teacher, student, layers, edit(out) -> tensor to edit, name of that layer, input)."""
     if kind == "last_module":
@@ -351,6 +359,10 @@ def inplace_case(kind: str):
         torch.manual_seed(0)
         t, s = StageNet(16), StageNet(8)
         return t, s, [("s2", "s2"), ("s3", "s3")], (lambda o: o[-1]), "s3", X
+    if kind == "view_of_tapped":  # editing a view edits the tapped tensor itself
+        torch.manual_seed(0)
+        t, s = FlatNet(16), FlatNet(8)
+        return t, s, [("s2", "s2"), ("s3", "s3")], (lambda o: o), "s3", X
     torch.manual_seed(1)
     t = timm.create_model("resnet18", features_only=True, out_indices=(1, 2, 3))
     torch.manual_seed(0)
@@ -359,7 +371,7 @@ def inplace_case(kind: str):
     return t, s, [("layer2", "layer2"), ("layer3", "layer3")], (lambda o: o[-1]), "layer3", x
 
 
-INPLACE_KINDS = ["last_module", "stage_list", "timm_features_only"]
+INPLACE_KINDS = ["last_module", "stage_list", "view_of_tapped", "timm_features_only"]
 
 
 @pytest.mark.parametrize("kind", INPLACE_KINDS)
@@ -829,9 +841,8 @@ def test_forward_without_gradient_inside_the_block_is_a_plain_forward(grad_off):
         want = sc(X)
     runs = Counter(teacher)
     ctx = torch.no_grad if grad_off == "no_grad" else torch.inference_mode
-    with Distiller(teacher, student, layers="relu?"):
-        with ctx():
-            out = student(X)
+    with Distiller(teacher, student, layers="relu?"), ctx():
+        out = student(X)
     assert runs.n == 0
     torch.testing.assert_close(out, want, rtol=0, atol=0)
 
@@ -858,11 +869,10 @@ def test_loss_with_only_skipped_forwards_points_to_the_capture_option():
     """Only no_grad forwards in the block, then ``d.loss()``: there is no recorded step, so it
     raises CaptureError whose message mentions ``no_grad="capture"``.  # issue 14 §2.6"""
     teacher, student = tiny_pair()
-    with Distiller(teacher, student, layers="relu?") as d:
-        with torch.no_grad():
-            student(X)
-            with pytest.raises(CaptureError, match=r"""no_grad\s*=\s*["']capture["']"""):
-                d.loss()
+    with Distiller(teacher, student, layers="relu?") as d, torch.no_grad():
+        student(X)
+        with pytest.raises(CaptureError, match=r"""no_grad\s*=\s*["']capture["']"""):
+            d.loss()
 
 
 @pytest.mark.parametrize("grad_off", ["no_grad", "inference_mode"])
@@ -877,10 +887,9 @@ def test_no_grad_capture_option_gives_the_validation_loss(grad_off):
         want = ref_step(tc, sc, RELU_PAIRS, (X,)).value
     runs = Counter(teacher)
     ctx = torch.no_grad if grad_off == "no_grad" else torch.inference_mode
-    with Distiller(teacher, student, layers="relu?", no_grad="capture") as d:
-        with ctx():
-            student(X)
-            got = d.loss()
+    with Distiller(teacher, student, layers="relu?", no_grad="capture") as d, ctx():
+        student(X)
+        got = d.loss()
     assert runs.n == 1
     assert not got.requires_grad
     assert_value(got, want)
@@ -1046,7 +1055,7 @@ def test_two_threads_each_get_their_own_step():
                 student(xs[i])
                 barrier.wait(timeout=30)
                 got[i] = float(d.loss())
-            except BaseException as err:  # noqa: BLE001 - reported below
+            except BaseException as err:
                 errors[i] = err
                 barrier.abort()
 
@@ -1076,7 +1085,7 @@ def test_a_step_in_another_thread_does_not_disturb_this_threads_step():
             try:
                 student(X2)
                 result["loss"] = float(d.loss())
-            except BaseException as err:  # noqa: BLE001 - reported below
+            except BaseException as err:
                 result["error"] = err
 
         t = threading.Thread(target=other)
@@ -1137,15 +1146,16 @@ def test_readme_quickstart_resnet34_to_resnet18_at_32x32():
         assert_value(d.loss(), want.value)
 
 
-@pytest.mark.parametrize("family", ["torchvision", "timm"])
+@pytest.mark.parametrize("family", ["torchvision_mobilenet", "timm_resnet"])
 def test_auto_never_pairs_a_1x1_map(family):
-    """Whatever the model family, no auto pair compares 1x1 maps (after global pooling a map
-    carries no spatial information: its normalised value is 1 and its loss 0). Checked with my
-    own hooks on the paired student modules, at the real 32x32 input.  # issue 14 §2.10"""
+    """Whatever the model family, no auto pair compares 1x1 maps (a 1x1 map carries no spatial
+    information: its normalised value is 1 and its loss 0). Checked with my own hooks on the
+    paired student modules, at the real 32x32 input (MobileNetV3's last stage and timm's
+    ResNet layer4 are 1x1 there).  # issue 14 §2.10"""
     torch.manual_seed(0)
-    if family == "torchvision":
-        teacher = torchvision.models.resnet34(num_classes=10)
-        student = torchvision.models.resnet18(num_classes=10)
+    if family == "torchvision_mobilenet":
+        teacher = torchvision.models.mobilenet_v3_large(num_classes=10)
+        student = torchvision.models.mobilenet_v3_small(num_classes=10)
     else:
         teacher = timm.create_model("resnet18", num_classes=10)
         student = timm.create_model("resnet10t", num_classes=10)
@@ -1224,6 +1234,7 @@ def test_auto_works_on_models_a_dummy_image_cannot_probe(kind):
     with Distiller(teacher, student, teacher_input=teacher_input) as d:
         student(*args, **kwargs)
         pairs = d.pairs
+        assert pairs
         got = d.loss()
         want = ref_step(tc, sc, pairs, args, kwargs, t_args=t_args)
         assert torch.isfinite(got)
@@ -1245,10 +1256,9 @@ def test_top_level_two_tuple_of_names_is_ambiguous():
     teacher, student = stage_pair()
     with pytest.raises(ConfigurationError) as err:
         Distiller(teacher, student, layers=("s3", "s2"))
-    msg = str(err.value)
-    assert "s3" in msg and "s2" in msg
-    assert "[('s3', 's2')]" in msg or '[("s3", "s2")]' in msg  # the one-pair reading
-    assert "['s3', 's2']" in msg or '["s3", "s2"]' in msg  # the two-names reading
+    flat = re.sub(r"[\s'\"]", "", str(err.value))  # whatever the quoting and spacing
+    assert "[(s3,s2)]" in flat  # the one-pair reading
+    assert "[s3,s2]" in flat  # the two-names reading
 
 
 def test_list_of_names_and_list_of_one_pair_are_unambiguous():
@@ -1470,7 +1480,10 @@ class ValidatingPlugin:
 
 @pytest.mark.parametrize(
     "make",
-    [lambda: athooks.mapping("adv_scaled", scale=-1.0), lambda: athooks.loss("adv_weighted", weight=-1)],
+    [
+        lambda: athooks.mapping("adv_scaled", scale=-1.0),
+        lambda: athooks.loss("adv_weighted", weight=-1),
+    ],
     ids=["mapping", "loss"],
 )
 def test_plugin_factory_rejecting_a_bad_option_is_a_configuration_error(plugins, make):
@@ -1487,13 +1500,13 @@ def test_plugin_factory_rejecting_a_bad_option_is_a_configuration_error(plugins,
 class DupA:
     @hookimpl
     def athooks_mappings(self):
-        return [MappingSpec("adv_dup", lambda: (lambda f: f.abs().sum(1)))]
+        return [MappingSpec("adv_dup", lambda: lambda f: f.abs().sum(1))]
 
 
 class DupB:
     @hookimpl
     def athooks_mappings(self):
-        return [MappingSpec("adv_dup", lambda: (lambda f: f.abs().amax(1)))]
+        return [MappingSpec("adv_dup", lambda: lambda f: f.abs().amax(1))]
 
 
 def test_a_mapping_name_registered_twice_is_still_listed(plugins):
@@ -1533,7 +1546,7 @@ def test_strict_load_state_dict_with_a_missing_key_names_it():
     sd = d.state_dict()
     key = next(k for k in sd if k.endswith("smooth.weight"))
     del sd[key]
-    with pytest.raises(ConfigurationError, match=key.replace(".", r"\.")):
+    with pytest.raises(ConfigurationError, match=r"smooth\.weight"):
         d.load_state_dict(sd, strict=True)
 
 
@@ -1564,6 +1577,10 @@ def test_terms_are_empty_after_a_loss_that_raised():
         with pytest.raises(CaptureError):
             d.loss()
         assert d.terms == {}
+        student.skip = False  # and the failure leaves the next step intact
+        student(X3)
+        got = d.loss()
+        assert float(d.terms["at"]) == pytest.approx(float(got), rel=1e-6)
 
 
 def test_torch_func_grad_through_functional_call_matches_autograd():
@@ -1691,8 +1708,9 @@ def test_student_called_twice_before_one_loss_gives_the_second_batchs_loss():
 def test_second_loss_for_one_forward_is_refused_and_the_first_still_backpropagates():
     """``d.loss()`` twice for one forward: the second raises CaptureError; releasing the
     captures must not break the first loss, whose gradient is still the reference. Outside the
-    block (before entering and after leaving) ``d.loss()`` raises CaptureError too, and
-    ``d.terms`` keeps the last step's values."""
+    block (before entering and after leaving) ``d.loss()`` raises CaptureError too. (What
+    ``d.terms`` holds after these raising calls is left open: the docs say "the last values",
+    issue 14 §2.12 says empty after a raising call.)"""
     teacher, student = tiny_pair()
     tc, sc = plain_copy(teacher, student)
     want = ref_step(tc, sc, RELU_PAIRS, (X,))
@@ -1702,12 +1720,12 @@ def test_second_loss_for_one_forward_is_refused_and_the_first_still_backpropagat
     with d:
         student(X)
         first = d.loss()
+        assert float(sum(d.terms.values())) == pytest.approx(want.value, rel=1e-4)
         with pytest.raises(CaptureError):
             d.loss()
         assert_grads(grads_of(first, student), want.grads())
     with pytest.raises(CaptureError):
         d.loss()
-    assert float(sum(d.terms.values())) == pytest.approx(want.value, rel=1e-4)
 
 
 def test_re_entering_the_block_gives_correct_steps_and_restores_each_time():
@@ -1738,11 +1756,13 @@ def test_an_exception_inside_the_block_leaves_everything_restored():
         student.relu2.register_forward_pre_hook(lambda *a: None),
     ]
     before = snapshot(teacher, student)
-    with pytest.raises(RuntimeError, match="user bug"):
-        with Distiller(teacher, student, layers="relu?") as d:
-            (F.cross_entropy(student(X), Y) + d.loss()).backward()
-            student(X2)
-            raise RuntimeError("user bug")
+    with (
+        pytest.raises(RuntimeError, match="user bug"),
+        Distiller(teacher, student, layers="relu?") as d,
+    ):
+        (F.cross_entropy(student(X), Y) + d.loss()).backward()
+        student(X2)
+        raise RuntimeError("user bug")
     assert_unchanged(before, teacher, student, buffers_of=(0,))
     for h in user_hooks:
         h.remove()
@@ -2104,3 +2124,59 @@ def test_three_sgd_steps_match_a_hand_written_at_loop():
             assert_value(loss, ref.value)
             for (n, p), q in zip(student.named_parameters(), sc.parameters(), strict=True):
                 torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_leaving_the_inner_of_two_distillers_on_one_student_keeps_the_outer_working():
+    """Two teachers on one student; the inner block ends (the second teacher's schedule is
+    over): the outer Distiller's next step is the reference, and the second teacher no longer
+    runs and is restored."""
+    torch.manual_seed(0)
+    t1, t2, student = TinyCNN(16), TinyCNN(12), TinyCNN(8)
+    t1c, sc = plain_copy(t1, student)
+    before_t2 = snapshot(t2)
+    r2 = Counter(t2)
+    with Distiller(t1, student, layers="relu?") as d1:
+        with Distiller(t2, student, layers="relu?") as d2:
+            student(X)
+            d1.loss()
+            d2.loss()
+        r2.handle.remove()
+        assert_unchanged(before_t2, t2)
+        r2.handle = t2.register_forward_pre_hook(r2)
+        student(X2)
+        got = d1.loss()
+        assert r2.n == 1
+        assert_value(got, ref_step(t1c, sc, RELU_PAIRS, (X2,)).value)
+        assert_grads(grads_of(got, student), ref_step(t1c, sc, RELU_PAIRS, (X2,)).grads())
+    r2.handle.remove()
+
+
+def test_models_cast_to_float64_between_steps_inside_the_block():
+    """Both models are cast to float64 between two steps inside the block (a precision check
+    in the middle of training): the second step's loss is the float64 reference, in float64."""
+    teacher, student = tiny_pair()
+    with Distiller(teacher, student, layers="relu?") as d:
+        student(X)
+        d.loss()
+        teacher.double()
+        student.double()
+        tc, sc = plain_copy(teacher, student)
+        x = X2.double()
+        student(x)
+        got = d.loss()
+    assert got.dtype == torch.float64
+    assert float(got) == pytest.approx(ref_step(tc, sc, RELU_PAIRS, (x,)).value, rel=1e-9)
+
+
+def test_input_edited_in_place_between_forward_and_loss_does_not_change_the_value():
+    """The user reuses the input buffer (``x.mul_(0.5)``, the next batch's augmentation) between
+    ``student(x)`` and ``d.loss()``: the loss is the value of the forward that ran, not one
+    recomputed from the edited input."""
+    teacher, student = tiny_pair()
+    tc, sc = plain_copy(teacher, student)
+    want = ref_step(tc, sc, RELU_PAIRS, (X.clone(),)).value
+    x = X.clone()
+    with Distiller(teacher, student, layers="relu?") as d:
+        student(x)
+        x.mul_(0.5)
+        assert_value(d.loss(), want)

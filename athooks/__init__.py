@@ -37,7 +37,6 @@ from athooks.registry import get_plugin_manager, list_losses, list_mappings
 from athooks.version import __version__
 
 
-
 def __getattr__(name: str) -> Any:
     # athooks.viz is loaded on first use, so `import athooks` stays light (no numpy plotting,
     # and matplotlib is imported only when something is drawn).

@@ -37,7 +37,7 @@ from athooks._compile import eager
 from athooks.context import in_backward, internal_depth, internal_run
 from athooks.errors import CaptureError, ConfigurationError
 from athooks.taps import Captures, InertHook, TapSet, is_replica
-from athooks.tensors import first_tensor, non_tensor_input
+from athooks.tensors import all_tensors, first_tensor, non_tensor_input
 
 __all__ = [
     "ModelRunner",
@@ -315,6 +315,8 @@ class TeacherRunner:
         """
         t_args, t_kwargs = self.call_args(args, kwargs)
         _check_teacher_device(self.teacher, t_args, t_kwargs, self.teacher_input is not None)
+        inputs = [t for t in all_tensors((args, kwargs)) if not t.is_inference()]
+        versions = [t._version for t in inputs]
         store = None
         with self._frozen():
             taps = self.taps if capture else None
@@ -334,6 +336,13 @@ class TeacherRunner:
             finally:
                 if taps is not None:
                     taps.disarm()
+        if any(t._version != v for t, v in zip(inputs, versions, strict=True)):
+            raise CaptureError(
+                "the teacher modified its input in place (e.g. `x.sub_(mean)` in its forward), "
+                "and that tensor is the student's input too: the student would see the edited "
+                "values. Give the teacher its own copy: "
+                "Distiller(..., teacher_input=lambda x: x.clone())"
+            )
         return output, store
 
 

@@ -186,6 +186,14 @@ def _functorch_active() -> bool:
     return torch._C._functorch.peek_interpreter_stack() is not None
 
 
+def _shares_memory(a: Tensor, b: Tensor) -> bool:
+    """Whether two tensors share storage (``True`` when it cannot be told: torch.func wrappers)."""
+    try:
+        return bool(a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr())
+    except (NotImplementedError, RuntimeError):
+        return True
+
+
 class _TapHook:
     """The callable registered with ``register_forward_hook`` for one tap of a :class:`TapSet`.
 
@@ -276,7 +284,7 @@ class Tap:
         if not self.student:
             for mapping, value in values.items():
                 value = value.detach()
-                if value.untyped_storage().data_ptr() == raw.untyped_storage().data_ptr():
+                if _shares_memory(value, raw):
                     value = value.clone()  # a view of the output could be overwritten later
                 values[mapping] = value
         version = None if raw.is_inference() else raw._version

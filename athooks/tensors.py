@@ -17,7 +17,7 @@ from torch import Tensor
 
 from athooks.errors import CaptureError
 
-__all__ = ["first_tensor", "non_tensor_input", "select_tensor", "slice_batch"]
+__all__ = ["all_tensors", "first_tensor", "non_tensor_input", "select_tensor", "slice_batch"]
 
 _MAX_DEPTH = 4
 
@@ -65,6 +65,31 @@ def first_tensor(value: Any, depth: int = 0) -> Tensor | None:
         if found is not None:
             return found
     return None
+
+
+def all_tensors(value: Any, depth: int = 0) -> list[Tensor]:
+    """Every tensor in ``value``, depth first, in order, through the containers athooks reads.
+
+    Args:
+        value: A tensor, or containers holding tensors.
+        depth: The current nesting level (callers leave it at 0).
+
+    Returns:
+        The tensors.
+
+    Example:
+        ```python
+        import torch
+        from athooks.tensors import all_tensors
+
+        a, b = torch.zeros(1), torch.ones(1)
+        assert all_tensors(((a, 3), {"b": b})) == [a, b]
+        ```
+    """
+    if isinstance(value, Tensor):
+        return [value]
+    items = _children(value) if depth <= _MAX_DEPTH else None
+    return [t for item in items or () for t in all_tensors(item, depth + 1)]
 
 
 def select_tensor(

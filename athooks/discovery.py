@@ -595,22 +595,30 @@ def _probe_pair(
     """Probe both models on a real input: a batch of one sliced from it, else the whole batch."""
     first = first_tensor(example)
     batch = int(first.shape[0]) if first is not None and first.dim() else 0
-    tries = [slice_batch(example, batch), example] if batch > 1 else [example]
-    for i, (args, kwargs) in enumerate(tries):
-        if teacher_input is None:
-            t_example = (args, kwargs)
-        else:
-            adapted = teacher_input(*args, **kwargs)
-            t_example = ((adapted if isinstance(adapted, tuple) else (adapted,)), {})
+    if batch > 1:  # a batch of one first; a model that cannot run on one sample, the whole batch
         try:
-            return (
-                probe(teacher, side="teacher", example=t_example),
-                probe(student, side="student", example=(args, kwargs)),
-            )
+            return _probe_both(teacher, student, slice_batch(example, batch), teacher_input)
         except ConfigurationError:
-            if i == len(tries) - 1:
-                raise
-    raise AssertionError("unreachable")  # pragma: no cover
+            pass
+    return _probe_both(teacher, student, example, teacher_input)
+
+
+def _probe_both(
+    teacher: nn.Module,
+    student: nn.Module,
+    example: Example,
+    teacher_input: Callable[..., Any] | None,
+) -> tuple[list[LayerInfo], list[LayerInfo]]:
+    args, kwargs = example
+    if teacher_input is None:
+        t_example = example
+    else:
+        adapted = teacher_input(*args, **kwargs)
+        t_example = ((adapted if isinstance(adapted, tuple) else (adapted,)), {})
+    return (
+        probe(teacher, side="teacher", example=t_example),
+        probe(student, side="student", example=example),
+    )
 
 
 def auto_pairs(

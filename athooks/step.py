@@ -643,13 +643,13 @@ class StepRecorder:
         if record is None:
             raise CaptureError(
                 "d.loss() was called before any forward of the student inside the Distiller; "
-                "call student(x) first, then d.loss()." + skipped
+                f"call student(x) first, then d.loss().{skipped}"
             )
         if record.consumed:
             raise CaptureError(
                 "d.loss() was already called for the student's last forward and its captures "
                 "were released; run student(x) again before the next d.loss() (the last values "
-                "are in d.terms)." + skipped
+                f"are in d.terms).{skipped}"
             )
         if not record.complete:
             raise CaptureError(

@@ -68,9 +68,13 @@ def imports(path: Path) -> list[tuple[str, list[str], int]]:
             for alias in node.names:
                 if alias.name.split(".")[0] == "athooks":
                     found.append((alias.name, [], node.lineno))
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            if node.module.split(".")[0] == "athooks":
-                found.append((node.module, [a.name for a in node.names], node.lineno))
+        elif (
+            isinstance(node, ast.ImportFrom)
+            and node.module
+            and node.level == 0
+            and node.module.split(".")[0] == "athooks"
+        ):
+            found.append((node.module, [a.name for a in node.names], node.lineno))
     return found
 
 

@@ -51,7 +51,7 @@ IGNORED_CLASSES = {"NotImplementedError", "SystemExit", "AttributeError"}
 # sites whose message is built elsewhere (a helper or a variable): what their messages start with
 # (regular expression of the message, the phrase the errors page must contain)
 INDIRECT = {
-    ("distiller.py", "_collect_values"): (
+    ("taps.py", "collect"): (
         r"student layer '.*' did not fire during the student's last forward",
         "did not fire during the student's last forward",
     ),
@@ -317,7 +317,7 @@ def _grad_loss_without_input():
 
 def _grad_loss_no_grad():
     teacher, student = _pair()
-    with Distiller(teacher, student, losses="grad_at") as d:
+    with Distiller(teacher, student, losses="grad_at", no_grad="capture") as d:
         with torch.no_grad():
             student(X)
         d.loss(torch.arange(4) % 5)
@@ -607,6 +607,90 @@ def _lightning(kind: str):
             callback._restore(module)
 
 
+def _data_parallel():
+    teacher, student = _pair()
+    wrapped = nn.DataParallel(student)
+    wrapped.device_ids = [0, 1]  # as on a machine with two GPUs
+    Distiller(teacher, wrapped, layers="relu?").attach()
+
+
+def _replicas_only():
+    teacher, student = _pair()
+    with Distiller(teacher, student, layers="relu?") as d:
+        replica = student._replicate_for_data_parallel()  # what DataParallel runs on each GPU
+        replica._parameters = student._parameters
+        replica(X)
+        d.loss()
+
+
+def _threads_with_shared_modules():
+    import threading
+
+    teacher, student = TinyCNN(8), TinyCNN(8)
+    teacher.conv1 = student.conv1  # a shared stem
+    errors = []
+    inside = threading.Event()
+    release = threading.Event()
+
+    def hold(module, args, out):
+        inside.set()
+        release.wait(10)
+
+    handle = student.relu3.register_forward_hook(hold)
+    with Distiller(teacher, student, layers="relu?"):
+        worker = threading.Thread(target=lambda: student(X))
+        worker.start()
+        inside.wait(10)
+        handle.remove()
+        try:
+            student(X)
+        except CaptureError as err:
+            errors.append(err)
+        finally:
+            release.set()
+            worker.join()
+    raise errors[0]
+
+
+class EditsInput(TinyCNN):
+    def forward(self, x):
+        return super().forward(x.sub_(0.5))
+
+
+def _teacher_edits_input():
+    teacher, student = EditsInput(16), TinyCNN(8)
+    with Distiller(teacher, student, layers="relu?"):
+        student(X.clone())
+
+
+class ReturnsStage(TinyCNN):
+    def forward(self, x):
+        b = self.features(x)[1]
+        return self.bn3(self.conv3(b))  # the tapped layer's output itself
+
+
+def _edited_after_forward():
+    teacher, student = ReturnsStage(16, inplace=False), ReturnsStage(8, inplace=False)
+    with Distiller(teacher, student, layers="bn3") as d:
+        for _ in range(2):  # the first step maps a copy (the probe): from the second on, not
+            out = student(X)
+            at = d.loss()
+            out.mul_(3)
+            at.backward()
+
+
+def _state_dict_misfit():
+    from athooks.mappings import FunctionMapping
+
+    gate = nn.Conv2d(1, 1, 1)
+    mapping = FunctionMapping(lambda f: gate(f.pow(2).mean(1, keepdim=True)).squeeze(1))
+    mapping.gate = gate
+    d = Distiller(*_pair(), layers="relu?", losses=athooks.loss("at", mapping=mapping))
+    state = d.state_dict()
+    del state["losses.0.mapping.gate.bias"]
+    d.load_state_dict(state)
+
+
 @dataclass
 class Trigger:
     id: str
@@ -644,6 +728,14 @@ TRIGGERS = [
     t("loss_before_forward", CP, _lifecycle("before")),
     t("loss_twice", CP, _lifecycle("consumed")),
     t("forward_unfinished", CP, _unfinished),
+    t("pairs_not_resolved", CE, lambda: Distiller(*_pair()).pairs),
+    t("no_grad_policy", CE, lambda: Distiller(*_pair(), layers="relu?", no_grad="never")),
+    t("data_parallel", CE, _data_parallel),
+    t("replicas_only", CP, _replicas_only),
+    t("threads_with_shared_modules", CP, _threads_with_shared_modules),
+    t("teacher_edits_input", CP, _teacher_edits_input),
+    t("edited_after_forward", CP, _edited_after_forward),
+    t("state_dict_misfit", CE, _state_dict_misfit),
     # what a step captured
     t("student_layer_not_fired", CP, _not_fired),
     t("teacher_layer_not_fired", CP, _teacher_not_fired),

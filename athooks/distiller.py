@@ -7,52 +7,27 @@ teacher's freeze and the step lifecycle), :mod:`athooks.losses` (the losses of a
 
 from __future__ import annotations
 
-import threading
+import functools
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
-from athooks.discovery import AUTO_MODES, Pairing, auto_pairs
+from athooks.discovery import Pairing
 from athooks.errors import CaptureError, ConfigurationError
-from athooks.layers import ResolvedPair, resolve_pairs, unwrap
+from athooks.layers import unwrap
 from athooks.losses.base import Loss, Step
 from athooks.losses.lossset import LossSet
-from athooks.step import (
-    ModelRunner,
-    NoGradPolicy,
-    StepRecord,
-    StepRecorder,
-    TeacherGuard,
-    TeacherRunner,
-    refuse_data_parallel,
-    register_student,
-)
-from athooks.taps import TapSet, check_finite
-from athooks.tensors import first_tensor
+from athooks.plan import LayerPlan
+from athooks.step import Attachment, ModelRunner, NoGradPolicy, StepRecorder, TeacherRunner
+from athooks.taps import PairedTaps
 
 __all__ = ["Distiller"]
 
 CopyPolicy = Literal["auto", "always"]
 ResizePolicy = Literal["student", "teacher", "error"]
-
-
-class _Hold:
-    """What an attached Distiller holds; released once, also when the Distiller is collected."""
-
-    def __init__(self) -> None:
-        self.handles: list[RemovableHandle] = []
-        self.releases: list[Callable[[], None]] = []
-
-    def release(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles.clear()
-        while self.releases:
-            self.releases.pop()()
 
 
 def _check_choice(name: str, value: Any, allowed: Sequence[Any], meaning: str = "") -> None:
@@ -161,7 +136,6 @@ class Distiller:
         self.teacher, self.student = teacher, student
         self.teacher_input, self.resize, self.check_finite = teacher_input, resize, check_finite
         self._losses = LossSet(losses)
-        self._copy: CopyPolicy = copy_outputs
         self._runner = TeacherRunner(teacher, teacher_input)
         self._recorder = StepRecorder(
             student,
@@ -171,61 +145,43 @@ class Distiller:
             no_grad=no_grad,
         )
         if self._losses.has_state:
-            self._recorder.on_start = lambda: self._losses.follow(self.student)
-        self.pairing: Pairing | None = None
-        self._pairs: list[tuple[str, str]] | None = None
-        self._indices: list[tuple[int, int]] = []
-        self._taps: tuple[TapSet, TapSet] | None = None
-        self._pending_copy: dict[str, bool] = {}
-        self._lock = threading.Lock()
-        self._hold: _Hold | None = None
+            self._recorder.on_start = functools.partial(self._losses.follow, student)
+        self._hold: Attachment | None = None
         self._finalizer: weakref.finalize[Any, Any] | None = None
         self._terms: dict[str, Tensor] = {}
-        self._layers = layers
-        if not self._losses.mappings:
-            self._use_pairs([])
-        elif not (isinstance(layers, str) and layers in AUTO_MODES):
-            self._use_pairs(resolve_pairs(teacher, student, layers))
-        elif input_size is not None:
-            self.pairing = auto_pairs(teacher, student, layers, input_size)
-            self._use_pairs(resolve_pairs(teacher, student, self.pairing.layers()))
+        self._plan = LayerPlan(
+            teacher,
+            student,
+            layers,
+            self._losses.mappings,
+            copy_outputs,
+            input_size=input_size,
+            teacher_input=teacher_input,
+        )
+        use_taps = weakref.WeakMethod(self._use_taps)  # no reference cycle through the plan
+
+        def resolved(taps: PairedTaps) -> None:
+            method = use_taps()
+            if method is not None:
+                method(taps)
+
+        self._plan.on_resolved = resolved
+        if self._plan.taps is not None:
+            self._use_taps(self._plan.taps)
         else:  # "auto"/"blocks" from the student's first real call
-            self._recorder.prepare = self._resolve_on
+            self._recorder.prepare = self._plan.resolve_on
 
-    # ------------------------------------------------------------------ layers
-
-    def _resolve_on(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        """Find the ``"auto"``/``"blocks"`` pairs from the first real input (batch-1 slice)."""
-        with self._lock:
-            if self._pairs is None:
-                self.pairing = auto_pairs(
-                    self.teacher,
-                    self.student,
-                    self._layers,
-                    example=(args, kwargs),
-                    teacher_input=self.teacher_input,
-                )
-                self._use_pairs(resolve_pairs(self.teacher, self.student, self.pairing.layers()))
-            self._recorder.prepare = None
-
-    def _use_pairs(self, resolved: Sequence[ResolvedPair]) -> None:
-        mappings = self._losses.mappings
-        teacher_taps = TapSet("teacher", self.teacher, mappings)
-        student_taps = TapSet("student", self.student, mappings, copy=self._copy)
-        self._indices = [
-            (
-                teacher_taps.add(p.teacher_name, p.teacher_module, p.teacher_layer),
-                student_taps.add(p.student_name, p.student_module, p.student_layer),
-            )
-            for p in resolved
-        ]
-        student_taps.load_copy_state(self._pending_copy)
-        if resolved:
-            self._taps = (teacher_taps, student_taps)
-            self._runner.taps, self._recorder.student_taps = teacher_taps, student_taps
+    def _use_taps(self, taps: PairedTaps) -> None:
+        self._recorder.prepare = None
+        if taps.pairs:
+            self._runner.taps, self._recorder.student_taps = taps.teacher, taps.student
             if self._hold is not None:
-                self._hold.handles += teacher_taps.attach() + student_taps.attach()
-        self._pairs = [(p.teacher_name, p.student_name) for p in resolved]
+                self._hold.handles += taps.attach()
+
+    @property
+    def pairing(self) -> Pairing | None:
+        """What ``"auto"``/``"blocks"`` found: names, shapes and strides (``None`` otherwise)."""
+        return self._plan.pairing
 
     @property
     def pairs(self) -> list[tuple[str, str]]:
@@ -234,13 +190,7 @@ class Distiller:
         Raises:
             ConfigurationError: For ``"auto"``/``"blocks"`` before the student's first call.
         """
-        if self._pairs is None:
-            raise ConfigurationError(
-                f"layers={self._layers!r} is resolved on the student's first call inside the "
-                "block, from its real input; call student(x) first, pass input_size=(C, H, W) "
-                "to resolve it now from a dummy input, or see athooks.describe(teacher, student)"
-            )
-        return list(self._pairs)
+        return self._plan.pairs()
 
     # ------------------------------------------------------------------ losses and state
 
@@ -287,7 +237,7 @@ class Distiller:
             A dict of tensors (loadable with ``torch.load(..., weights_only=True)``).
         """
         state: dict[str, Any] = {f"losses.{k}": v for k, v in self._losses.state_dict().items()}
-        copies = self._taps[1].copy_state() if self._taps is not None else self._pending_copy
+        copies = self._plan.copy_state()
         state.update({f"taps.{name}.copy": torch.tensor(c) for name, c in copies.items()})
         return state
 
@@ -312,13 +262,11 @@ class Distiller:
                 copies[key[len("taps.") : -len(".copy")]] = bool(value)
             else:
                 other.append(key)
-        if self._taps is not None:
-            other += [f"taps.{name}.copy" for name in self._taps[1].load_copy_state(copies)]
-        else:
-            self._pending_copy = copies  # checked when the layers are resolved
+        other += [f"taps.{name}.copy" for name in self._plan.load_copy_state(copies, strict)]
         if strict and other:
-            names = ", ".join(name for _, name in self._pairs or []) or "(not resolved yet)"
-            keys = f"key{'s' if len(other) > 1 else ''} {', '.join(repr(k) for k in other)}"
+            taps = self._plan.taps
+            names = ", ".join(n for _, n in taps.pairs) if taps else "(not resolved yet)"
+            keys = f"key{'s' if len(other) > 1 else ''} {', '.join(map(repr, other))}"
             raise ConfigurationError(
                 f"unexpected {keys} in the Distiller's state dict; it has 'losses.*' and "
                 f"'taps.<student layer>.copy' for layers {names}. Pass strict=False to ignore them"
@@ -348,19 +296,12 @@ class Distiller:
             raise ConfigurationError(
                 "this Distiller is already attached; use it in one `with` block at a time"
             )
-        refuse_data_parallel(self.teacher, "teacher")
-        refuse_data_parallel(self.student, "student")
         self._losses.follow(self.student)
-        hold = self._hold = _Hold()
+        hold = self._hold = Attachment.attach(self._recorder)
         self._finalizer = weakref.finalize(self, hold.release)
         try:
-            hold.releases.append(register_student(self.student))
-            guard = TeacherGuard.acquire(self.teacher)
-            hold.releases.append(guard.release)
-            self._runner.guard = guard
-            if self._taps is not None:
-                hold.handles += self._taps[0].attach() + self._taps[1].attach()
-            hold.handles += self._recorder.attach()
+            if self._plan.taps is not None:
+                hold.handles += self._plan.taps.attach()
         except BaseException:
             self.detach()
             raise
@@ -374,9 +315,8 @@ class Distiller:
         if self._finalizer is not None:
             self._finalizer()
         self._finalizer = self._hold = self._runner.guard = None
-        if self._taps is not None:
-            for taps in self._taps:
-                taps.detach()
+        if self._plan.taps is not None:
+            self._plan.taps.detach()
         self._recorder.reset()
 
     def __enter__(self) -> Distiller:
@@ -421,7 +361,15 @@ class Distiller:
         record = self._recorder.ready()
         self._terms = {}
         try:
-            t_values, s_values = self._values(record)
+            taps = self._plan.taps
+            assert taps is not None  # a step resolves the layers first
+            t_values, s_values = taps.values(
+                record.teacher,
+                record.student,
+                grad_enabled=record.grad_enabled,
+                student_output=record.student_output,
+                finite=self.check_finite,
+            )
             step = Step(
                 self.pairs,
                 t_values,
@@ -437,30 +385,3 @@ class Distiller:
             return total
         finally:
             self._recorder.release(record)
-
-    def _values(self, record: StepRecord) -> tuple[list[Any], list[Any]]:
-        """The teacher's and the student's maps of the step, per pair, checked."""
-        if self._taps is None or record.teacher is None or record.student is None:
-            t_values: list[Any] = []
-            s_values: list[Any] = []
-        else:
-            t_values = self._taps[0].collect(record.teacher, [t for t, _ in self._indices])
-            s_values = self._taps[1].collect(
-                record.student, [s for _, s in self._indices], grad_enabled=record.grad_enabled
-            )
-        for i, (t_vals, s_vals) in enumerate(zip(t_values, s_values, strict=True)):
-            device = next((v.device for v in s_vals.values()), None)
-            if device is not None and any(v.device != device for v in t_vals.values()):
-                t_values[i] = {m: v.to(device) for m, v in t_vals.items()}  # teacher elsewhere
-        first = next((v for vals in s_values for v in vals.values()), None)
-        if first is None:
-            first = first_tensor(record.student_output)
-        if first is not None and first.dim() and first.shape[0] == 0:
-            raise CaptureError(
-                "the student's last batch was empty (0 samples); a transfer loss over no "
-                "samples is undefined. Skip empty batches before calling the student (e.g. "
-                "DataLoader(..., drop_last=True) or `if len(x) == 0: continue`)"
-            )
-        if self.check_finite:
-            check_finite(self.pairs, t_values, s_values)
-        return t_values, s_values

@@ -40,6 +40,7 @@ from athooks.taps import Captures, InertHook, TapSet, is_replica
 from athooks.tensors import all_tensors, first_tensor, non_tensor_input
 
 __all__ = [
+    "Attachment",
     "ModelRunner",
     "NoGradPolicy",
     "StepRecord",
@@ -664,6 +665,49 @@ class StepRecorder:
         record.student_output = record.teacher_output = None
         record.args, record.kwargs = (), {}
         record.teacher = record.student = None
+
+
+class Attachment:
+    """What an attached Distiller holds: its hooks, the teacher's guard, the student's registration.
+
+    Made by :meth:`attach`, which refuses multi-device ``DataParallel`` models, counts the student
+    as attached, holds the teacher's :class:`TeacherGuard` and puts the recorder's hooks on the
+    student; :meth:`release` undoes all of it, once (also from a finalizer: it holds no
+    reference to the Distiller).
+    """
+
+    def __init__(self) -> None:
+        self.handles: list[RemovableHandle] = []
+        self._releases: list[Callable[[], None]] = []
+
+    @classmethod
+    def attach(cls, recorder: StepRecorder) -> Attachment:
+        """Hold ``recorder``'s teacher and student and hook the student.
+
+        Raises:
+            ConfigurationError: For a multi-device ``DataParallel`` teacher or student.
+        """
+        refuse_data_parallel(recorder.teacher.teacher, "teacher")
+        refuse_data_parallel(recorder.student, "student")
+        made = cls()
+        try:
+            made._releases.append(register_student(recorder.student))
+            guard = TeacherGuard.acquire(recorder.teacher.teacher)
+            made._releases.append(guard.release)
+            recorder.teacher.guard = guard
+            made.handles += recorder.attach()
+        except BaseException:
+            made.release()
+            raise
+        return made
+
+    def release(self) -> None:
+        """Remove the hooks, let go of the guard and the registration (idempotent)."""
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+        while self._releases:
+            self._releases.pop()()
 
 
 class ModelRunner:

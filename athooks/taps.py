@@ -41,15 +41,16 @@ from torch.utils.hooks import RemovableHandle
 from athooks._compile import eager
 from athooks.context import internal_depth
 from athooks.errors import CaptureError
-from athooks.layers import Layer
+from athooks.layers import Layer, ResolvedPair
 from athooks.mappings import Mapping as AttentionMapping
 from athooks.mappings import apply_mapping
-from athooks.tensors import select_tensor
+from athooks.tensors import first_tensor, select_tensor
 
 __all__ = [
     "Capture",
     "Captures",
     "InertHook",
+    "PairedTaps",
     "Tap",
     "TapSet",
     "apply_layer",
@@ -545,6 +546,101 @@ class TapSet:
             if name in taps:
                 taps[name].copy, taps[name].probing = bool(copy), False
         return [name for name in state if name not in taps]
+
+
+class PairedTaps:
+    """The taps of a teacher/student pairing: a :class:`TapSet` per model, and each pair's taps.
+
+    Args:
+        teacher: The teacher model.
+        student: The student model.
+        resolved: The layer pairs (:func:`athooks.layers.resolve_pairs`).
+        mappings: The mappings every tap computes.
+        copy: The student's ``copy_outputs`` policy.
+
+    Attributes:
+        teacher: The teacher's taps.
+        student: The student's taps.
+        pairs: The ``(teacher_name, student_name)`` pairs, in order.
+    """
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        student: nn.Module,
+        resolved: Sequence[ResolvedPair],
+        mappings: Sequence[AttentionMapping],
+        copy: str = "auto",
+    ) -> None:
+        self.teacher = TapSet("teacher", teacher, mappings)
+        self.student = TapSet("student", student, mappings, copy=copy)
+        self.pairs = [(p.teacher_name, p.student_name) for p in resolved]
+        self._indices = [
+            (
+                self.teacher.add(p.teacher_name, p.teacher_module, p.teacher_layer),
+                self.student.add(p.student_name, p.student_module, p.student_layer),
+            )
+            for p in resolved
+        ]
+
+    def attach(self) -> list[RemovableHandle]:
+        """Put both sets' hooks in place; returns their handles."""
+        return self.teacher.attach() + self.student.attach() if self.pairs else []
+
+    def detach(self) -> None:
+        """Remove both sets' hooks."""
+        self.teacher.detach()
+        self.student.detach()
+
+    def values(
+        self,
+        teacher_store: Captures | None,
+        student_store: Captures | None,
+        *,
+        grad_enabled: bool,
+        student_output: Any = None,
+        finite: bool = False,
+    ) -> tuple[list[dict[AttentionMapping, Tensor]], list[dict[AttentionMapping, Tensor]]]:
+        """The teacher's and the student's maps of one step, per pair, checked.
+
+        The teacher's maps are moved to the student's device (a teacher kept elsewhere).
+
+        Args:
+            teacher_store: The step's teacher captures.
+            student_store: The step's student captures.
+            grad_enabled: Whether the student's forward had gradient enabled.
+            student_output: What the student returned (for the batch size without pairs).
+            finite: Also check that every map is finite (:func:`check_finite`).
+
+        Returns:
+            The teacher's and the student's ``{mapping: map}`` of each pair.
+
+        Raises:
+            CaptureError: As :meth:`TapSet.collect`, for an empty batch, or a non-finite map.
+        """
+        t_values: list[dict[AttentionMapping, Tensor]] = []
+        s_values: list[dict[AttentionMapping, Tensor]] = []
+        if self.pairs and teacher_store is not None and student_store is not None:
+            t_values = self.teacher.collect(teacher_store, [t for t, _ in self._indices])
+            s_values = self.student.collect(
+                student_store, [s for _, s in self._indices], grad_enabled=grad_enabled
+            )
+        for i, (t_vals, s_vals) in enumerate(zip(t_values, s_values, strict=True)):
+            device = next((v.device for v in s_vals.values()), None)
+            if device is not None and any(v.device != device for v in t_vals.values()):
+                t_values[i] = {m: v.to(device) for m, v in t_vals.items()}
+        first = next((v for vals in s_values for v in vals.values()), None)
+        if first is None:
+            first = first_tensor(student_output)
+        if first is not None and first.dim() and first.shape[0] == 0:
+            raise CaptureError(
+                "the student's last batch was empty (0 samples); a transfer loss over no "
+                "samples is undefined. Skip empty batches before calling the student (e.g. "
+                "DataLoader(..., drop_last=True) or `if len(x) == 0: continue`)"
+            )
+        if finite:
+            check_finite(self.pairs, t_values, s_values)
+        return t_values, s_values
 
 
 def compiled(model: nn.Module) -> bool:

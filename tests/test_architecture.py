@@ -3,7 +3,7 @@
 The layers, bottom to top (a module may import its own layer and those below, never above):
 
 errors, version -> checks, specs, tensors, context, _compile -> layers, models -> hookspecs -> registry ->
-mappings -> losses -> builtins, plugin | taps | discovery -> step -> distiller -> viz,
+mappings -> losses -> builtins, plugin | taps | discovery -> step, plan -> distiller -> viz,
 lightning, demo -> cli -> athooks
 
 Every import statement counts, also one inside a function (a lazy import is still a
@@ -35,7 +35,7 @@ LAYERS: list[tuple[str, ...]] = [
     ),
     ("athooks.losses",),
     ("athooks.builtins", "athooks.plugin", "athooks.taps", "athooks.discovery"),
-    ("athooks.step",),
+    ("athooks.step", "athooks.plan"),
     ("athooks.distiller",),
     (
         "athooks.viz",

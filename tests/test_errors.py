@@ -691,6 +691,14 @@ def _state_dict_misfit():
     d.load_state_dict(state)
 
 
+def _state_dict_before_auto():
+    teacher, student = _pair()
+    d = Distiller(teacher, student)  # "auto": its layers are chosen on the first call
+    d.load_state_dict({"taps.conv9.copy": torch.tensor(True)})
+    with d:
+        student(X)
+
+
 @dataclass
 class Trigger:
     id: str
@@ -736,6 +744,7 @@ TRIGGERS = [
     t("teacher_edits_input", CP, _teacher_edits_input),
     t("edited_after_forward", CP, _edited_after_forward),
     t("state_dict_misfit", CE, _state_dict_misfit),
+    t("state_dict_before_auto", CE, _state_dict_before_auto),
     # what a step captured
     t("student_layer_not_fired", CP, _not_fired),
     t("teacher_layer_not_fired", CP, _teacher_not_fired),

@@ -215,8 +215,10 @@ def test_baseline_disagreeing_is_caught(overhead, tmp_path):
     # a baseline whose AT weighs twice as much: the loss check must see the baseline's code
     def double_beta(package: pathlib.Path) -> None:
         at = package / "losses" / "at.py"
+        text = at.read_text()
+        assert "        return scale * total\n" in text  # the edit must really happen
         at.write_text(
-            at.read_text().replace("self.beta = float(beta)", "self.beta = 2 * float(beta)")
+            text.replace("        return scale * total\n", "        return 2 * scale * total\n")
         )
 
     tree = copy_tree(tmp_path, edit=double_beta)

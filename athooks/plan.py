@@ -1,0 +1,132 @@
+"""Which layers a Distiller taps: resolved at once for names, on the first real call for ``"auto"``.
+
+Named layers (patterns, modules, pairs) are resolved when the Distiller is made. ``"auto"`` and
+``"blocks"`` depend on what the models produce for the input they are trained on, so they are
+resolved on the student's first call inside the block, from a batch of one taken from its real
+input (:func:`athooks.discovery.auto_pairs`), unless ``input_size`` asks for a dummy input now.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from torch import nn
+
+from athooks.discovery import AUTO_MODES, Pairing, auto_pairs
+from athooks.errors import ConfigurationError
+from athooks.layers import ResolvedPair, resolve_pairs
+from athooks.mappings import Mapping
+from athooks.taps import PairedTaps
+
+__all__ = ["LayerPlan"]
+
+
+class LayerPlan:
+    """The layer pairs of a Distiller and their taps, once they can be known.
+
+    Args:
+        teacher: The teacher model.
+        student: The student model.
+        layers: The Distiller's ``layers`` argument.
+        mappings: The mappings the losses need (no mapping: no layer is tapped).
+        copy: The student's ``copy_outputs`` policy.
+        input_size: Resolve ``"auto"``/``"blocks"`` now, on a dummy input of this size.
+        teacher_input: The Distiller's ``teacher_input`` (for the first call's probe).
+
+    Attributes:
+        pairing: What ``"auto"``/``"blocks"`` found (``None`` for named layers, or until found).
+        taps: The taps, once resolved (else ``None``).
+        on_resolved: Called with the taps when they are resolved after construction.
+    """
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        student: nn.Module,
+        layers: Any,
+        mappings: Sequence[Mapping],
+        copy: str,
+        *,
+        input_size: Sequence[int] | None = None,
+        teacher_input: Callable[..., Any] | None = None,
+    ) -> None:
+        self.teacher, self.student, self.layers = teacher, student, layers
+        self.mappings, self.copy, self.teacher_input = list(mappings), copy, teacher_input
+        self.pairing: Pairing | None = None
+        self.taps: PairedTaps | None = None
+        self.on_resolved: Callable[[PairedTaps], None] | None = None
+        self._pending: tuple[dict[str, bool], bool] = ({}, False)
+        self._lock = threading.Lock()
+        if not self.mappings:
+            self._use([])
+        elif not self.automatic:
+            self._use(resolve_pairs(teacher, student, layers))
+        elif input_size is not None:
+            self.pairing = auto_pairs(teacher, student, layers, input_size)
+            self._use(resolve_pairs(teacher, student, self.pairing.layers()))
+
+    @property
+    def automatic(self) -> bool:
+        """Whether the layers are ``"auto"`` or ``"blocks"``."""
+        return isinstance(self.layers, str) and self.layers in AUTO_MODES
+
+    def resolve_on(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Resolve ``"auto"``/``"blocks"`` from the student's first real call (thread-safe)."""
+        with self._lock:
+            if self.taps is not None:
+                return
+            self.pairing = auto_pairs(
+                self.teacher,
+                self.student,
+                self.layers,
+                example=(args, kwargs),
+                teacher_input=self.teacher_input,
+            )
+            taps = self._use(resolve_pairs(self.teacher, self.student, self.pairing.layers()))
+            if self.on_resolved is not None:
+                self.on_resolved(taps)
+
+    def _use(self, resolved: Sequence[ResolvedPair]) -> PairedTaps:
+        taps = PairedTaps(self.teacher, self.student, resolved, self.mappings, self.copy)
+        copies, strict = self._pending
+        unknown = taps.student.load_copy_state(copies)
+        if strict and unknown:
+            raise ConfigurationError(
+                f"the Distiller's state dict, loaded before its layers were chosen, has tap "
+                f"modes for student layers {', '.join(map(repr, unknown))}, which "
+                f"layers={self.layers!r} did not choose (it chose "
+                f"{', '.join(s for _, s in taps.pairs) or 'none'}). Build the Distiller as the "
+                "saved one was built (e.g. the same layers), or load with strict=False"
+            )
+        self.taps = taps
+        return taps
+
+    def pairs(self) -> list[tuple[str, str]]:
+        """The ``(teacher_name, student_name)`` pairs.
+
+        Raises:
+            ConfigurationError: For ``"auto"``/``"blocks"`` before the student's first call.
+        """
+        if self.taps is None:
+            raise ConfigurationError(
+                f"layers={self.layers!r} is resolved on the student's first call inside the "
+                "block, from its real input; call student(x) first, pass input_size=(C, H, W) "
+                "to resolve it now from a dummy input, or see athooks.describe(teacher, student)"
+            )
+        return list(self.taps.pairs)
+
+    def copy_state(self) -> dict[str, bool]:
+        """Each student tap's copy decision (what a state dict saves)."""
+        return self.taps.student.copy_state() if self.taps is not None else self._pending[0]
+
+    def load_copy_state(self, copies: dict[str, bool], strict: bool) -> list[str]:
+        """Restore copy decisions; returns the layer names that match no tap.
+
+        Before the layers are resolved, the decisions are kept and checked at resolution.
+        """
+        if self.taps is None:
+            self._pending = (copies, strict)
+            return []
+        return self.taps.student.load_copy_state(copies)

@@ -582,6 +582,31 @@ class PairedTaps:
             )
             for p in resolved
         ]
+        self._warned: set[int] = set()
+
+    def _warn_one_cell(
+        self,
+        index: int,
+        t_vals: dict[AttentionMapping, Tensor],
+        s_vals: dict[AttentionMapping, Tensor],
+    ) -> None:
+        """Warn (once per pair) when a spatial attention map has a single cell."""
+        if index in self._warned:
+            return
+        for side, vals in (("teacher", t_vals), ("student", s_vals)):
+            for mapping, value in vals.items():
+                if mapping.is_attention_map and value.dim() >= 2 and value[0].numel() == 1:
+                    self._warned.add(index)
+                    t_name, s_name = self.pairs[index]
+                    warnings.warn(
+                        f"the {side}'s attention map of pair (teacher {t_name!r}, student "
+                        f"{s_name!r}) has a single cell (1x1 at this input size): normalised, it "
+                        "is the same for every image, so this pair's term is constant and trains "
+                        "nothing. Tap a layer of larger resolution, or feed larger inputs "
+                        '(layers="auto" never pairs such maps)',
+                        stacklevel=4,
+                    )
+                    return
 
     def attach(self) -> list[RemovableHandle]:
         """Put both sets' hooks in place; returns their handles."""
@@ -626,6 +651,7 @@ class PairedTaps:
                 student_store, [s for _, s in self._indices], grad_enabled=grad_enabled
             )
         for i, (t_vals, s_vals) in enumerate(zip(t_values, s_values, strict=True)):
+            self._warn_one_cell(i, t_vals, s_vals)
             device = next((v.device for v in s_vals.values()), None)
             if device is not None and any(v.device != device for v in t_vals.values()):
                 t_values[i] = {m: v.to(device) for m, v in t_vals.items()}

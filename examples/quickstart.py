@@ -36,10 +36,11 @@ def main() -> None:
 
     start = time.perf_counter()
     history: list[float] = []
-    with Distiller(teacher, student, layers="layer?") as d:
-        print("transferring attention at", d.pairs)
+    with Distiller(teacher, student) as d:  # layers="auto": chosen on the first call
         for step in range(1, STEPS + 1):
             logits = student(x)  # the Distiller runs the teacher on x first
+            if step == 1:  # at 32x32: layer1..layer3 (layer4 is 1x1, no spatial information)
+                print("transferring attention at", d.pairs)
             ce = F.cross_entropy(logits, y)
             at = d.loss()  # the attention-transfer term of this step
             loss = ce + at

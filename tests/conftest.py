@@ -125,3 +125,16 @@ def held_captures(d, side: str | None = None) -> list:
         if store is not None and side in (None, name)
         for cap in store.values()
     ]
+
+
+def data_parallel_replica(model: torch.nn.Module) -> torch.nn.Module:
+    """A replica of ``model`` made as ``torch.nn.parallel.replicate`` makes one per GPU: every
+    module copied with ``_replicate_for_data_parallel()`` (sharing hook dicts and tensors),
+    children rewired to the copies. (replicate itself needs CUDA devices.)"""
+    copies = {id(m): m._replicate_for_data_parallel() for m in model.modules()}
+    for module in model.modules():
+        replica = copies[id(module)]
+        for name, child in module._modules.items():
+            replica._modules[name] = copies[id(child)] if child is not None else None
+        replica._parameters = module._parameters
+    return copies[id(model)]

@@ -595,7 +595,7 @@ class PairedTaps:
             return
         for side, vals in (("teacher", t_vals), ("student", s_vals)):
             for mapping, value in vals.items():
-                if mapping.is_attention_map and value.dim() >= 2 and value[0].numel() == 1:
+                if mapping.is_attention_map and value.dim() >= 2 and value.shape[1:].numel() == 1:
                     self._warned.add(index)
                     t_name, s_name = self.pairs[index]
                     warnings.warn(

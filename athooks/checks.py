@@ -16,7 +16,7 @@ from typing import Any
 
 from athooks.errors import ConfigurationError
 
-__all__ = ["NEGATIVE_WEIGHT", "check_real"]
+__all__ = ["NEGATIVE_WEIGHT", "check_choice", "check_real"]
 
 #: The ``reason`` for a weight's lower bound of 0.
 NEGATIVE_WEIGHT = " (a negative weight would push the student away from the teacher)"
@@ -93,3 +93,26 @@ def _is_tensor(value: Any) -> bool:
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_choice(option: str, value: Any, allowed: tuple[Any, ...], meaning: str) -> None:
+    """Check that an option is one of a few values (of the same type: ``True`` is not ``1``).
+
+    Args:
+        option: The option's name, for the message.
+        value: What the user gave.
+        allowed: The values allowed.
+        meaning: How the message lists them (``"'auto' or 'always'"``).
+
+    Raises:
+        ConfigurationError: If ``value`` is not one of ``allowed``.
+
+    Example:
+        ```python
+        from athooks.checks import check_choice
+
+        check_choice("resize", "student", ("student", "teacher"), "'student' or 'teacher'")
+        ```
+    """
+    if not any(value == a and type(value) is type(a) for a in allowed):
+        raise ConfigurationError(f"{option} must be {meaning}, got {value!r}")

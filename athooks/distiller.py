@@ -12,28 +12,28 @@ import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
-import torch
 from torch import Tensor, nn
 
+from athooks.checks import check_choice
 from athooks.discovery import Pairing
 from athooks.errors import CaptureError, ConfigurationError
-from athooks.layers import unwrap
 from athooks.losses.base import Loss, Step
 from athooks.losses.lossset import LossSet
 from athooks.plan import LayerPlan
-from athooks.step import Attachment, ModelRunner, NoGradPolicy, StepRecorder, TeacherRunner
+from athooks.step import (
+    Attachment,
+    ModelRunner,
+    NoGradPolicy,
+    StepRecorder,
+    TeacherRunner,
+    check_pair,
+)
 from athooks.taps import PairedTaps
 
 __all__ = ["Distiller"]
 
 CopyPolicy = Literal["auto", "always"]
 ResizePolicy = Literal["student", "teacher", "error"]
-
-
-def _check_choice(name: str, value: Any, allowed: Sequence[Any], meaning: str = "") -> None:
-    if not any(value == a and type(value) is type(a) for a in allowed):
-        listed = ", ".join(repr(a) for a in allowed)
-        raise ConfigurationError(f"{name} must be {meaning or 'one of ' + listed}, got {value!r}")
 
 
 class Distiller:
@@ -107,28 +107,18 @@ class Distiller:
         check_finite: bool = False,
         no_grad: NoGradPolicy = "skip",
     ) -> None:
-        for role, model in (("teacher", teacher), ("student", student)):
-            if not isinstance(model, nn.Module):
-                raise ConfigurationError(
-                    f"{role} must be a torch.nn.Module, got {type(model).__name__}: "
-                    f"{model!r:.80}; build the model first (e.g. timm.create_model('resnet18'))"
-                )
-        if teacher is student or unwrap(teacher)[0] is unwrap(student)[0]:
-            raise ConfigurationError(
-                "the teacher and the student are the same module; attention transfer needs two "
-                "networks (a trained teacher and the student being trained)"
-            )
+        check_pair(teacher, student)
         if teacher_input is not None and not callable(teacher_input):
             raise ConfigurationError(
                 f"teacher_input must be a callable taking the student's inputs, got "
                 f"{type(teacher_input).__name__}"
             )
         resize_meaning = "'student' (resize the teacher's maps to the student's size), 'teacher'"
-        _check_choice(
-            "resize", resize, ("student", "teacher", "error"), resize_meaning + " or 'error'"
+        check_choice(
+            "resize", resize, ("student", "teacher", "error"), f"{resize_meaning} or 'error'"
         )
-        _check_choice("copy_outputs", copy_outputs, ("auto", "always"), "'auto' or 'always'")
-        _check_choice("no_grad", no_grad, ("skip", "capture"), "'skip' or 'capture'")
+        check_choice("copy_outputs", copy_outputs, ("auto", "always"), "'auto' or 'always'")
+        check_choice("no_grad", no_grad, ("skip", "capture"), "'skip' or 'capture'")
         if not isinstance(check_finite, bool):
             raise ConfigurationError(
                 f"check_finite must be True or False, got {type(check_finite).__name__}"
@@ -237,9 +227,7 @@ class Distiller:
             A dict of tensors (loadable with ``torch.load(..., weights_only=True)``).
         """
         state: dict[str, Any] = {f"losses.{k}": v for k, v in self._losses.state_dict().items()}
-        copies = self._plan.copy_state()
-        state.update({f"taps.{name}.copy": torch.tensor(c) for name, c in copies.items()})
-        return state
+        return {**state, **self._plan.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True) -> None:
         """Restore what :meth:`state_dict` returned.
@@ -252,17 +240,9 @@ class Distiller:
         Raises:
             ConfigurationError: With ``strict``, naming the missing or unexpected keys.
         """
-        losses: dict[str, Any] = {}
-        copies: dict[str, bool] = {}
-        other: list[str] = []
-        for key, value in state_dict.items():
-            if key.startswith("losses."):
-                losses[key[len("losses.") :]] = value
-            elif key.startswith("taps.") and key.endswith(".copy") and len(key) > 10:
-                copies[key[len("taps.") : -len(".copy")]] = bool(value)
-            else:
-                other.append(key)
-        other += [f"taps.{name}.copy" for name in self._plan.load_copy_state(copies, strict)]
+        losses = {k[len("losses.") :]: v for k, v in state_dict.items() if k.startswith("losses.")}
+        rest = {k: v for k, v in state_dict.items() if not k.startswith("losses.")}
+        other = self._plan.load_state_dict(rest, strict)
         if strict and other:
             taps = self._plan.taps
             names = ", ".join(n for _, n in taps.pairs) if taps else "(not resolved yet)"

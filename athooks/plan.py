@@ -12,6 +12,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
 from athooks.discovery import AUTO_MODES, Pairing, auto_pairs
@@ -117,16 +118,25 @@ class LayerPlan:
             )
         return list(self.taps.pairs)
 
-    def copy_state(self) -> dict[str, bool]:
-        """Each student tap's copy decision (what a state dict saves)."""
-        return self.taps.student.copy_state() if self.taps is not None else self._pending[0]
+    def state_dict(self) -> dict[str, Any]:
+        """Each student tap's copy decision, as ``{"taps.<student layer>.copy": bool tensor}``."""
+        copies = self.taps.student.copy_state() if self.taps is not None else self._pending[0]
+        return {f"taps.{name}.copy": torch.tensor(copy) for name, copy in copies.items()}
 
-    def load_copy_state(self, copies: dict[str, bool], strict: bool) -> list[str]:
-        """Restore copy decisions; returns the layer names that match no tap.
+    def load_state_dict(self, state: dict[str, Any], strict: bool) -> list[str]:
+        """Restore :meth:`state_dict`'s copy decisions; returns the keys that fit no tap.
 
         Before the layers are resolved, the decisions are kept and checked at resolution.
         """
+        copies: dict[str, bool] = {}
+        unknown: list[str] = []
+        for key, value in state.items():
+            if key.startswith("taps.") and key.endswith(".copy") and len(key) > 10:
+                copies[key[len("taps.") : -len(".copy")]] = bool(value)
+            else:
+                unknown.append(key)
         if self.taps is None:
             self._pending = (copies, strict)
-            return []
-        return self.taps.student.load_copy_state(copies)
+        else:
+            unknown += [f"taps.{n}.copy" for n in self.taps.student.load_copy_state(copies)]
+        return unknown

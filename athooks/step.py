@@ -36,6 +36,7 @@ from torch.utils.hooks import RemovableHandle
 from athooks._compile import eager
 from athooks.context import in_backward, internal_depth, internal_run
 from athooks.errors import CaptureError, ConfigurationError
+from athooks.layers import unwrap
 from athooks.taps import Captures, InertHook, TapSet, is_replica
 from athooks.tensors import all_tensors, first_tensor, non_tensor_input
 
@@ -47,6 +48,7 @@ __all__ = [
     "StepRecorder",
     "TeacherGuard",
     "TeacherRunner",
+    "check_pair",
     "refuse_data_parallel",
     "register_student",
 ]
@@ -217,6 +219,29 @@ class TeacherGuard:
             for module in flipped:
                 if module in self._shared:
                     module.training = True
+
+
+def check_pair(teacher: Any, student: Any) -> None:
+    """Check that the teacher and the student are two different modules.
+
+    Args:
+        teacher: What was given as the teacher.
+        student: What was given as the student.
+
+    Raises:
+        ConfigurationError: If one is not an ``nn.Module``, or both are the same model.
+    """
+    for role, model in (("teacher", teacher), ("student", student)):
+        if not isinstance(model, nn.Module):
+            raise ConfigurationError(
+                f"{role} must be a torch.nn.Module, got {type(model).__name__}: "
+                f"{model!r:.80}; build the model first (e.g. timm.create_model('resnet18'))"
+            )
+    if teacher is student or unwrap(teacher)[0] is unwrap(student)[0]:
+        raise ConfigurationError(
+            "the teacher and the student are the same module; attention transfer needs two "
+            "networks (a trained teacher and the student being trained)"
+        )
 
 
 def refuse_data_parallel(model: nn.Module, role: str) -> None:

@@ -46,9 +46,10 @@ def test_auto_with_input_size_or_without_mappings_is_resolved_at_once():
 def test_copy_decisions_loaded_before_resolution_are_checked_when_it_happens():
     teacher, student = tiny_pair()
     plan = LayerPlan(teacher, student, "auto", SUM_P, "auto")
-    assert plan.load_copy_state({"relu3": True}, strict=True) == []
-    assert plan.copy_state() == {"relu3": True}
+    assert plan.load_state_dict({"taps.relu3.copy": torch.tensor(True)}, strict=True) == []
+    assert plan.state_dict() == {"taps.relu3.copy": torch.tensor(True)}
+    assert plan.load_state_dict({"other": torch.tensor(1)}, strict=True) == ["other"]
     plan = LayerPlan(teacher, student, "auto", SUM_P, "auto")
-    plan.load_copy_state({"nope": True}, strict=True)
+    plan.load_state_dict({"taps.nope.copy": torch.tensor(True)}, strict=True)
     with pytest.raises(ConfigurationError, match="'nope', which layers='auto' did not choose"):
         plan.resolve_on((torch.randn(2, 3, 16, 16),), {})

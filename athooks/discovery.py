@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from athooks.context import internal_run
 from athooks.errors import CaptureError, ConfigurationError, LayerResolutionError
 from athooks.layers import Layer, unwrap
-from athooks.tensors import first_tensor, slice_batch
+from athooks.tensors import adapted_input, first_tensor, slice_batch
 
 __all__ = [
     "ChannelsLastToFirst",
@@ -609,12 +609,7 @@ def _probe_both(
     example: Example,
     teacher_input: Callable[..., Any] | None,
 ) -> tuple[list[LayerInfo], list[LayerInfo]]:
-    args, kwargs = example
-    if teacher_input is None:
-        t_example = example
-    else:
-        adapted = teacher_input(*args, **kwargs)
-        t_example = ((adapted if isinstance(adapted, tuple) else (adapted,)), {})
+    t_example = adapted_input(teacher_input, *example)
     return (
         probe(teacher, side="teacher", example=t_example),
         probe(student, side="student", example=example),

@@ -38,7 +38,7 @@ from athooks.context import in_backward, internal_depth, internal_run
 from athooks.errors import CaptureError, ConfigurationError
 from athooks.layers import unwrap
 from athooks.taps import Captures, InertHook, TapSet, is_replica
-from athooks.tensors import all_tensors, first_tensor, non_tensor_input
+from athooks.tensors import adapted_input, all_tensors, first_tensor, non_tensor_input
 
 __all__ = [
     "Attachment",
@@ -311,10 +311,7 @@ class TeacherRunner:
         self, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """The teacher's arguments for the student's (through ``teacher_input``)."""
-        if self.teacher_input is None:
-            return args, kwargs
-        adapted = self.teacher_input(*args, **kwargs)
-        return (adapted if isinstance(adapted, tuple) else (adapted,)), {}
+        return adapted_input(self.teacher_input, args, kwargs)
 
     @contextmanager
     def _frozen(self) -> Iterator[None]:

@@ -17,7 +17,14 @@ from torch import Tensor
 
 from athooks.errors import CaptureError
 
-__all__ = ["all_tensors", "first_tensor", "non_tensor_input", "select_tensor", "slice_batch"]
+__all__ = [
+    "adapted_input",
+    "all_tensors",
+    "first_tensor",
+    "non_tensor_input",
+    "select_tensor",
+    "slice_batch",
+]
 
 _MAX_DEPTH = 4
 
@@ -229,3 +236,33 @@ def non_tensor_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | Non
     given = [type(a).__name__ for a in args]
     given += [f"{k}={type(v).__name__}" for k, v in kwargs.items()]
     return f"({', '.join(given)})" if given else "no arguments"
+
+
+def adapted_input(
+    adapter: Callable[..., Any] | None, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The teacher's call arguments for the student's, through a ``teacher_input`` adapter.
+
+    Args:
+        adapter: The user's ``teacher_input`` (``None``: the same arguments).
+        args: The student's positional arguments.
+        kwargs: Its keyword arguments.
+
+    Returns:
+        ``(args, kwargs)`` for the teacher: what the adapter returned, a tuple spread as
+        positional arguments, anything else as the one argument.
+
+    Example:
+        ```python
+        import torch
+        from athooks.tensors import adapted_input
+
+        x = torch.zeros(2, 1, 4, 4)
+        args, kwargs = adapted_input(lambda x: x.expand(-1, 3, -1, -1), (x,), {})
+        assert args[0].shape == (2, 3, 4, 4) and kwargs == {}
+        ```
+    """
+    if adapter is None:
+        return args, kwargs
+    adapted = adapter(*args, **kwargs)
+    return (adapted if isinstance(adapted, tuple) else (adapted,)), {}

@@ -2,9 +2,11 @@
 
 * :func:`attention_maps` runs a model on images and returns ``{layer: (B, H, W)}`` attention maps,
   with the layers chosen as :class:`athooks.Distiller` chooses them (``"auto"``, ``"blocks"``,
-  names or patterns).
+  names or patterns). 1-D signals ``(B, C, T)`` give ``(B, T)`` maps, videos ``(B, C, T, H, W)``
+  give ``(B, T, H, W)``.
 * :func:`plot_maps` draws them: one row per image, one panel per layer, each map upsampled to the
-  image and drawn over it.
+  image and drawn over it; a 1-D map as a heat strip behind the signal's curves; a video map
+  frame by frame, a row of frames per video and layer.
 * :func:`compare` draws a teacher's maps next to one or more students' at the paired stages.
 * :func:`overlay` blends one map over one image and returns the picture as an array.
 
@@ -52,9 +54,18 @@ from athooks.discovery import (
     stage_layers,
 )
 from athooks.errors import CaptureError, ConfigurationError
-from athooks.layers import Layer, match_modules, resolve_pairs, unwrap
+from athooks.layers import (
+    ALL_TENSORS,
+    Layer,
+    expand_deferred,
+    layer_label,
+    match_modules,
+    resolve_pairs,
+    unwrap,
+)
 from athooks.mappings import as_mapping
-from athooks.taps import TapSet
+from athooks.plan import output_keys
+from athooks.taps import TapSet, token_layout
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -81,7 +92,8 @@ class MapInfo:
 
     Attributes:
         layer: The module's name in the (unwrapped) model.
-        stride: Input height divided by the map's height (``None`` if unknown).
+        stride: Input height divided by the map's height (``None`` if unknown); the length's
+            ratio for 1-D maps, the frames' height's for videos.
         mapping: The mapping, as it prints (``sum_p(p=2)``).
     """
 
@@ -96,7 +108,10 @@ class MapInfo:
 
 
 class AttentionMaps(dict[str, Tensor]):
-    """``{layer: (B, H, W)}`` attention maps, in layer order, with :attr:`info` for titles.
+    """``{layer: (B, *S)}`` attention maps, in layer order, with :attr:`info` for titles.
+
+    ``(B, H, W)`` for images, ``(B, T)`` for 1-D signals, ``(B, T, H, W)`` for videos; a layer
+    read at several keys of its output has one entry per key, ``"fpn['0']"``.
 
     A plain :class:`dict` in every other respect.
 
@@ -120,16 +135,29 @@ def _require_matplotlib() -> Any:
     return matplotlib
 
 
-def _as_images(images: Tensor) -> Tensor:
+_INPUTS = "(B, C, H, W) or (C, H, W) images, (B, C, T) signals or (B, C, T, H, W) videos"
+
+
+def _first_conv_is_1d(model: nn.Module | None) -> bool:
+    for m in model.modules() if model is not None else ():
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            return isinstance(m, nn.Conv1d)
+    return False
+
+
+def _as_images(images: Tensor, model: nn.Module | None = None, *, signals: bool = False) -> Tensor:
+    """A batch: images ``(B, C, H, W)``, signals ``(B, C, T)`` or videos ``(B, C, T, H, W)``.
+
+    A 3-D tensor is one image ``(C, H, W)``, unless ``signals`` is set or the model's first
+    convolution is 1-D: then it is a batch of signals.
+    """
     if not isinstance(images, Tensor):
-        raise ConfigurationError(
-            f"images must be a tensor (B, C, H, W) or (C, H, W), got {type(images).__name__}"
-        )
-    if images.dim() == 3:
+        raise ConfigurationError(f"images must be a tensor: {_INPUTS}; got {type(images).__name__}")
+    if images.dim() == 3 and not (signals or _first_conv_is_1d(model)):
         images = images[None]
-    if images.dim() != 4:
+    if images.dim() not in (3, 4, 5):
         raise ConfigurationError(
-            f"images must be a tensor (B, C, H, W) or (C, H, W), got shape {tuple(images.shape)}"
+            f"images must be a tensor: {_INPUTS}; got shape {tuple(images.shape)}"
         )
     return images
 
@@ -140,13 +168,28 @@ class _Converted:
 
     model: nn.Module
     transform: Any = None
+    module: nn.Module | None = None
+    where: str = ""
 
     def __call__(self, features: Tensor) -> Tensor:
         if self.transform is not None:
             out: Tensor = self.transform(features)
             return out
         convert = conversion(self.model, features) if features.dim() != 4 else None
-        return convert(features) if convert is not None else features
+        if convert is not None:
+            converted: Tensor = convert(features)
+            return converted
+        why = token_layout(self.module, features) if self.module is not None else None
+        if why is not None:
+            raise CaptureError(
+                f"{self.where} produced a tensor of shape {tuple(features.shape)}, which looks "
+                f"like a sequence of tokens (B, N, C) ({why}), not a 1-D feature map (B, C, T): "
+                "its attention map would run over the channels. Give the layer a transform that "
+                "puts the channels second, e.g. athooks.Layer(name, transform=lambda t: "
+                "t.transpose(1, 2)), or athooks.discovery.TokensToMap(prefix, grid) for tokens "
+                "of a patch grid; if it really is (B, C, T), say so with transform=lambda t: t"
+            )
+        return features
 
 
 def _stages(model: nn.Module, layers: Any, images: Tensor) -> list[tuple[str, Layer, int | None]]:
@@ -170,7 +213,18 @@ def _stages(model: nn.Module, layers: Any, images: Tensor) -> list[tuple[str, La
                 f"list of them; got {type(spec).__name__}: {spec!r}"
             )
         layer = spec if isinstance(spec, Layer) else Layer(spec)
-        out.extend((name, layer, None) for name, _ in match_modules(inner, layer.pattern))
+        found = [name for name, _ in match_modules(inner, layer.pattern)]
+        keys: dict[str, list[int | str] | None] = {}
+        if layer.select == ALL_TENSORS:
+            keys = output_keys(inner, found, (images[:1],), {})
+        for name in found:
+            if layer.select == ALL_TENSORS and keys.get(name) is None:
+                raise ConfigurationError(
+                    f"layers: Layer({layer.pattern!r}, select='*') reads every tensor of a dict, "
+                    f"tuple or list output, but layer {name!r} returned a single tensor; drop "
+                    "select='*' for it"
+                )
+            out.extend((name, one, None) for one in layer.expand(keys.get(name)))
     return out
 
 
@@ -190,17 +244,21 @@ def attention_maps(
 
     Args:
         model: Any model (DataParallel, DDP and ``torch.compile`` wrappers are looked through).
-        images: ``(B, C, H, W)`` or one image ``(C, H, W)``, prepared as the model expects.
+        images: ``(B, C, H, W)`` or one image ``(C, H, W)``, prepared as the model expects; or
+            1-D signals ``(B, C, T)`` (a 3-D input is read as signals when the model's first
+            convolution is an ``nn.Conv1d``, else as one image) or videos ``(B, C, T, H, W)``.
         layers: ``"auto"`` (the stage outputs, one per stride, as :class:`athooks.Distiller`
             picks them), ``"blocks"`` (every block of those stages), a layer name or pattern, an
             :class:`athooks.Layer`, or a list of them.
         mapping: A registered mapping name (``"sum_p"``, ``"sum"``, ``"max_p"``, a plugin's), a
-            :class:`athooks.Mapping`, or a callable ``(B, C, H, W) -> (B, H, W)``.
+            :class:`athooks.Mapping`, or a callable ``(B, C, *S) -> (B, *S)``.
         **mapping_options: Options of a named mapping, e.g. ``p=4``.
 
     Returns:
-        ``{layer: (B, H, W)}`` as float32 CPU tensors at the layer's own resolution, in layer
-        order; its ``info`` gives each layer's stride and mapping.
+        ``{layer: (B, *S)}`` as float32 CPU tensors at the layer's own resolution, in layer
+        order (``(B, H, W)`` for images, ``(B, T)`` for signals, ``(B, T, H, W)`` for videos;
+        a layer read at several keys gives one entry per key, ``"fpn['0']"``); its ``info``
+        gives each layer's stride and mapping.
 
     Raises:
         ConfigurationError: If the images or the layers argument are malformed.
@@ -217,12 +275,14 @@ def attention_maps(
         maps = attention_maps(model, torch.rand(1, 3, 64, 64), layers="layer[34]", p=4)
         assert maps["layer3"].shape == (1, 4, 4)
         print(maps.info["layer4"].title())  # layer4 · stride 32 · sum_p(p=4)
+        net1d = torch.nn.Sequential(torch.nn.Conv1d(2, 8, 3, stride=2), torch.nn.ReLU())
+        assert attention_maps(net1d, torch.rand(4, 2, 33), layers="1")["1"].shape == (4, 16)
         ```
     """
-    images = _as_images(images)
     inner, _ = unwrap(model)
+    images = _as_images(images, inner)
     amap = as_mapping(mapping, **mapping_options)
-    size = (int(images.shape[1]), int(images.shape[2]), int(images.shape[3]))
+    size = tuple(int(n) for n in images.shape[1:])
     param = next(inner.parameters(), None)
     device = param.device if param is not None else images.device
     dtype = param.dtype if param is not None and param.is_floating_point() else images.dtype
@@ -230,10 +290,17 @@ def attention_maps(
     stages = _stages(inner, layers, images)
     amap = amap.to(device)
     taps = TapSet("model", inner, [amap])
+    labels = [layer_label(name, layer) for name, layer, _ in stages]
     indices = [
-        taps.add(name, inner.get_submodule(name), Layer(name, layer.select, _Converted(inner, t)))
-        for name, layer, _ in stages
-        for t in (layer.transform,)
+        taps.add(
+            name,
+            module,
+            Layer(
+                name, layer.select, _Converted(inner, layer.transform, module, f"layer {label!r}")
+            ),
+        )
+        for (name, layer, _), label in zip(stages, labels, strict=True)
+        for module in (inner.get_submodule(name),)
     ]
     flags = [(m, m.training) for m in inner.modules()]
     taps.attach()
@@ -248,24 +315,24 @@ def attention_maps(
         for module, flag in flags:
             module.training = flag
     captured = {
-        name: store[i].values[amap]
-        for (name, _, _), i in zip(stages, indices, strict=True)
-        if i in store
+        key: store[i].values[amap] for key, i in zip(labels, indices, strict=True) if i in store
     }
     label = str(amap).removesuffix("()")  # "sum_p(p=2)", "sum"
     maps = AttentionMaps()
-    for name, _, stride in stages:
-        if name not in captured:
+    for key, (name, _, stride) in zip(labels, stages, strict=True):
+        if key not in captured:
             raise CaptureError(
                 f"layer {name!r} did not run in the model's forward, so it has no attention map; "
                 "pick layers that run (see `athooks layers <model>`)"
             )
         # moved to the CPU only now: a mapping may complete its map later in the same forward
-        got = captured[name].float().cpu()
-        if stride is None and got.dim() == 3 and got.shape[1] > 0:
-            stride = max(1, round(size[1] / got.shape[1]))
-        maps[name] = got
-        maps.info[name] = MapInfo(name, stride, label)
+        got = captured[key].float().cpu()
+        # the height's ratio (images, video frames), the length's for 1-D maps
+        axis = -2 if got.dim() >= 3 else -1
+        if stride is None and got.dim() >= 2 and got.shape[axis] > 0 and len(size) >= 2:
+            stride = max(1, round(size[axis] / got.shape[axis]))
+        maps[key] = got
+        maps.info[key] = MapInfo(key, stride, label)
     return maps
 
 
@@ -424,11 +491,82 @@ class _Panel:
     title: str
 
 
+#: The most channels of a 1-D signal drawn as curves in one panel.
+MAX_CURVES = 8
+
+
+def _draw_signal(ax: Any, signal: Tensor, amap: Tensor | None, *, cmap: str, alpha: float) -> None:
+    """A 1-D map as a heat strip across the panel, behind the signal's channels as curves."""
+    sig = _to_numpy(signal)
+    if sig.ndim == 1:
+        sig = sig[None]
+    length = sig.shape[-1]
+    curves = sig[:MAX_CURVES]
+    lo, hi = float(curves.min()), float(curves.max())
+    pad = (hi - lo) * 0.05 or 0.5
+    if amap is not None:
+        heat = F.interpolate(
+            torch.as_tensor(_to_numpy(amap))[None, None].float(),
+            size=length,
+            mode="linear",
+            align_corners=False,
+        )[0]
+        ax.imshow(
+            _scaled(heat.numpy()),
+            aspect="auto",
+            cmap=cmap,
+            alpha=alpha,
+            extent=(0.0, float(length), lo - pad, hi + pad),
+            vmin=0.0,
+            vmax=1.0,
+        )
+    t = np.arange(length) + 0.5
+    for curve in curves:
+        ax.plot(t, curve, color="black", linewidth=0.8)
+    ax.set_xlim(0.0, float(length))
+    ax.set_ylim(lo - pad, hi + pad)
+
+
+def _frames(
+    video: Tensor, amap: Tensor | None, title: str, shown: int | None = None
+) -> list[_Panel]:
+    """A video ``(C, T, H, W)`` and its map ``(t, h, w)`` as one panel per frame.
+
+    The map is resized along time to the video's frames (linear, ``align_corners=False``); each
+    frame's map is then drawn over the frame as an image's is.
+    """
+    frames = int(video.shape[1])
+    if amap is not None and amap.shape[0] != frames:
+        amap = F.interpolate(
+            amap[None, None].float(),
+            size=(frames, int(amap.shape[1]), int(amap.shape[2])),
+            mode="trilinear",
+            align_corners=False,
+        )[0, 0]
+    count = frames if shown is None else min(frames, shown)
+    return [
+        _Panel(video[:, k], None if amap is None else amap[k], f"{title}\nframe {k}")
+        for k in range(count)
+    ]
+
+
+def _layout(rows: Sequence[Sequence[_Panel]]) -> list[list[_Panel]]:
+    """Rows of panels as drawn: a video's panel becomes a row of its frames."""
+    out: list[list[_Panel]] = []
+    for row in rows:
+        if any(isinstance(p.image, Tensor) and p.image.dim() == 4 for p in row):
+            out.extend(_frames(p.image, p.amap, p.title) for p in row)
+        else:
+            out.append(list(row))
+    return out
+
+
 def _draw(rows: Sequence[Sequence[_Panel]], *, cmap: str, alpha: float, dpi: int) -> Figure:
     """A figure of ``PANEL_INCHES`` square panels, one per entry of ``rows``."""
     _require_matplotlib()
     from matplotlib.figure import Figure
 
+    rows = _layout(rows)
     nrows = len(rows)
     ncols = max((len(r) for r in rows), default=0)
     if nrows == 0 or ncols == 0:
@@ -442,7 +580,12 @@ def _draw(rows: Sequence[Sequence[_Panel]], *, cmap: str, alpha: float, dpi: int
             if j >= len(row):
                 continue
             panel = row[j]
-            if panel.amap is None:
+            if isinstance(panel.image, Tensor) and panel.image.dim() <= 2:  # a 1-D signal
+                ax.set_axis_on()
+                ax.set_xticks([])
+                ax.set_yticks([])
+                _draw_signal(ax, panel.image, panel.amap, cmap=cmap, alpha=alpha)
+            elif panel.amap is None:
                 ax.imshow(_image_hwc(panel.image))
             else:
                 ax.imshow(overlay(panel.image, panel.amap, cmap=cmap, alpha=alpha))
@@ -468,9 +611,16 @@ def plot_maps(
 ) -> Figure:
     """Draw attention maps over their images: one row per image, one panel per layer.
 
+    1-D signals ``(B, C, T)`` with maps ``(B, t)``: one row per signal, one panel per layer, the
+    map as a heat strip (upsampled linearly to ``T``) behind the signal's channels (at most
+    :data:`MAX_CURVES`) drawn as curves. Videos ``(B, C, T, H, W)`` with maps ``(B, t, h, w)``:
+    one row per video and layer, one panel per frame, the map resized along time to the ``T``
+    frames and drawn over each frame as over an image.
+
     Args:
-        images: The images the maps were computed from, ``(B, C, H, W)`` (or ``(C, H, W)``).
-        maps: ``{layer: (B, h, w)}``, as :func:`attention_maps` returns; its ``info`` (if any)
+        images: The inputs the maps were computed from: images ``(B, C, H, W)`` (or one
+            ``(C, H, W)``), signals ``(B, C, T)`` or videos ``(B, C, T, H, W)``.
+        maps: ``{layer: (B, *s)}``, as :func:`attention_maps` returns; its ``info`` (if any)
             titles each panel with layer, stride and mapping, else the key does.
         cmap: The colour map.
         alpha: Weight of the heat map over the image.
@@ -493,15 +643,23 @@ def plot_maps(
         maps = attention_maps(torchvision.models.resnet18(), images)
         fig = plot_maps(images, maps)
         assert len(fig.axes) == 2 * 4
+        signals = torch.rand(3, 2, 40)  # (B, C, T): 3 rows, 1 panel each
+        net1d = torch.nn.Sequential(torch.nn.Conv1d(2, 8, 5, stride=2))
+        fig = plot_maps(signals, attention_maps(net1d, signals, layers="0"))
+        assert len(fig.axes) == 3 and len(fig.axes[0].lines) == 2
         ```
     """
-    images = _as_images(images)
     entries = list(_titles(maps))
+    signals = images.dim() == 3 if isinstance(images, Tensor) else False
+    signals = signals and any(value.dim() == 2 for _, value, _ in entries)
+    images = _as_images(images, signals=signals)
+    want = {3: "t", 4: "h, w", 5: "t, h, w"}[images.dim()]
     for key, value, _ in entries:
-        if value.dim() != 3 or value.shape[0] != images.shape[0]:
+        if value.dim() != images.dim() - 1 or value.shape[0] != images.shape[0]:
             raise ConfigurationError(
                 f"maps[{key!r}] has shape {tuple(value.shape)}; expected "
-                f"({images.shape[0]}, h, w), one map per image"
+                f"({images.shape[0]}, {want}), one map per input of shape "
+                f"{tuple(images.shape[1:])}"
             )
     rows = [
         [_Panel(images[i], value[i], title) for _, value, title in entries]
@@ -534,7 +692,8 @@ def compare(
         teacher: The teacher.
         student: A student, or ``{label: student}`` for several (e.g. a baseline and an AT
             student); each is paired with the teacher separately.
-        images: ``(B, C, H, W)`` images both models accept.
+        images: ``(B, C, H, W)`` images both models accept, or ``(B, C, T)`` signals or
+            ``(B, C, T, H, W)`` videos (drawn as :func:`plot_maps` draws them).
         layers: As for :class:`athooks.Distiller`: ``"auto"``, ``"blocks"``, a pattern for both,
             or ``(teacher, student)`` pairs.
         mapping: The mapping name or object.
@@ -565,34 +724,47 @@ def compare(
         assert len(fig.axes) == 3 * 4  # (teacher + 2 students) x 4 stages
         ```
     """
-    images = _as_images(images)
+    images = _as_images(images, unwrap(student if isinstance(student, nn.Module) else teacher)[0])
     if models_as not in ("rows", "columns"):
         raise ConfigurationError(f"models_as must be 'rows' or 'columns', got {models_as!r}")
     students = student if isinstance(student, dict) else {"student": student}
-    size = (int(images.shape[1]), int(images.shape[2]), int(images.shape[3]))
+    size = tuple(int(n) for n in images.shape[1:])
     columns: list[str] = []
     chosen: dict[str, list[tuple[str, str]]] = {}  # label -> [(teacher layer, its layer)]
     t_layers: dict[str, Layer] = {}
     s_layers: dict[str, dict[str, Layer]] = {}
     for label, model in students.items():
         if isinstance(layers, str) and layers in ("auto", "blocks"):
-            pairing = auto_pairs(teacher, model, layers, input_size=size)
+            # images as before (a dummy input of their size); signals and videos: the first one
+            pairing = (
+                auto_pairs(teacher, model, layers, input_size=size)
+                if len(size) == 3
+                else auto_pairs(teacher, model, layers, example=((images[:1],), {}))
+            )
             pairs = [
                 (p.teacher.name, p.teacher.layer(), p.student.name, p.student.layer())
                 for p in pairing.pairs
             ]
         else:
+            resolved = resolve_pairs(teacher, model, layers)
+            if any(p.deferred for p in resolved):  # select="*": the keys of these outputs
+                first = (images[:1],)
+                t_keys = output_keys(teacher, [p.teacher_name for p in resolved], first, {})
+                s_keys = output_keys(model, [p.student_name for p in resolved], first, {})
+                resolved = expand_deferred(resolved, t_keys, s_keys)
             pairs = [
-                (p.teacher_name, p.teacher_layer, p.student_name, p.student_layer)
-                for p in resolve_pairs(teacher, model, layers)
+                (p.teacher_name, p.teacher_layer, p.student_name, p.student_layer) for p in resolved
             ]
-        chosen[label] = [(tn, sn) for tn, _, sn, _ in pairs]
+        chosen[label] = [(layer_label(tn, tl), layer_label(sn, sl)) for tn, tl, sn, sl in pairs]
         s_layers[label] = {}
         for tn, tl, sn, sl in pairs:
-            if tn not in t_layers:
-                t_layers[tn] = Layer(tn, select=tl.select, transform=tl.transform)
-                columns.append(tn)
-            s_layers[label][sn] = Layer(sn, select=sl.select, transform=sl.transform)
+            t_key = layer_label(tn, tl)
+            if t_key not in t_layers:
+                t_layers[t_key] = Layer(tn, select=tl.select, transform=tl.transform)
+                columns.append(t_key)
+            s_layers[label][layer_label(sn, sl)] = Layer(
+                sn, select=sl.select, transform=sl.transform
+            )
     t_maps = attention_maps(teacher, images, list(t_layers.values()), mapping, **mapping_options)
     s_maps = {
         label: attention_maps(
@@ -628,7 +800,7 @@ def compare(
 
 
 def _display(images: Tensor, display: Tensor | None) -> Tensor:
-    shown = images if display is None else _as_images(display)
+    shown = images if display is None else _as_images(display, signals=images.dim() == 3)
     if shown.shape[0] != images.shape[0]:
         raise ConfigurationError(
             f"display has {shown.shape[0]} images but images has {images.shape[0]}; give one "
@@ -680,7 +852,7 @@ def plot_across_p(
         assert len(fig.axes) == 3 * 4
         ```
     """
-    images = _as_images(images)
+    images = _as_images(images, unwrap(model)[0])
     shown = _display(images, display)
     options: list[dict[str, Any]] = [{}] if ps is None else [{"p": p} for p in ps]
     if not options:

@@ -542,6 +542,7 @@ def _viz(kind: str, tmp: Path):
             model, TinyCNN(8), images, "relu1", display=torch.rand(3, 3, 16, 16)
         ),
         "ps": lambda: viz.plot_across_p(model, images, ps=[], layers="relu1"),
+        "select_all": lambda: viz.attention_maps(model, images, Layer("relu1", select="*")),
     }[kind]()
 
 
@@ -938,6 +939,7 @@ TRIGGERS = [
             ("models_as", CE),
             ("display", CE),
             ("ps", CE),
+            ("select_all", CE),
         ]
     ],
     t("viz_no_matplotlib", ImportError, _viz_no_matplotlib, "monkeypatch"),

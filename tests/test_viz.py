@@ -374,3 +374,113 @@ def test_matplotlib_is_imported_only_to_draw():
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False
     )
     assert done.returncode == 0, done.stderr
+
+
+# ------------------------------------------------------------------ 1-D signals and videos
+
+
+class Signal1d(nn.Module):
+    def __init__(self, width=6):
+        super().__init__()
+        self.stage1 = nn.Sequential(nn.Conv1d(2, width, 3, padding=1), nn.ReLU())
+        self.stage2 = nn.Sequential(nn.Conv1d(width, width, 3, stride=2, padding=1), nn.ReLU())
+
+    def forward(self, x):
+        return self.stage2(self.stage1(x)).mean(-1)
+
+
+class Video3d(nn.Module):
+    def __init__(self, width=4):
+        super().__init__()
+        self.stage1 = nn.Sequential(nn.Conv3d(3, width, 3, padding=1), nn.ReLU())
+        self.stage2 = nn.Sequential(nn.Conv3d(width, width, 3, stride=2, padding=1), nn.ReLU())
+
+    def forward(self, x):
+        return self.stage2(self.stage1(x)).mean((2, 3, 4))
+
+
+def test_attention_maps_of_1d_signals_and_videos_are_the_formula():
+    torch.manual_seed(0)
+    net, x = Signal1d(), torch.randn(3, 2, 20)
+    maps = attention_maps(net, x, layers="stage?")
+    with torch.no_grad():
+        s1 = net.stage1(x)
+        s2 = net.stage2(s1)
+    torch.testing.assert_close(maps["stage1"], s1.pow(2).sum(1))
+    torch.testing.assert_close(maps["stage2"], s2.pow(2).sum(1))
+    assert maps.info["stage1"].stride == 1 and maps.info["stage2"].stride == 2
+    video, clip = Video3d(), torch.randn(2, 3, 4, 16, 16)
+    maps = attention_maps(video, clip, layers=["stage1", "stage2"], mapping="max_p", p=4)
+    with torch.no_grad():
+        v2 = video.stage2(video.stage1(clip))
+    assert maps["stage2"].shape == (2, 2, 8, 8)
+    torch.testing.assert_close(maps["stage2"], v2.abs().amax(1).pow(4))
+    assert maps.info["stage2"].stride == 2
+
+
+def test_a_3d_input_is_one_image_unless_the_model_starts_with_a_1d_convolution():
+    image_net = hand_built_cnn()
+    assert attention_maps(image_net, torch.rand(1, 32, 32), "stage1")["stage1"].shape == (1, 16, 16)
+    assert attention_maps(Signal1d(), torch.rand(4, 2, 8), "stage1")["stage1"].shape == (4, 8)
+
+
+def test_plot_maps_draws_a_1d_map_as_a_strip_behind_the_signal():
+    torch.manual_seed(1)
+    net, x = Signal1d(), torch.randn(3, 2, 20)
+    maps = attention_maps(net, x, layers="stage?")
+    fig = plot_maps(x, maps)
+    assert len(fig.axes) == 3 * 2  # one row per signal, one panel per layer
+    ax = fig.axes[1]  # signal 0, stage2 (10 cells)
+    assert len(ax.lines) == 2  # the two channels
+    np.testing.assert_allclose(ax.lines[1].get_ydata(), x[0, 1].numpy())
+    strip = np.asarray(ax.images[0].get_array())
+    assert strip.shape == (1, 20)  # the map upsampled to the signal's length
+    amap = maps["stage2"][0]
+    up = torch.nn.functional.interpolate(amap[None, None], size=20, mode="linear")[0, 0]
+    np.testing.assert_allclose(strip[0], ((up - up.min()) / (up.max() - up.min())).numpy(), 1e-5)
+    assert "stage2" in ax.get_title()
+
+
+def test_plot_maps_draws_a_video_map_frame_by_frame():
+    torch.manual_seed(2)
+    video, clip = Video3d(), torch.rand(2, 3, 4, 16, 16)
+    maps = attention_maps(video, clip, layers="stage?")
+    fig = plot_maps(clip, maps)
+    # one row per video and layer, one panel per frame
+    assert len(fig.axes) == 2 * 2 * 4
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles[:4] == [f"{maps.info['stage1'].title()}\nframe {k}" for k in range(4)]
+    # stage2 has 2 frames for the 4 of the input: interpolated along time, frame 0 is its first
+    frame0 = np.asarray(fig.axes[4].images[0].get_array())
+    want = overlay(clip[0, :, 0], maps["stage2"][0, 0])
+    np.testing.assert_allclose(frame0, want, atol=1e-6)
+
+
+def test_compare_on_videos_and_signals():
+    torch.manual_seed(3)
+    fig = compare(Video3d(8), Video3d(4), torch.rand(1, 3, 4, 16, 16), layers="stage2")
+    assert len(fig.axes) == 2 * 4  # teacher and student rows of 4 frames
+    fig = compare(Signal1d(8), Signal1d(4), torch.randn(2, 2, 12), layers="stage?")
+    assert len(fig.axes) == 2 * 2 * 2  # (teacher, student) x 2 signals, 2 layers
+    assert all(len(ax.lines) == 2 for ax in fig.axes)
+
+
+def test_several_keys_of_one_output_are_separate_maps():
+    class Levels(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+        def forward(self, x):
+            f = self.conv(x)
+            return {"p2": f, "p3": f[..., ::2, ::2]}
+
+    net = nn.Sequential(Levels())
+    for select in (("p2", "p3"), "*"):
+        maps = attention_maps(net, torch.rand(1, 3, 8, 8), athooks.Layer("0", select=select))
+        assert list(maps) == ["0['p2']", "0['p3']"]
+        assert maps["0['p3']"].shape == (1, 4, 4)
+    fig = compare(
+        net, nn.Sequential(Levels()), torch.rand(1, 3, 8, 8), athooks.Layer("0", select="*")
+    )
+    assert len(fig.axes) == 2 * 2

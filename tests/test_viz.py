@@ -166,7 +166,7 @@ def test_plot_maps_has_one_panel_per_image_and_layer_with_titles():
     # a plain dict works too; its keys are the titles
     fig = plot_maps(images, {"a": maps["stage1"]})
     assert [ax.get_title() for ax in fig.axes] == ["a"] * 3
-    with pytest.raises(ConfigurationError, match="one map per image"):
+    with pytest.raises(ConfigurationError, match="one map per input"):
         plot_maps(images[:2], maps)
 
 

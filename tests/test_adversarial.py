@@ -2299,3 +2299,72 @@ def test_vit_tokens_named_without_a_transform_are_refused_not_read_as_1d():
     ):
         student(torch.randn(2, 3, 32, 32))
     assert_unchanged(before, teacher, student)
+
+
+# ====================================================================== several tensors of one output
+
+
+class DictNeck(nn.Module):
+    """Three levels in a dict; the model edits the last in place after the neck returns."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, width, 3, padding=1)
+        self.c2 = nn.Conv2d(width, width, 3, 2, 1)
+        self.c3 = nn.Conv2d(width, width, 3, 2, 1)
+
+    def forward(self, x):
+        a = self.c1(x)
+        b = self.c2(a)
+        return {"p1": a, "p2": b, "p3": self.c3(b)}
+
+
+class DictNet(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.neck = DictNeck(width)
+        self.fc = nn.Linear(width, 4)
+
+    def forward(self, x):
+        levels = self.neck(x)
+        levels["p3"].mul_(2.0).relu_()  # in place, after athooks captured the level
+        return self.fc(sum(v.mean((2, 3)) for v in levels.values()))
+
+
+def _dict_reference(teacher, student, x, keys):
+    """The AT loss on hook-free copies, the levels cloned as produced (my own hooks)."""
+    tc, sc = plain_copy(teacher, student)
+    got = {}
+
+    def keep(side):
+        def hook(module, inputs, output):
+            got[side] = {k: output[k].clone() for k in keys}
+
+        return hook
+
+    tc.neck.register_forward_hook(keep("t"))
+    sc.neck.register_forward_hook(keep("s"))
+    tc.eval()
+    with torch.no_grad():
+        tc(x)
+    sc(x)
+    loss = ref_at_loss_code([(got["t"][k], got["s"][k]) for k in keys])
+    return loss, sc
+
+
+@pytest.mark.parametrize("select", [("p1", "p2", "p3"), "*"])
+def test_levels_of_a_dict_edited_in_place_give_the_reference_over_two_steps(select):
+    torch.manual_seed(0)
+    teacher, student = DictNet(8), DictNet(4)
+    keys = ["p1", "p2", "p3"]
+    before = snapshot(teacher, student)
+    with Distiller(teacher, student, layers=athooks.Layer("neck", select=select)) as d:
+        for x in (X, X2):
+            want, sc = _dict_reference(teacher, student, x, keys)
+            student(x)
+            got = d.loss()
+            assert_value(got, float(want.detach()))
+            assert_grads(grads_of(got, student), grads_of(want, sc))
+        assert [s for _, s in d.pairs] == [f"neck['{k}']" for k in keys]
+        assert len(student.neck._forward_hooks) == 1
+    assert_unchanged(before, teacher, student, buffers_of=[0])

@@ -297,6 +297,9 @@ def runs_at(model: nn.Module, size: tuple[int, ...]) -> bool:
         model.train(was)
 
 
+SIZES: dict[str, tuple[tuple[int, ...], dict[str, Any]]] = {}  # model -> (input size, kwargs)
+
+
 def timm_build(name: str, student: str) -> Callable[[], tuple[nn.Module, nn.Module, Task]]:
     def build() -> tuple[nn.Module, nn.Module, Task]:
         import timm
@@ -306,20 +309,26 @@ def timm_build(name: str, student: str) -> Callable[[], tuple[nn.Module, nn.Modu
         default = tuple(cfg.input_size) if cfg is not None else (3, 224, 224)
         torch.manual_seed(seed_of(name))
         teacher, size, kwargs = None, default, {}
-        if cfg is not None and cfg.fixed_input_size:  # built for one size: build it for 128 (112)
+        if name in SIZES:  # decided by the other case of this model
+            size, kwargs = SIZES[name]
+            teacher = timm.create_model(name, num_classes=CLASSES, **kwargs)
+        elif cfg is not None and cfg.fixed_input_size:  # built for one size: build it for 128 (112)
             for side in (128, 112):
                 with contextlib.suppress(Exception):
+                    torch.manual_seed(seed_of(name))
                     teacher = timm.create_model(name, num_classes=CLASSES, img_size=side)
                     if runs_at(teacher, (default[0], side, side)):
                         size, kwargs = (default[0], side, side), {"img_size": side}
                         break
                     teacher = None
             if teacher is None:
+                torch.manual_seed(seed_of(name))
                 teacher = timm.create_model(name, num_classes=CLASSES)
         else:
             teacher = timm.create_model(name, num_classes=CLASSES)
             if runs_at(teacher, (default[0], 128, 128)):
                 size = (default[0], 128, 128)
+        SIZES[name] = (size, kwargs)
         torch.manual_seed(seed_of(name) + 1)
         if student == "self":
             stud = timm.create_model(name, num_classes=CLASSES, **kwargs)
@@ -1065,13 +1074,38 @@ def main(argv: list[str] | None = None) -> int:
         "--require-ok", type=float, default=None, help="exit 1 below this ok fraction"
     )
     parser.add_argument("--quiet", action="store_true", help="no per-case progress lines")
+    parser.add_argument("--shard", default=None, help="I/N: run every N-th case from the I-th")
+    parser.add_argument("--reverse", action="store_true", help="run the cases last first")
+    parser.add_argument(
+        "--from-json",
+        nargs="+",
+        default=None,
+        metavar="PATH",
+        help="no run: report the results saved in these --json files (merged, first wins)",
+    )
     args = parser.parse_args(argv)
+    if args.from_json:
+        merged: dict[tuple[str, str], dict] = {}
+        for path in args.from_json:
+            for r in json.loads(pathlib.Path(path).read_text())["cases"]:
+                merged.setdefault((r["group"], r["name"]), r)
+        results = sorted(merged.values(), key=lambda r: (GROUPS.index(r["group"]), r["name"]))
+        print(f"zoo benchmark, {len(results)} cases from {', '.join(args.from_json)}")
+        print(report(results))
+        if args.json:
+            write_json(args.json, results, args, time.perf_counter())
+        return exit_code(results, args.require_ok)
     groups = [g.strip() for g in args.groups.split(",") if g.strip()]
     unknown = sorted(set(groups) - set(GROUPS))
     if unknown:
         parser.error(f"unknown groups {unknown}; choose from {', '.join(GROUPS)}")
     torch.set_num_threads(args.threads)
     cases = select_cases(groups, args.match, args.limit, args.smoke)
+    if args.shard:
+        index, count = (int(v) for v in args.shard.split("/"))
+        cases = cases[index::count]
+    if args.reverse:
+        cases.reverse()
     results = []
     started = time.perf_counter()
     for i, case in enumerate(cases, 1):
@@ -1090,7 +1124,7 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
                 flush=True,
             )
-        if args.json and i % 20 == 0:
+        if args.json:  # after every case: a killed run keeps what it measured
             write_json(args.json, results, args, started)
     print(
         f"zoo benchmark, athooks {athooks.__version__} at {ATHOOKS_DIR} (commit {git_head()}), "
@@ -1099,8 +1133,13 @@ def main(argv: list[str] | None = None) -> int:
     print(report(results))
     if args.json:
         write_json(args.json, results, args, started)
+    return exit_code(results, args.require_ok)
+
+
+def exit_code(results: list[dict], require_ok: float | None) -> int:
+    """0, or 1 when ``--require-ok`` is given and the total ok fraction is below it."""
     rows = summarise(results)
-    if args.require_ok is not None and rows and rows[-1]["ok%"] < 100 * args.require_ok:
+    if require_ok is not None and rows and rows[-1]["ok%"] < 100 * require_ok:
         return 1
     return 0
 

@@ -227,3 +227,9 @@ def test_smoke_run(tmp_path):
     data = json.loads(out.read_text())
     assert len(data["cases"]) == int(rows["total"]["cases"])
     assert {"ok", "error", "pairs", "warnings", "suspicious", "warned"} <= set(data["cases"][0])
+
+
+def test_docstring_examples(zoo):
+    import doctest
+
+    assert doctest.testmod(zoo).failed == 0

@@ -595,7 +595,7 @@ def video_cases() -> list[Case]:
             t,
             t if s == "self" else s,
             vid_build(t, s, size),
-            timeout=180 if size[-1] > 100 else None,
+            timeout=(480 if t.startswith("mvit") else 240) if size[-1] > 100 else None,
         )
         for t, (s, size) in VIDEO.items()
     ]
@@ -1048,17 +1048,31 @@ def select_cases(
     return cases
 
 
-def git_head() -> str:
+def git_head(where: str | pathlib.Path) -> str:
+    """The short commit of the checkout holding ``where``; ``+dirty`` if it has changes there."""
     try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            cwd=pathlib.Path(__file__).parent,
-            check=True,
-        ).stdout.strip()
+
+        def git(*cmd: str) -> str:
+            return subprocess.run(
+                ["git", *cmd], capture_output=True, text=True, cwd=where, check=True
+            ).stdout.strip()
+
+        head = git("rev-parse", "--short", "HEAD")
+        return head + ("+dirty" if git("status", "--porcelain", "--", ".") else "")
     except Exception:
         return "unknown"
+
+
+def versions() -> str:
+    """Where athooks and the benchmark come from, at which commits, with which libraries."""
+    import timm
+    import torchvision
+
+    return (
+        f"athooks {athooks.__version__} from {ATHOOKS_DIR} (commit {git_head(ATHOOKS_DIR)}), "
+        f"benchmark commit {git_head(pathlib.Path(__file__).parent)}, torch {torch.__version__}, "
+        f"torchvision {torchvision.__version__}, timm {timm.__version__}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1127,8 +1141,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:  # after every case: a killed run keeps what it measured
             write_json(args.json, results, args, started)
     print(
-        f"zoo benchmark, athooks {athooks.__version__} at {ATHOOKS_DIR} (commit {git_head()}), "
-        f"torch {torch.__version__}, {len(cases)} cases in {time.perf_counter() - started:.0f} s"
+        f"zoo benchmark: {len(cases)} cases in {time.perf_counter() - started:.0f} s; {versions()}"
     )
     print(report(results))
     if args.json:
@@ -1150,7 +1163,8 @@ def write_json(path: str, results: list[dict], args: argparse.Namespace, started
 
     meta = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": git_head(),
+        "athooks_commit": git_head(ATHOOKS_DIR),
+        "benchmark_commit": git_head(pathlib.Path(__file__).parent),
         "athooks": athooks.__version__,
         "athooks_dir": ATHOOKS_DIR,
         "torch": torch.__version__,

@@ -82,6 +82,10 @@ HEAD_WORDS = re.compile(
     r"aux_head|box_predictor|box_head|cls_logits|bbox_pred|predictor|mask_predictor|"
     r"keypoint_predictor|pre_logits)$"
 )
+ATTENTION_WORDS = re.compile(
+    r"^(?:attn|attention|self_attn|cross_attn|q_norm|k_norm|qkv|q|k|v|query|key|value|"
+    r"q_proj|k_proj|v_proj|attn_drop|proj_drop|rel_pos\w*)$"
+)
 STEM_DEPTH, DEEP_DEPTH, DEPTH_GAP = 0.10, 0.70, 0.35
 
 
@@ -142,6 +146,8 @@ def judge_pair(t: Side, s: Side, batch: int | None = BATCH) -> list[str]:
         channels = side.map_shape[0] if side.map_shape else None
         if is_head(side.name, channels, side.classes):
             reasons.append(f"head or logits map: {role} {side.name} {_fmt(side.map_shape)}")
+        if any(ATTENTION_WORDS.match(part) for part in side.name.split(".")):
+            reasons.append(f"inside an attention layer: {role} {side.name} {_fmt(side.map_shape)}")
         if side.input_dependent is False:
             why = "zero for both inputs" if side.all_zero else "the same output for two inputs"
             reasons.append(f"input-independent map: {role} {side.name} ({why})")
@@ -935,10 +941,13 @@ def judge_case(
         (lambda: student(*a1, **k1), lambda: student(*a2, **k2)),
         case.classes[1],
     )
-    for t, s in sides:
-        for reason in judge_pair(t, s):
-            result["suspicious"].append(f"{t.name} - {s.name}: {reason}")
+    result["suspicious"] = judgement(sides)
     result["pair_sides"] = [[dataclasses.asdict(t), dataclasses.asdict(s)] for t, s in sides]
+
+
+def judgement(sides: list[tuple[Side, Side]]) -> list[str]:
+    """Every reason of every pair, as ``"teacher - student: reason"``."""
+    return [f"{t.name} - {s.name}: {reason}" for t, s in sides for reason in judge_pair(t, s)]
 
 
 # -------------------------------------------------------------------------------------- reporting
@@ -1100,6 +1109,9 @@ def main(argv: list[str] | None = None) -> int:
             for r in json.loads(pathlib.Path(path).read_text())["cases"]:
                 merged.setdefault((r["group"], r["name"]), r)
         results = sorted(merged.values(), key=lambda r: (GROUPS.index(r["group"]), r["name"]))
+        for r in results:  # judged again by today's rules, from the saved measurements
+            if r.get("pair_sides"):
+                r["suspicious"] = judgement([(Side(**t), Side(**s)) for t, s in r["pair_sides"]])
         print(f"zoo benchmark, {len(results)} cases from {', '.join(args.from_json)}")
         print(report(results))
         if args.json:

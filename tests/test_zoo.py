@@ -7,6 +7,7 @@ paired with a deep stage is flagged, and so on, and the ordinary pairs of a ResN
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -81,6 +82,16 @@ def test_one_cell_batch_and_relative_depth(zoo):
     shallow, deep = zoo.Side("a", 0.30, (8, 8, 8)), zoo.Side("b", 0.70, (8, 8, 8))
     assert zoo.judge_pair(shallow, deep) == ["mismatched relative depth: 0.30 vs 0.70"]
     assert zoo.judge_pair(shallow, zoo.Side("b", 0.60, (8, 8, 8))) == []  # 0.30 apart: fine
+
+
+def test_attention_internal_tensor(zoo):
+    k_norm = zoo.Side("blocks.2.blocks.1.3.attn.k_norm", 0.5, (3, 197, 64))
+    block = zoo.Side("blocks.2", 0.5, (192, 14, 14))
+    assert zoo.judge_pair(k_norm, block) == [
+        "inside an attention layer: teacher blocks.2.blocks.1.3.attn.k_norm 3x197x64"
+    ]
+    assert zoo.judge_pair(block, zoo.Side("layers.1.attention", 0.5, (8, 4)))  # any attn module
+    assert not zoo.judge_pair(block, zoo.Side("attn_pool_stage", 0.5, (8, 4, 4)))
 
 
 class PositionalStage(nn.Module):
@@ -161,7 +172,7 @@ def build_tiny():
     return teacher, student
 
 
-def test_run_case_records_a_step_a_model_error_and_a_timeout(zoo):
+def test_run_case_records_a_step_a_model_error_and_a_timeout(zoo, tmp_path, capsys):
     def ok_build():
         teacher, student = build_tiny()
         return teacher, student, zoo.image_task((3, 16, 16))
@@ -196,6 +207,13 @@ def test_run_case_records_a_step_a_model_error_and_a_timeout(zoo):
     total = rows[-1]
     assert (total["cases"], total["ok"], total["error"], total["model-err"]) == (3, 1, 1, 1)
     assert total["susp-unwarned"] == 1 and total["ok%"] == 50.0  # model errors left out
+    # saved results are judged again, by today's rules, when reported from their JSON
+    saved = tmp_path / "saved.json"
+    sides = [[dataclasses.asdict(zoo.Side("a.attn", 0.5)), dataclasses.asdict(zoo.Side("b", 0.5))]]
+    case = {**result, "ok": True, "stage": None, "suspicious": [], "pair_sides": sides}
+    saved.write_text(json.dumps({"cases": [case]}))
+    assert zoo.main(["--from-json", str(saved), "--require-ok", "0.97"]) == 0
+    assert "a.attn - b: inside an attention layer" in capsys.readouterr().out
     parsed = zoo.parse_table("header line\n" + zoo.format_table(rows) + "\n\nfailures")
     assert [r["group"] for r in parsed] == ["homemade", "total"] and parsed[1]["ok%"] == "50.0"
 

@@ -766,19 +766,28 @@ def first_line(exc: BaseException) -> str:
 
 
 def pair_sides(d: Distiller, pairs: list[tuple[str, str]]) -> list[tuple[Side, Side]]:
-    """Sides from athooks' own report (names, map shapes), before the benchmark's measurements."""
-    shapes: dict[int, tuple[Any, Any]] = {}
+    """Sides from athooks' own report (names, map shapes), before the benchmark's measurements.
+
+    ``d.pairs[i]`` takes its shapes from ``d.pairing.pairs[i]`` when the two name the same
+    modules, else from the first pairing entry of those names (a Layer selecting several dict
+    keys may give several pairs of one module pair); none when ``d.pairing`` does not list it.
+    """
     pairing = d.pairing
-    if pairing is not None:
-        for i, p in enumerate(pairing.pairs):
-            shapes[i] = (p.teacher.map_shape, p.student.map_shape)
+    listed = [] if pairing is None else list(pairing.pairs)
+    by_names: dict[tuple[str, str], Any] = {}
+    for p in listed:
+        by_names.setdefault((p.teacher.name, p.student.name), p)
     sides = []
     for i, (t, s) in enumerate(pairs):
-        ts, ss = shapes.get(i, (None, None))
+        p = listed[i] if i < len(listed) else None
+        if p is None or (p.teacher.name, p.student.name) != (t, s):
+            p = by_names.get((t, s))
+        ts = p.teacher.map_shape if p is not None else None
+        ss = p.student.map_shape if p is not None else None
         sides.append(
             (
-                Side(t, map_shape=tuple(ts) if ts else None),
-                Side(s, map_shape=tuple(ss) if ss else None),
+                Side(str(t), map_shape=tuple(ts) if ts else None),
+                Side(str(s), map_shape=tuple(ss) if ss else None),
             )
         )
     return sides
@@ -847,7 +856,7 @@ def run_case(case: Case, timeout: int) -> dict[str, Any]:
                         transfer, params, retain_graph=True, allow_unused=True
                     )
                     total.backward()
-                    pairs = [tuple(p) for p in d.pairs]
+                    pairs = [(str(p[0]), str(p[1])) for p in d.pairs]
                     sides = pair_sides(d, pairs)
                     pairing = d.pairing
             except CaseTimeoutError:

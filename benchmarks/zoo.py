@@ -852,10 +852,13 @@ def run_case(case: Case, timeout: int) -> dict[str, Any]:
                     out = student(*args, **kwargs)
                     transfer = d.loss()
                     total = transfer + task.loss(out, args, kwargs)
-                    grads = torch.autograd.grad(
-                        transfer, params, retain_graph=True, allow_unused=True
+                    grads = (
+                        torch.autograd.grad(transfer, params, retain_graph=True, allow_unused=True)
+                        if transfer.requires_grad
+                        else []  # no graph to the student at all: NoGradient below
                     )
-                    total.backward()
+                    if total.requires_grad:
+                        total.backward()
                     pairs = [(str(p[0]), str(p[1])) for p in d.pairs]
                     sides = pair_sides(d, pairs)
                     pairing = d.pairing

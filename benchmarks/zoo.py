@@ -404,7 +404,8 @@ def torchvision_cases() -> list[Case]:
 
     cases = []
     for name in torchvision.models.list_models(module=torchvision.models):
-        student = "resnet18" if tv_params(name) > 100_000_000 else "self"
+        params = tv_params(name)
+        student = "resnet18" if params > 100_000_000 else "self"
         cases.append(
             Case(
                 "torchvision",
@@ -412,6 +413,7 @@ def torchvision_cases() -> list[Case]:
                 name,
                 name if student == "self" else "resnet18",
                 tv_build(name, student),
+                timeout=60 + params // 2_000_000,  # 600M parameters: 360 s
             )
         )
     return cases

@@ -83,8 +83,8 @@ HEAD_WORDS = re.compile(
     r"keypoint_predictor|pre_logits)$"
 )
 ATTENTION_WORDS = re.compile(
-    r"^(?:attn|attention|self_attn|cross_attn|q_norm|k_norm|qkv|q|k|v|query|key|value|"
-    r"q_proj|k_proj|v_proj|attn_drop|proj_drop|rel_pos\w*)$"
+    r"^(?:attn|attention|self_attn|cross_attn|qkv|[qkv]|[qkv]_norm|[qkv]_proj|query|key|value|"
+    r"attn_drop|proj_drop|rel_pos\w*)$"
 )
 STEM_DEPTH, DEEP_DEPTH, DEPTH_GAP = 0.10, 0.70, 0.35
 

@@ -91,6 +91,7 @@ def test_attention_internal_tensor(zoo):
         "inside an attention layer: teacher blocks.2.blocks.1.3.attn.k_norm 3x197x64"
     ]
     assert zoo.judge_pair(block, zoo.Side("layers.1.attention", 0.5, (8, 4)))  # any attn module
+    assert zoo.judge_pair(block, zoo.Side("encoder.blocks.15.attn.v_norm", 0.5, (8, 4)))
     assert not zoo.judge_pair(block, zoo.Side("attn_pool_stage", 0.5, (8, 4, 4)))
 
 

@@ -34,6 +34,7 @@ Run: python benchmarks/zoo.py [--groups timm,torchvision,...] [--limit N] [--mat
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import dataclasses
 import datetime
@@ -840,7 +841,7 @@ def run_case(case: Case, timeout: int) -> dict[str, Any]:
     stage = "build"
     log: list[WarningRecord] = []
     try:
-        with time_limit(case.timeout or timeout), record_warnings() as log:
+        with time_limit(max(case.timeout or 0, timeout)), record_warnings() as log:
             teacher, student, task = case.build()
             student.train()
             params = [p for p in student.parameters() if p.requires_grad]
@@ -1026,10 +1027,27 @@ def parse_table(text: str) -> list[dict[str, str]]:
     return rows
 
 
+def error_kind(result: dict) -> str:
+    """An error's type and the first clause of its message, names and numbers elided.
+
+    Example:
+        >>> error_kind({"stage": "distill", "error": "E: no stride 'x' shared (stride 4): fix"})
+        "E: no stride '…' shared"
+    """
+    kind, _, message = (result["error"] or "").partition(": ")
+    clause = re.split(r"[:;(]", message, maxsplit=1)[0].strip()
+    clause = re.sub(r"\d+(\.\d+)?", "…", re.sub(r"'[^']*'|\"[^\"]*\"", "'…'", clause))
+    return ("(model) " if result["stage"] == "model" else "") + f"{kind}: {clause}"[:110]
+
+
 def report(results: list[dict]) -> str:
     out = [format_table(summarise(results)), ""]
     failures = [r for r in results if not r["ok"]]
     if failures:
+        out.append("errors by kind (names and numbers elided):")
+        for kind, count in collections.Counter(error_kind(r) for r in failures).most_common():
+            out.append(f"  {count:4d}  {kind}")
+        out.append("")
         out.append(f"failures ({len(failures)}):")
         for r in failures:
             tag = "model" if r["stage"] == "model" else r["stage"]
@@ -1102,7 +1120,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="write per-case results to PATH")
     parser.add_argument("--smoke", action="store_true", help="a handful of cases of every group")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--timeout", type=int, default=60, help="seconds per case")
+    parser.add_argument(
+        "--timeout", type=int, default=60, help="seconds per case, at least (big models get more)"
+    )
     parser.add_argument(
         "--require-ok", type=float, default=None, help="exit 1 below this ok fraction"
     )

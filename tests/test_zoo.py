@@ -194,7 +194,7 @@ def test_run_case_records_a_step_a_model_error_and_a_timeout(zoo, tmp_path, caps
         time.sleep(5)
 
     start = time.perf_counter()
-    result = zoo.run_case(zoo.Case("homemade", "slow", "t", "s", slow, timeout=1), timeout=30)
+    result = zoo.run_case(zoo.Case("homemade", "slow", "t", "s", slow, timeout=1), timeout=1)
     assert time.perf_counter() - start < 4
     assert result["error"].startswith("CaseTimeoutError") and result["stage"] == "build"
 

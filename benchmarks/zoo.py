@@ -152,6 +152,11 @@ def judge_pair(t: Side, s: Side, batch: int | None = BATCH) -> list[str]:
         if side.input_dependent is False:
             why = "zero for both inputs" if side.all_zero else "the same output for two inputs"
             reasons.append(f"input-independent map: {role} {side.name} ({why})")
+        if side.map_shape and len(side.map_shape) >= 3 and side.map_shape[-1] != side.map_shape[-2]:
+            reasons.append(  # every input of the zoo is square
+                f"map not square, from a square input: {role} {side.name} "
+                f"{_fmt(side.map_shape)} (a channels-last or token layout read as NCHW?)"
+            )
         if spatial_cells(side.map_shape) == 1:
             reasons.append(f"map of one cell: {role} {side.name} {_fmt(side.map_shape)}")
         if batch is not None and side.batch is not None and side.batch != batch:

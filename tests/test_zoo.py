@@ -87,12 +87,23 @@ def test_one_cell_batch_and_relative_depth(zoo):
 def test_attention_internal_tensor(zoo):
     k_norm = zoo.Side("blocks.2.blocks.1.3.attn.k_norm", 0.5, (3, 197, 64))
     block = zoo.Side("blocks.2", 0.5, (192, 14, 14))
-    assert zoo.judge_pair(k_norm, block) == [
-        "inside an attention layer: teacher blocks.2.blocks.1.3.attn.k_norm 3x197x64"
-    ]
+    reasons = zoo.judge_pair(k_norm, block)
+    assert "inside an attention layer: teacher blocks.2.blocks.1.3.attn.k_norm 3x197x64" in reasons
+    assert any("map not square" in r for r in reasons)  # (B, heads, N, head_dim) as NCHW
     assert zoo.judge_pair(block, zoo.Side("layers.1.attention", 0.5, (8, 4)))  # any attn module
     assert zoo.judge_pair(block, zoo.Side("encoder.blocks.15.attn.v_norm", 0.5, (8, 4)))
     assert not zoo.judge_pair(block, zoo.Side("attn_pool_stage", 0.5, (8, 4, 4)))
+
+
+def test_layout_misread(zoo):
+    nhwc = zoo.Side("features.1", 0.2, (32, 32, 96))  # (B, H, W, C) read as (B, C, H, W)
+    nchw = zoo.Side("layer1", 0.2, (64, 32, 32))
+    assert zoo.judge_pair(nhwc, nchw) == [
+        "map not square, from a square input: teacher features.1 32x32x96 "
+        "(a channels-last or token layout read as NCHW?)"
+    ]
+    video = zoo.Side("layer1", 0.2, (64, 4, 16, 16))  # (C, T, H, W): H and W are compared
+    assert zoo.judge_pair(video, video) == []
 
 
 class PositionalStage(nn.Module):

@@ -573,7 +573,7 @@ VIDEO = {
     "r3d_18": ("mc3_18", (3, 4, 64, 64)),
     "mc3_18": ("r3d_18", (3, 4, 64, 64)),
     "r2plus1d_18": ("r3d_18", (3, 4, 64, 64)),
-    "s3d": ("self", (3, 8, 224, 224)),  # its final pool is 2x7x7 at stride 8x32x32
+    "s3d": ("self", (3, 16, 224, 224)),  # its final pool is 2x7x7 at stride 8x32x32
     "mvit_v1_b": ("mvit_v2_s", (3, 16, 224, 224)),  # fixed input size
     "mvit_v2_s": ("self", (3, 16, 224, 224)),
     "swin3d_b": ("swin3d_t", (3, 4, 64, 64)),

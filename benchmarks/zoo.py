@@ -370,7 +370,9 @@ def timm_cases() -> list[Case]:
     return cases
 
 
-TV_SIZES = {"vit_h_14": 112}  # others: 128, or 224 when 128 does not run
+# others: 128, or 224 when 128 does not run (in eval: inception_v3's aux head, run in training
+# only, needs its native 299)
+TV_SIZES = {"vit_h_14": 112, "inception_v3": 299}
 
 
 def tv_build(name: str, student: str) -> Callable[[], tuple[nn.Module, nn.Module, Task]]:
@@ -384,7 +386,7 @@ def tv_build(name: str, student: str) -> Callable[[], tuple[nn.Module, nn.Module
             kwargs["init_weights"] = True
         torch.manual_seed(seed_of(name))
         teacher = torchvision.models.get_model(name, **kwargs)
-        side = kwargs.get("image_size", 128)
+        side = TV_SIZES.get(name, 128)
         size = (3, side, side) if runs_at(teacher, (3, side, side)) else (3, 224, 224)
         torch.manual_seed(seed_of(name) + 1)
         if student == "self":

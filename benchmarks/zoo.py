@@ -1060,6 +1060,16 @@ def report(results: list[dict]) -> str:
             tag = "model" if r["stage"] == "model" else r["stage"]
             out.append(f"  [{r['group']}] {r['name']} ({tag}): {r['error']}")
         out.append("")
+    rules = collections.Counter(
+        rule
+        for r in results
+        for rule in {reason.split(": ")[1] for reason in r["suspicious"] if ": " in reason}
+    )
+    if rules:
+        out.append("suspicious cases by rule (a case may break several):")
+        for rule, count in rules.most_common():
+            out.append(f"  {count:4d}  {rule}")
+        out.append("")
     unwarned = [r for r in results if r["suspicious"] and not r["warned"]]
     if unwarned:
         out.append(f"suspicious, not warned ({len(unwarned)}):")

@@ -364,7 +364,7 @@ def timm_cases() -> list[Case]:
                     model if student == "self" else "resnet18",
                     timm_build(model, student),
                     (CLASSES, CLASSES),
-                    timeout=60 + int((info["params"] or 0) / 2e6),  # 400M parameters: 260 s
+                    timeout=60 + int((info["params"] or 0) / 1e6),  # 400M parameters: 460 s
                 )
             )
     return cases
@@ -421,7 +421,7 @@ def torchvision_cases() -> list[Case]:
                 name,
                 name if student == "self" else "resnet18",
                 tv_build(name, student),
-                timeout=60 + params // 2_000_000,  # 600M parameters: 360 s
+                timeout=60 + params // 1_000_000,  # 600M parameters: 660 s
             )
         )
     return cases

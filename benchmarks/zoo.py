@@ -34,6 +34,7 @@ Run: python benchmarks/zoo.py [--groups timm,torchvision,...] [--limit N] [--mat
 from __future__ import annotations
 
 import argparse
+import ast
 import collections
 import contextlib
 import dataclasses
@@ -198,10 +199,41 @@ class Observation:
     outputs: dict[str, list[Tensor]]  # the watched modules' output tensors
 
 
+def split_label(label: str) -> tuple[str, int | str | None]:
+    """A pair label's module name and output key: ``backbone['0']`` -> ``("backbone", "0")``.
+
+    Example:
+        >>> split_label("backbone['0']"), split_label("lstm[0]"), split_label("layer3")
+        (('backbone', '0'), ('lstm', 0), ('layer3', None))
+    """
+    found = re.fullmatch(r"(.*)\[('[^']*'|\d+)\]", label)
+    if found is None:
+        return label, None
+    return found.group(1), ast.literal_eval(found.group(2))
+
+
+def select_key(value: Any, key: int | str | None) -> Any:
+    """The part of a module's output a label's key names (the whole output without a key)."""
+    if key is None:
+        return value
+    try:
+        return value[key]
+    except (KeyError, IndexError, TypeError):
+        return None
+
+
 def observe(model: nn.Module, call: Callable[[], Any], watch: set[str]) -> Observation:
-    """Run ``call()`` with a forward hook on every module of ``model``, under no_grad."""
+    """Run ``call()`` with a forward hook on every module of ``model``, under no_grad.
+
+    ``watch`` holds pair labels (a module name, with an output key for one tensor of a dict or
+    tuple output: ``backbone['0']``); their output tensors are kept, under the label.
+    """
     done: list[str] = []
     outputs: dict[str, list[Tensor]] = {}
+    labels: dict[str, list[tuple[str, int | str | None]]] = {}
+    for label in watch:
+        name, key = split_label(label)
+        labels.setdefault(name, []).append((label, key))
     handles = []
     for name, module in model.named_modules():
         if not name:
@@ -209,8 +241,9 @@ def observe(model: nn.Module, call: Callable[[], Any], watch: set[str]) -> Obser
 
         def hook(_m: nn.Module, _a: Any, out: Any, name: str = name) -> None:
             done.append(name)
-            if name in watch:
-                outputs[name] = [t.detach().float().clone() for t in tensors_of(out)]
+            for label, key in labels.get(name, ()):
+                part = select_key(out, key)
+                outputs[label] = [t.detach().float().clone() for t in tensors_of(part)]
 
         handles.append(module.register_forward_hook(hook))
     try:
@@ -221,7 +254,12 @@ def observe(model: nn.Module, call: Callable[[], Any], watch: set[str]) -> Obser
             h.remove()
     last = {name: i for i, name in enumerate(done)}
     ranked = sorted(last, key=last.__getitem__)
-    return Observation({name: i + 1 for i, name in enumerate(ranked)}, outputs)
+    order = {name: i + 1 for i, name in enumerate(ranked)}
+    for label in watch:  # a label's depth is its module's
+        name, _ = split_label(label)
+        if name in order:
+            order.setdefault(label, order[name])
+    return Observation(order, outputs)
 
 
 def same_outputs(a: list[Tensor], b: list[Tensor]) -> bool:
@@ -789,9 +827,10 @@ def pair_sides(d: Distiller, pairs: list[tuple[str, str]]) -> list[tuple[Side, S
         by_names.setdefault((p.teacher.name, p.student.name), p)
     sides = []
     for i, (t, s) in enumerate(pairs):
+        names = (split_label(t)[0], split_label(s)[0])
         p = listed[i] if i < len(listed) else None
-        if p is None or (p.teacher.name, p.student.name) != (t, s):
-            p = by_names.get((t, s))
+        if p is None or (p.teacher.name, p.student.name) not in ((t, s), names):
+            p = by_names.get((t, s)) or by_names.get(names)
         ts = p.teacher.map_shape if p is not None else None
         ss = p.student.map_shape if p is not None else None
         sides.append(
@@ -819,7 +858,8 @@ def measure_side(
     for side in sides:
         side.classes = classes
         rank = first.order.get(side.name)
-        side.rel_depth = rank / len(first.order) if rank is not None and first.order else None
+        modules = len({split_label(n)[0] for n in first.order})
+        side.rel_depth = rank / modules if rank is not None and modules else None
         outs = first.outputs.get(side.name)
         if outs:
             side.batch = outs[0].shape[0] if outs[0].dim() else None

@@ -23,7 +23,7 @@ from __future__ import annotations
 import sys
 import threading
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import FrameType
@@ -38,7 +38,13 @@ from athooks.context import in_backward, internal_depth, internal_run
 from athooks.errors import CaptureError, ConfigurationError
 from athooks.layers import unwrap
 from athooks.taps import Captures, InertHook, TapSet, is_replica
-from athooks.tensors import adapted_input, all_tensors, first_tensor, non_tensor_input
+from athooks.tensors import (
+    adapted_input,
+    all_tensors,
+    first_tensor,
+    image_list_length,
+    non_tensor_input,
+)
 
 __all__ = [
     "Attachment",
@@ -49,6 +55,7 @@ __all__ = [
     "TeacherGuard",
     "TeacherRunner",
     "check_pair",
+    "check_per_image",
     "refuse_data_parallel",
     "register_student",
 ]
@@ -244,6 +251,45 @@ def check_pair(teacher: Any, student: Any) -> None:
         )
 
 
+def check_per_image(
+    pairs: Sequence[tuple[str, str]],
+    teacher_values: Sequence[dict[Any, Tensor]],
+    student_values: Sequence[dict[Any, Tensor]],
+    images: int | None,
+) -> None:
+    """Refuse maps that are not one per image, for a model called with a list of images.
+
+    A detector's ROI heads run once per region proposal (or detection): their batch is the
+    number of regions, which differs between the models and between steps, and even when the
+    counts agree, region ``i`` of the teacher is not region ``i`` of the student. Such maps must
+    not be paired; only per-image layers (the backbone, the FPN levels) can be.
+
+    Args:
+        pairs: The ``(teacher, student)`` layer names, in order.
+        teacher_values: The teacher's ``{mapping: map}`` of each pair.
+        student_values: The student's, likewise.
+        images: The number of images of the step's input, ``None`` when it was not a list of
+            images (then nothing is checked here).
+
+    Raises:
+        CaptureError: If a map's batch is not the number of images, naming the fix.
+    """
+    if images is None:
+        return
+    for (t_name, s_name), t_vals, s_vals in zip(pairs, teacher_values, student_values, strict=True):
+        t_batch = next((int(v.shape[0]) for v in t_vals.values() if v.dim()), images)
+        s_batch = next((int(v.shape[0]) for v in s_vals.values() if v.dim()), images)
+        if t_batch != images or s_batch != images:
+            raise CaptureError(
+                f"layer pair (teacher {t_name!r}, student {s_name!r}) gives maps of batch "
+                f"{t_batch} (teacher) and {s_batch} (student) for a step of {images} images: "
+                "the layer runs once per region (a module of a detector's ROI heads, whose batch "
+                "is the number of proposals or detections, not of images), so its maps cannot "
+                "be paired image by image. Name a per-image layer instead: a backbone or FPN "
+                "level, e.g. athooks.Layer('backbone', select='0')"
+            )
+
+
 def refuse_data_parallel(model: nn.Module, role: str) -> None:
     """Raise if ``model`` holds an ``nn.DataParallel`` over several devices.
 
@@ -386,6 +432,7 @@ class StepRecord:
     args: tuple[Any, ...] = ()
     kwargs: dict[str, Any] = field(default_factory=dict)
     input_where: tuple[str, Any] | None = None  # where the tensor input sits in args/kwargs
+    images: int | None = None  # the number of images of a list-of-images input (a detector's)
 
 
 @dataclass
@@ -566,7 +613,7 @@ class StepRecorder:
         if self.prepare is not None:
             self.prepare(args, kwargs)
         self._enter_thread()
-        record = StepRecord(grad_enabled=grad)
+        record = StepRecord(grad_enabled=grad, images=image_list_length(args, kwargs))
         self._state.last = record
         self._state.skipped = 0
         call.record = record

@@ -315,6 +315,8 @@ def test_a_per_region_layer_of_a_detector_is_refused_with_the_fix(rois):
 
 def test_a_per_image_layer_of_a_list_input_model_is_fine():
     teacher, student = ToyDetector(3), ToyDetector(2)
-    with Distiller(teacher, student, layers="backbone", teacher_input=lambda im, t=None: (im,)) as d:
+    with Distiller(
+        teacher, student, layers="backbone", teacher_input=lambda im, t=None: (im,)
+    ) as d:
         student(IMAGES, [{}, {}])
         assert torch.isfinite(d.loss())

@@ -35,7 +35,7 @@ from torch.utils.checkpoint import checkpoint
 
 import athooks
 import athooks.viz
-from athooks import Distiller
+from athooks import Distiller, Layer
 from athooks.errors import (
     AthooksError,
     CaptureError,
@@ -2211,3 +2211,38 @@ def test_a_vanishing_teacher_map_is_warned_about():
     (grad,) = torch.autograd.grad(loss, student[0].weight, allow_unused=True)
     assert grad is None or float(grad.abs().max()) < 1e-4  # rounding only
     assert any("zero" in str(w.message) for w in caught), [str(w.message) for w in caught]
+
+
+class _Pyramid(nn.Module):
+    """Returns an OrderedDict of two levels, like torchvision's FPN backbones."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, width, 3, padding=1)
+
+    def forward(self, x):
+        out = self.conv(x)
+        return OrderedDict([("0", out), ("1", F.max_pool2d(out, 2))])
+
+
+class _Detectorish(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.backbone = _Pyramid(width)
+
+    def forward(self, x):
+        return sum(level.mean() for level in self.backbone(x).values())
+
+
+# issue 15 (found writing docs/how-to/detection.md): with one Layer per FPN level, every pair
+# is named ('backbone', 'backbone'), in d.pairs and in every error message, so neither says
+# which level a pair or an error is about
+@pytest.mark.xfail(
+    strict=True,
+    reason="layers/taps (owned by nd): pairs selected from one module's dict output are named by "
+    "the module only; d.pairs and errors do not say which key",
+)
+def test_pairs_of_one_dict_output_are_told_apart():
+    levels = [(Layer("backbone", select=k), Layer("backbone", select=k)) for k in ("0", "1")]
+    with Distiller(_Detectorish(8), _Detectorish(4), layers=levels) as d:
+        assert len(set(d.pairs)) == 2, d.pairs

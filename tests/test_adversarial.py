@@ -2264,3 +2264,40 @@ def test_auto_on_a_segmentation_model_leaves_the_classifier_out():
     pairing = athooks.describe(teacher, student, example=torch.rand(2, 3, 64, 64))
     picked = [name for pair in pairing.pairs for name in (pair.teacher.name, pair.student.name)]
     assert picked and not any("classifier" in name for name in picked), picked
+
+
+class _ListInput(nn.Module):
+    """Called like torchvision's detectors, with a list of (C, H, W) images; keeps what it got."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.seen: list[list[tuple[int, ...]]] = []
+        self.body = nn.Sequential(
+            nn.Conv2d(3, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, width, 3, 2, 1)
+        )
+
+    def forward(self, images, targets=None):
+        self.seen.append([tuple(image.shape) for image in images])
+        batch = torch.stack(images)
+        # a detector's transform normalises with a 3-channel mean, which broadcasts a
+        # 1-channel image to 3 channels without an error: this does the same
+        return self.body(batch.expand(-1, 3, -1, -1)).mean()
+
+
+# issue 15 (found writing docs/how-to/detection.md): the first-call probe takes the batch size
+# from the first tensor, which for a list of images is an image's channel count (3), and cuts
+# every tensor of that leading size to its first entry: each image becomes its first channel,
+# (1, H, W). A torchvision detector's normalisation broadcasts that back to 3 channels, so the
+# probe runs, silently, on other images than the user's.
+@pytest.mark.xfail(
+    strict=True,
+    reason="discovery (owned by discovery): the probe slices a list of images by channel",
+)
+def test_the_first_call_probe_keeps_a_list_of_images_whole_images():
+    teacher, student = _ListInput(8), _ListInput(4)
+    images = [torch.rand(3, 16, 16), torch.rand(3, 16, 16)]
+    with Distiller(teacher, student, teacher_input=lambda images, targets=None: (images,)) as d:
+        student(images, [{}, {}])
+        d.loss()
+    for model in (teacher, student):
+        assert all(shape == (3, 16, 16) for call in model.seen for shape in call), model.seen

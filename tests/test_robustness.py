@@ -294,7 +294,7 @@ class ToyDetector(torch.nn.Module):
         self.rois_per_image = rois_per_image
 
     def forward(self, images, targets=None):
-        features = self.backbone(torch.stack(images))
+        features = self.backbone(torch.stack(list(images)))
         regions = features[:, :, :4, :4].repeat_interleave(self.rois_per_image, 0)
         return self.roi(regions).mean()
 
@@ -320,3 +320,12 @@ def test_a_per_image_layer_of_a_list_input_model_is_fine():
     ) as d:
         student(IMAGES, [{}, {}])
         assert torch.isfinite(d.loss())
+
+
+def test_a_per_region_layer_of_a_detector_called_with_a_tensor_names_the_fix():
+    # torchvision's detectors also accept a (B, C, H, W) tensor; regions then differ in count
+    teacher, student = ToyDetector(3), ToyDetector(2)
+    with Distiller(teacher, student, layers="roi", teacher_input=lambda im, t=None: (im,)) as d:
+        student(torch.stack(IMAGES), [{}, {}])
+        with pytest.raises(CaptureError, match=r"for a batch of 2.*backbone or FPN level"):
+            d.loss()

@@ -351,7 +351,7 @@ class Distiller:
                 student_output=record.student_output,
                 finite=self.check_finite,
             )
-            check_per_image(self.pairs, t_values, s_values, record.images)
+            check_per_image(self.pairs, t_values, s_values, record.images, record.batch)
             step = Step(
                 self.pairs,
                 t_values,

@@ -1,4 +1,9 @@
-"""Attention mappings: a feature map ``(B, C, H, W)`` becomes a spatial attention map ``(B, H, W)``.
+"""Attention mappings: a feature map ``(B, C, *S)`` becomes a spatial attention map ``(B, *S)``.
+
+``S`` is one to three spatial dimensions: ``(B, C, T)`` for a 1-D signal (or a token sequence a
+transform turned channels-first), ``(B, C, H, W)`` for an image, ``(B, C, T, H, W)`` for a video;
+the attention maps are ``(B, T)``, ``(B, H, W)`` and ``(B, T, H, W)``. A mapping reduces the
+channel dimension only.
 
 The built-ins are the activation-based mappings of Zagoruyko & Komodakis (ICLR 2017, section 3.1):
 
@@ -11,7 +16,7 @@ autocast cannot overflow them,
 and for backward they keep only the feature map itself, which the network usually keeps anyway:
 no extra full-size tensor is saved per tapped layer.
 
-Any callable ``(B, C, H, W) -> (B, H, W)`` can be used where a mapping is expected; a mapping with
+Any callable ``(B, C, *S) -> (B, *S)`` can be used where a mapping is expected; a mapping with
 parameters is an :class:`torch.nn.Module` (subclass :class:`Mapping`).
 """
 
@@ -41,13 +46,17 @@ __all__ = [
 
 
 class Mapping(nn.Module):
-    """Base class of attention mappings: ``forward(features (B, C, H, W)) -> (B, H, W)``.
+    """Base class of attention mappings: ``forward(features (B, C, *S)) -> (B, *S)``.
 
-    Subclass it for a mapping with options or parameters; plain callables are wrapped in
-    :class:`FunctionMapping`. ``name`` is the registry name (set by the registry for built-ins
-    and plugins). A mapping that returns something other than a spatial map, e.g. channel
-    descriptors ``(B, C)``, sets ``is_attention_map = False``: its output is then not checked
-    against ``(B, H, W)`` and never resized, and the two sides of a pair must agree in shape.
+    ``S`` is one to three spatial dimensions (1-D signal ``(T,)``, image ``(H, W)``, video
+    ``(T, H, W)``); reduce over the channel dimension (``dim=1``) and the mapping works on all
+    of them. A mapping that only makes sense for one layout (a 2-D convolution inside it, say)
+    should raise a clear error for the others. Subclass it for a mapping with options or
+    parameters; plain callables are wrapped in :class:`FunctionMapping`. ``name`` is the
+    registry name (set by the registry for built-ins and plugins). A mapping that returns
+    something other than a spatial map, e.g. channel descriptors ``(B, C)``, sets
+    ``is_attention_map = False``: its output is then not checked against ``(B, *S)`` and never
+    resized, and the two sides of a pair must agree in shape.
 
     Example:
         ```python
@@ -61,6 +70,7 @@ class Mapping(nn.Module):
                 return features.abs().mean(dim=1)
 
         print(MeanAbs()(torch.randn(2, 8, 4, 4)).shape)  # torch.Size([2, 4, 4])
+        print(MeanAbs()(torch.randn(2, 8, 16)).shape)  # a 1-D signal: torch.Size([2, 16])
         ```
     """
 
@@ -69,7 +79,7 @@ class Mapping(nn.Module):
     is_attention_map: bool = True
 
     def forward(self, features: Tensor) -> Tensor:  # pragma: no cover - abstract
-        """Map a ``(B, C, H, W)`` feature map to a ``(B, H, W)`` attention map."""
+        """Map a ``(B, C, *S)`` feature map to a ``(B, *S)`` attention map."""
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -117,7 +127,7 @@ class _AbsPowSum(torch.autograd.Function):
         (a,) = ctx.saved_tensors
         p = ctx.p
         # type promotion computes in the gradient's float32 (or wider) without a widened copy
-        # of `a`; for p = 2 a single full-size product (the small (B, H, W) side is scaled)
+        # of `a`; for p = 2 a single full-size product (the small (B, *S) side is scaled)
         if p == 2:
             ga = a * (2.0 * grad).unsqueeze(1)
         elif p == 1:
@@ -132,11 +142,12 @@ def abs_pow_sum(features: Tensor, p: float = 2.0) -> Tensor:
     """``sum over channels of |features|^p`` in float32 or wider, memory-lean in backward.
 
     Args:
-        features: A ``(B, C, H, W)`` tensor of any floating dtype.
+        features: A ``(B, C, *S)`` tensor of any floating dtype (``S``: one to three spatial
+            dimensions).
         p: The exponent, ``p >= 1``.
 
     Returns:
-        A ``(B, H, W)`` tensor, float32 (float64 for float64 input).
+        A ``(B, *S)`` tensor, float32 (float64 for float64 input).
 
     Example:
         ```python
@@ -145,6 +156,8 @@ def abs_pow_sum(features: Tensor, p: float = 2.0) -> Tensor:
 
         x = torch.randn(2, 3, 4, 4)
         assert torch.allclose(abs_pow_sum(x, 2), x.pow(2).sum(1))
+        video = torch.randn(2, 3, 5, 4, 4)  # (B, C, T, H, W) -> (B, T, H, W)
+        assert abs_pow_sum(video, 2).shape == (2, 5, 4, 4)
         ```
     """
     out: Tensor = _AbsPowSum.apply(features, float(p))
@@ -162,7 +175,7 @@ def _check_p(p: Any, name: str) -> float:
 
 
 class Sum(Mapping):
-    """``F_sum(A) = sum_c |A_c|`` (paper section 3.1).
+    """``F_sum(A) = sum_c |A_c|`` (paper section 3.1), for ``(B, C, *S) -> (B, *S)``.
 
     Example:
         ```python
@@ -171,6 +184,7 @@ class Sum(Mapping):
 
         amap = athooks.mapping("sum")(torch.randn(2, 16, 8, 8))
         assert amap.shape == (2, 8, 8)
+        assert athooks.mapping("sum")(torch.randn(2, 16, 32)).shape == (2, 32)  # 1-D
         ```
     """
 
@@ -196,6 +210,8 @@ class _PowerMapping(Mapping):
 class SumP(_PowerMapping):
     """``F_sum^p(A) = sum_c |A_c|^p`` (paper section 3.1); ``p = 2`` is the paper's default.
 
+    Any layout ``(B, C, *S) -> (B, *S)``: 1-D signals, images, videos.
+
     Args:
         p: The exponent (``p >= 1``; the paper uses 1, 2 and 4).
 
@@ -217,7 +233,7 @@ class SumP(_PowerMapping):
 
 
 class MaxP(_PowerMapping):
-    """``F_max^p(A) = max_c |A_c|^p`` (paper section 3.1).
+    """``F_max^p(A) = max_c |A_c|^p`` (paper section 3.1), for ``(B, C, *S) -> (B, *S)``.
 
     The maximum of ``|A_c|`` is taken as ``max(max_c A_c, -min_c A_c)`` so that no full-size
     ``|A|`` tensor is kept for backward.
@@ -232,6 +248,8 @@ class MaxP(_PowerMapping):
 
         f = torch.randn(2, 16, 8, 8)
         assert torch.allclose(athooks.mapping("max_p", p=2)(f), f.abs().amax(1).pow(2))
+        video = torch.randn(2, 16, 3, 8, 8)
+        assert athooks.mapping("max_p")(video).shape == (2, 3, 8, 8)
         ```
     """
 
@@ -246,7 +264,8 @@ class MaxP(_PowerMapping):
 class Features(Mapping):
     """The feature map itself, kept whole at capture (for losses such as F-ActT).
 
-    Not an attention map: :meth:`athooks.plugin.Step.features` returns what it keeps.
+    Not an attention map: :meth:`athooks.plugin.Step.features` returns what it keeps, the
+    ``(B, C, *S)`` tensor of any layout.
     """
 
     name = "features"
@@ -258,7 +277,10 @@ class Features(Mapping):
 
 
 class FunctionMapping(Mapping):
-    """Wraps a plain callable ``(B, C, H, W) -> (B, H, W)`` as a :class:`Mapping`.
+    """Wraps a plain callable ``(B, C, *S) -> (B, *S)`` as a :class:`Mapping`.
+
+    The callable sees every layout the tapped layers produce (``(B, C, T)``, ``(B, C, H, W)``,
+    ``(B, C, T, H, W)``); its output is checked against ``(B, *S)`` at capture.
 
     Args:
         fn: The callable.
@@ -271,6 +293,7 @@ class FunctionMapping(Mapping):
 
         m = FunctionMapping(lambda f: f.mean(1), name="mean")
         assert m(torch.ones(1, 3, 2, 2)).shape == (1, 2, 2)
+        assert m(torch.ones(1, 3, 7)).shape == (1, 7)
         ```
     """
 
@@ -288,7 +311,8 @@ def as_mapping(mapping: Any, **options: Any) -> Mapping:
     """Turn a name, a :class:`Mapping` or a callable into a :class:`Mapping`.
 
     Args:
-        mapping: A registered name (``"sum_p"``), a mapping object, or a callable.
+        mapping: A registered name (``"sum_p"``), a mapping object, or a callable
+            ``(B, C, *S) -> (B, *S)``.
         **options: Options for a named mapping (e.g. ``p=4``); not allowed with an object.
 
     Returns:
@@ -322,12 +346,20 @@ def as_mapping(mapping: Any, **options: Any) -> Mapping:
         return wrapped
     raise ConfigurationError(
         f"mapping must be a registered name (see athooks.list_mappings()), an athooks Mapping, "
-        f"or a callable (B, C, H, W) -> (B, H, W); got {type(mapping).__name__}: {mapping!r}"
+        f"or a callable (B, C, *S) -> (B, *S); got {type(mapping).__name__}: {mapping!r}"
     )
+
+
+#: The layouts a mapping accepts, by the number of spatial dimensions, for messages.
+LAYOUTS = "(B, C, T) for a 1-D signal, (B, C, H, W) for an image, (B, C, T, H, W) for a video"
 
 
 def apply_mapping(mapping: Mapping, features: Tensor, where: str) -> Tensor:
     """Apply ``mapping`` to a captured feature map, checking input and output shapes.
+
+    A feature map is ``(B, C, *S)`` with one to three spatial dimensions ``S``: ``(B, C, T)``
+    (a 1-D signal, or a token sequence turned channels-first by a transform), ``(B, C, H, W)``
+    (an image), ``(B, C, T, H, W)`` (a video). An attention map is ``(B, *S)``.
 
     Args:
         mapping: The mapping.
@@ -335,23 +367,41 @@ def apply_mapping(mapping: Mapping, features: Tensor, where: str) -> Tensor:
         where: A description of the layer for error messages.
 
     Returns:
-        The ``(B, H, W)`` attention map.
+        The ``(B, *S)`` attention map.
 
     Raises:
-        CaptureError: If the feature map is not 4-D or the mapping returns a wrong shape/dtype.
+        CaptureError: If the feature map has fewer than 3 or more than 5 dimensions, or the
+            mapping returns a wrong shape/dtype.
+
+    Example:
+        ```python
+        import torch
+        import athooks
+        from athooks.mappings import apply_mapping
+
+        sum_p = athooks.mapping("sum_p")
+        video = torch.randn(2, 8, 4, 6, 6)  # (B, C, T, H, W)
+        assert apply_mapping(sum_p, video, "layer 'x'").shape == (2, 4, 6, 6)
+        ```
     """
-    if features.dim() != 4:
+    if not 3 <= features.dim() <= 5:
+        kind = (
+            "a vector per sample, with no spatial dimension left (a pooled or linear output)"
+            if features.dim() == 2
+            else f"a {features.dim()}-D tensor"
+        )
         raise CaptureError(
-            f"{where} produced a tensor of shape {tuple(features.shape)}; attention mappings "
-            "need a feature map (B, C, H, W). Tap a convolutional layer, or give the layer a "
-            "transform, e.g. athooks.Layer(name, transform=lambda t: ...) that returns (B, C, H, W)"
+            f"{where} produced a tensor of shape {tuple(features.shape)}, {kind}; attention "
+            f"mappings need a feature map (B, C, *S) with 1 to 3 spatial dimensions: {LAYOUTS}. "
+            "Tap a layer before the pooling, or give the layer a transform, e.g. "
+            "athooks.Layer(name, transform=lambda t: ...) that returns one of these layouts"
         )
     out = mapping(features)
     if not mapping.is_attention_map:
         kept: Tensor = out
         return kept
-    b, _, h, w = features.shape
-    if not isinstance(out, Tensor) or tuple(out.shape) != (b, h, w) or not out.is_floating_point():
+    expected = (features.shape[0], *features.shape[2:])
+    if not isinstance(out, Tensor) or tuple(out.shape) != expected or not out.is_floating_point():
         got = (
             f"{out.dtype} tensor of shape {tuple(out.shape)}"
             if isinstance(out, Tensor)
@@ -360,7 +410,8 @@ def apply_mapping(mapping: Mapping, features: Tensor, where: str) -> Tensor:
         source = f" (from {mapping.provider})" if mapping.provider else ""
         raise CaptureError(
             f"mapping {getattr(mapping, 'name', mapping)!r}{source} returned a {got} for "
-            f"{where}; a mapping must return a floating tensor of shape (B, H, W) = {(b, h, w)}"
+            f"{where}; a mapping must return a floating tensor of shape (B, *S) = "
+            f"{tuple(expected)} for a feature map (B, C, *S) of shape {tuple(features.shape)}"
         )
     return out
 
@@ -369,7 +420,8 @@ def mapping(name: str, **options: Any) -> Mapping:
     """A configured attention mapping, by registry name.
 
     The result is an :class:`athooks.plugin.Mapping` (an ``nn.Module``) that turns a
-    ``(B, C, H, W)`` tensor into a ``(B, H, W)`` attention map.
+    ``(B, C, *S)`` tensor into a ``(B, *S)`` attention map (``S``: one to three spatial
+    dimensions).
 
     Args:
         name: A registered mapping name (``athooks.list_mappings()``).
@@ -401,7 +453,7 @@ def mapping(name: str, **options: Any) -> Mapping:
         raise PluginError(
             f"mapping {name!r} from {provider} built a {type(made).__name__}, which is not "
             "callable; a mapping factory must return an athooks.plugin.Mapping or a "
-            "callable (B, C, H, W) -> (B, H, W)"
+            "callable (B, C, *S) -> (B, *S)"
         )
     obj.name = name
     obj.provider = provider

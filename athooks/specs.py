@@ -16,7 +16,9 @@ class MappingSpec:
     Args:
         name: The registry name users pick it by (``athooks.mapping(name, **options)``).
         factory: Called with the user's options; returns an :class:`athooks.plugin.Mapping`
-            (or any callable ``(B, C, H, W) -> (B, H, W)``, which athooks wraps).
+            (or any callable ``(B, C, *S) -> (B, *S)``, which athooks wraps); it is given
+            feature maps of every layout the tapped layers produce, ``S`` being one to three
+            spatial dimensions (1-D signal, image, video).
         summary: One line shown by ``athooks list``.
 
     Example:

@@ -57,7 +57,74 @@ __all__ = [
     "check_finite",
     "is_replica",
     "select_tensor",
+    "token_layout",
 ]
+
+#: Modules whose output puts the features last, ``(B, N, C)``: the last of them in a tapped
+#: module tells a token sequence from a 1-D feature map ``(B, C, T)``.
+_FEATURES_LAST = (nn.Linear, nn.LayerNorm, nn.RNNBase, nn.MultiheadAttention)
+#: Modules whose output puts the channels second, ``(B, C, T)``.
+_CHANNELS_FIRST = (nn.Conv1d, nn.ConvTranspose1d, nn.BatchNorm1d, nn.InstanceNorm1d, nn.GroupNorm)
+
+
+def _features_last_width(module: nn.Module) -> int | None:
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    if isinstance(module, nn.LayerNorm):
+        shape = module.normalized_shape
+        return int(shape[0]) if len(shape) == 1 else None
+    if isinstance(module, nn.RNNBase):
+        width = module.proj_size or module.hidden_size
+        return int(width) * (2 if module.bidirectional else 1)
+    if isinstance(module, nn.MultiheadAttention):
+        return int(module.embed_dim)
+    return None
+
+
+def token_layout(module: nn.Module, features: Tensor) -> str | None:
+    """Why a 3-D output of ``module`` is a token sequence ``(B, N, C)``, not ``(B, C, T)``.
+
+    A 3-D tensor is read as a 1-D feature map ``(B, C, T)``; a transformer block, a linear
+    layer or an RNN returns ``(B, N, C)`` instead, and its "attention map" would then run over
+    the channels. The last module of ``module`` (itself included) that fixes the layout decides:
+    a ``Linear``, ``LayerNorm``, RNN or ``MultiheadAttention`` whose width is the last dimension
+    (and not the second) means tokens; a ``Conv1d`` or a 1-D norm means channels first.
+
+    Args:
+        module: The module that produced the tensor.
+        features: Its selected output.
+
+    Returns:
+        A reason (naming the module that decided), or ``None`` when the tensor is not 3-D or
+        nothing says it is a token sequence.
+
+    Example:
+        ```python
+        import torch
+        from athooks.taps import token_layout
+
+        block = torch.nn.TransformerEncoderLayer(32, 4, 64, batch_first=True)
+        print(token_layout(block, block(torch.randn(2, 10, 32))))
+        conv = torch.nn.Conv1d(3, 32, 3)
+        assert token_layout(conv, conv(torch.randn(2, 3, 10))) is None
+        ```
+    """
+    if features.dim() != 3 or features.shape[1] == features.shape[2]:
+        return None
+    last: tuple[str, nn.Module] | None = None
+    for name, sub in module.named_modules():
+        if isinstance(sub, _FEATURES_LAST + _CHANNELS_FIRST):
+            last = (name, sub)
+    if last is None or isinstance(last[1], _CHANNELS_FIRST):
+        return None
+    name, sub = last
+    width = _features_last_width(sub)
+    if width != features.shape[2]:
+        return None
+    kind = type(sub).__name__
+    if name:
+        return f"its {kind} {name!r} puts {width} features in the last dimension"
+    return f"a {kind} puts its {width} features in the last dimension"
 
 
 def apply_layer(
@@ -264,6 +331,7 @@ class Tap:
         self.copy = self.student and copy == "always"
         self.probing = self.student and copy == "auto"
         self.warned_no_grad = False
+        self.layout_checked = layer.transform is not None  # a transform says what it returns
 
     def capture(self, output: Any, previous: Capture | None = None) -> Capture:
         """Compute the maps of one call of the module (the last call of a step wins).
@@ -282,6 +350,8 @@ class Tap:
                 raw, values = apply_layer(self.layer, output, self.mappings, self.where, copy=copy)
         else:
             raw, values = apply_layer(self.layer, output, self.mappings, self.where, copy=copy)
+        if not self.layout_checked:
+            self.check_layout(raw)
         if not self.student:
             for mapping, value in values.items():
                 value = value.detach()
@@ -296,6 +366,27 @@ class Tap:
             calls=previous.calls + 1 if previous is not None else 1,
             grad_enabled=grad,
         )
+
+    def check_layout(self, features: Tensor) -> None:
+        """Refuse a token sequence ``(B, N, C)`` read as a 1-D feature map (once per tap).
+
+        Args:
+            features: The selected output, given to the mappings as it is (no transform).
+
+        Raises:
+            CaptureError: If :func:`token_layout` finds it is a token sequence.
+        """
+        why = token_layout(self.module, features)
+        if why is not None:
+            raise CaptureError(
+                f"{self.where} produced a tensor of shape {tuple(features.shape)}, which looks "
+                f"like a sequence of tokens (B, N, C) ({why}), not a 1-D feature map (B, C, T): "
+                "its attention map would run over the channels. Give the layer a transform that "
+                "puts the channels second, e.g. athooks.Layer(name, transform=lambda t: "
+                "t.transpose(1, 2)), or athooks.discovery.TokensToMap(prefix, grid) for tokens "
+                "of a patch grid; if it really is (B, C, T), say so with transform=lambda t: t"
+            )
+        self.layout_checked = True
 
     def _pack(self, tensor: Tensor) -> tuple[Tensor, int]:
         return tensor, tensor._version

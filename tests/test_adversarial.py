@@ -2301,3 +2301,122 @@ def test_the_first_call_probe_keeps_a_list_of_images_whole_images():
         d.loss()
     for model in (teacher, student):
         assert all(shape == (3, 16, 16) for call in model.seen for shape in call), model.seen
+
+
+# ====================================================================== N-d maps (issue 15)
+
+
+class Net1d(nn.Module):
+    """A 1-D CNN (B, C, T) whose BatchNorm outputs are overwritten by in-place ReLUs."""
+
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv1d(2, width, 3, padding=1), nn.BatchNorm1d(width)
+        self.conv2, self.bn2 = nn.Conv1d(width, 2 * width, 3, 2, 1), nn.BatchNorm1d(2 * width)
+        self.relu = nn.ReLU(inplace=True)
+        self.fc = nn.Linear(2 * width, 4)
+
+    def forward(self, x):
+        h = self.relu(self.bn1(self.conv1(x)))
+        h = self.relu(self.bn2(self.conv2(h)))
+        return self.fc(h.mean(-1))
+
+
+class Net3d(nn.Module):
+    """A small video CNN (B, C, T, H, W)."""
+
+    def __init__(self, width: int = 4) -> None:
+        super().__init__()
+        self.s1 = nn.Sequential(nn.Conv3d(3, width, 3, 1, 1), nn.BatchNorm3d(width), nn.ReLU())
+        self.s2 = nn.Sequential(
+            nn.Conv3d(width, 2 * width, 3, (1, 2, 2), 1), nn.BatchNorm3d(2 * width), nn.ReLU()
+        )
+        self.fc = nn.Linear(2 * width, 4)
+
+    def forward(self, x):
+        return self.fc(self.s2(self.s1(x)).mean((2, 3, 4)))
+
+
+SIGNAL = torch.randn(4, 2, 16, generator=torch.Generator().manual_seed(4))
+CLIP = torch.randn(2, 3, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+
+
+def test_1d_maps_of_outputs_overwritten_in_place_give_the_reference():
+    """bn1/bn2 outputs are overwritten by ReLU(inplace=True): the maps and their gradients are
+    those of the values as produced, over two steps (probing, then copying)."""
+    torch.manual_seed(0)
+    teacher, student = Net1d(16), Net1d(8)
+    pairs = [("bn1", "bn1"), ("bn2", "bn2")]
+    before = snapshot(teacher, student)
+    with Distiller(teacher, student, layers="bn?") as d:
+        for x in (SIGNAL, SIGNAL.flip(0)):
+            tc, sc = plain_copy(teacher, student)
+            want = ref_step(tc, sc, pairs, (x,))
+            student(x)
+            got = d.loss()
+            assert_value(got, want.value)
+            assert_grads(grads_of(got, student), want.grads())
+    assert_unchanged(before, teacher, student, buffers_of=[0])
+
+
+def test_video_maps_give_the_reference_and_leave_nothing_changed():
+    torch.manual_seed(1)
+    teacher, student = Net3d(8), Net3d(4)
+    pairs = [("s1", "s1"), ("s2", "s2")]
+    before = snapshot(teacher, student)
+    tc, sc = plain_copy(teacher, student)
+    want = ref_step(tc, sc, pairs, (CLIP,))
+    with Distiller(teacher, student, layers="s?") as d:
+        student(CLIP)
+        got = d.loss()
+        assert_value(got, want.value)
+        assert_grads(grads_of(got, student), want.grads())
+    assert_unchanged(before, teacher, student, buffers_of=[0])
+
+
+def test_an_image_map_paired_with_a_video_map_is_refused_not_resized():
+    """(B, T, H, W) against (B, H, W): no resize can make them comparable, so no value."""
+    teacher = Net3d(4)
+    student = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())
+    before = snapshot(teacher, student)
+    with Distiller(
+        teacher,
+        student,
+        layers=[("s1", "1")],
+        teacher_input=lambda x: x[:, :, None].expand(-1, -1, 3, -1, -1),
+    ) as d:
+        student(CLIP[:, :, 0])
+        with pytest.raises(CaptureError, match=r"different layouts.*\(3, 8, 8\).*\(8, 8\)"):
+            d.loss()
+    assert_unchanged(before, teacher, student)
+
+
+@pytest.mark.parametrize("shape", [(4, 16), (2, 2, 2, 2, 2, 2)])
+def test_outputs_without_a_1_to_3_d_layout_are_refused_with_the_fix(shape):
+    class Reshape(nn.Module):
+        def forward(self, x):
+            return x.reshape(shape)
+
+    def net():
+        return nn.Sequential(nn.Flatten(), nn.Linear(48, 64 // shape[0]), Reshape())
+
+    teacher, student = net(), net()
+    before = snapshot(teacher, student)
+    d = Distiller(teacher, student, layers="2")
+    with d, pytest.raises(CaptureError, match=r"\(B, C, T, H, W\) for a video.*transform"):
+        student(torch.randn(shape[0], 3, 4, 4))
+    assert_unchanged(before, teacher, student)
+    assert not d.attached
+
+
+def test_vit_tokens_named_without_a_transform_are_refused_not_read_as_1d():
+    """A ViT block's (B, N, C) would pass as (B, C, T), with a map over channels: refused."""
+    teacher = timm.create_model("vit_tiny_patch16_224", img_size=32, num_classes=4)
+    student = timm.create_model("vit_tiny_patch16_224", img_size=32, num_classes=4)
+    before = snapshot(teacher, student)
+    with (
+        Distiller(teacher, student, layers="blocks.11"),
+        pytest.raises(CaptureError, match=r"\(2, 5, 192\).*tokens \(B, N, C\).*fc2"),
+    ):
+        student(torch.randn(2, 3, 32, 32))
+    assert_unchanged(before, teacher, student)

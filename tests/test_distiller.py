@@ -615,7 +615,7 @@ def test_token_outputs_need_a_transform():
     tokens = torch.randn(2, 16, 8)
     with (
         Distiller(mha_t, mha_s, layers="self_attn"),
-        pytest.raises(CaptureError, match=r"shape \(2, 16, 8\).*\(B, C, H, W\).*transform"),
+        pytest.raises(CaptureError, match=r"shape \(2, 16, 8\).*tokens \(B, N, C\).*transform"),
     ):
         mha_s(tokens)
     grid = Layer("linear2", transform=lambda t: t.transpose(1, 2).reshape(2, 8, 4, 4))

@@ -717,6 +717,24 @@ def _state_dict_before_auto():
         student(X)
 
 
+def _tokens_read_as_1d():
+    def net():
+        return nn.Sequential(nn.Linear(4, 6))
+
+    teacher, student = net(), net()
+    with Distiller(teacher, student, layers="0"):
+        student(torch.randn(2, 5, 4))  # (B, N, C) tokens out of a Linear
+
+
+def _layouts_differ():
+    teacher = nn.Sequential(nn.Conv3d(3, 4, 3, padding=1))
+    student = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1))
+    video = lambda x: x[:, :, None].expand(-1, -1, 2, -1, -1)  # noqa: E731
+    with Distiller(teacher, student, layers="0", teacher_input=video) as d:
+        student(X)
+        d.loss()
+
+
 @dataclass
 class Trigger:
     id: str
@@ -825,6 +843,13 @@ TRIGGERS = [
     t("mapping_type", CE, lambda: athooks.loss("at", mapping=3)),
     t("feature_map_not_4d", CP, step(layers="head")),
     t("mapping_wrong_shape", CP, step(losses=athooks.loss("at", mapping=lambda f: f.mean((1, 2))))),
+    t("tokens_read_as_1d", CP, _tokens_read_as_1d),
+    t("layouts_differ", CP, _layouts_differ),
+    t(
+        "resize_map_size",
+        CE,
+        lambda: __import__("athooks.losses.base").losses.base.resize_map(torch.rand(2, 4, 4), (2,)),
+    ),
     # losses
     t("at_distance", CE, lambda: athooks.loss("at", distance="l1")),
     t("at_beta", CE, lambda: athooks.loss("at", beta="big")),

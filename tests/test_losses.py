@@ -428,3 +428,249 @@ def test_check_real_refuses(value, kwargs, match):
 
     with pytest.raises(ConfigurationError, match=match):
         check_real(value, owner="o", option="x", **kwargs)
+
+
+# ------------------------------------------------------------------ N-d maps: 1-D signals, video
+
+
+def paper_at_terms(t_feats, s_feats, p=2.0):
+    """Q = sum_c |A_c|^p, q = Q / ||Q||_2 over all spatial cells, per sample (float64, by hand).
+
+    Returns the per-pair "code" term (mean over batch and cells of (q_S - q_T)^2) and the
+    "paper" term (batch mean of ||q_S - q_T||_2).
+    """
+    t, s = t_feats.double(), s_feats.double()
+    q_t = t.abs().pow(p).sum(1).reshape(t.shape[0], -1)
+    q_s = s.abs().pow(p).sum(1).reshape(s.shape[0], -1)
+    q_t = q_t / q_t.pow(2).sum(1, keepdim=True).sqrt()
+    q_s = q_s / q_s.pow(2).sum(1, keepdim=True).sqrt()
+    diff = q_s - q_t
+    return diff.pow(2).sum() / diff.numel(), diff.pow(2).sum(1).sqrt().mean()
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 11), (2, 4, 3, 5, 6)], ids=["1d", "3d"])
+@pytest.mark.parametrize("distance", ["code", "paper"])
+@pytest.mark.parametrize("p", [2.0, 3.0])
+def test_at_on_1d_and_3d_maps_against_the_paper(shape, distance, p):
+    g = torch.Generator().manual_seed(7)
+    a_t = torch.randn(*shape, generator=g, dtype=torch.float64)
+    a_s = torch.randn(shape[0], shape[1] + 2, *shape[2:], generator=g, dtype=torch.float64)
+    a_s.requires_grad_()
+    at = athooks.loss("at", beta=3.0, distance=distance, p=p)
+    ours = at.pair_loss(at.mapping(a_t), at.mapping(a_s))
+    assert at.mapping(a_s).shape == (shape[0], *shape[2:])
+    (grad,) = torch.autograd.grad(ours, a_s)
+    ref_s = a_s.detach().clone().requires_grad_()
+    code, paper = paper_at_terms(a_t, ref_s, p)
+    ref = code if distance == "code" else paper
+    (ref_grad,) = torch.autograd.grad(ref, ref_s)
+    torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-9, atol=1e-14)
+
+
+def _up_linear_by_hand(x, size):
+    """1-D linear interpolation with align_corners=False along the last axis, by hand."""
+    n = x.shape[-1]
+    out = []
+    for i in range(size):
+        src = min(max((i + 0.5) * n / size - 0.5, 0.0), n - 1)
+        lo = int(np.floor(src))
+        hi = min(lo + 1, n - 1)
+        w = src - lo
+        out.append((1 - w) * x[..., lo] + w * x[..., hi])
+    return torch.stack(out, -1)
+
+
+def test_resize_map_on_1d_and_3d_maps():
+    from athooks.losses.base import resize_map
+
+    signal = torch.tensor([[1.0, 3.0, 5.0, 7.0, 2.0, 0.0]])
+    # shrinking: the mean of the cells each output cell covers (area), mass kept per region
+    assert resize_map(signal, (3,)).tolist() == [[2.0, 6.0, 1.0]]
+    assert resize_map(signal, (2,)).tolist() == [[3.0, 3.0]]
+    torch.testing.assert_close(
+        resize_map(signal, (4,)), F.interpolate(signal[:, None], size=4, mode="area")[:, 0]
+    )
+    # growing: linear, align_corners=False
+    up = resize_map(torch.tensor([[0.0, 1.0]]), (4,))
+    torch.testing.assert_close(up, torch.tensor([[0.0, 0.25, 0.75, 1.0]]))
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(2, 5, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(resize_map(x, (13,)), _up_linear_by_hand(x, 13))
+
+    video = torch.rand(2, 4, 8, 6, generator=g, dtype=torch.float64)  # (B, T, H, W)
+    small = resize_map(video, (2, 4, 3))
+    blocks = video.reshape(2, 2, 2, 4, 2, 3, 2).mean((2, 4, 6))
+    torch.testing.assert_close(small, blocks)
+    torch.testing.assert_close(small.sum((1, 2, 3)) * 8, video.sum((1, 2, 3)))  # mass kept
+    # one axis grows (T 4 -> 8), the others shrink: trilinear for all
+    mixed = resize_map(video, (8, 4, 3))
+    ref = F.interpolate(video[:, None], size=(8, 4, 3), mode="trilinear", align_corners=False)
+    torch.testing.assert_close(mixed, ref[:, 0])
+    # trilinear is separable: linear along each axis in turn, by hand
+    grown = resize_map(video, (7, 9, 11))
+    by_hand = _up_linear_by_hand(video, 11)
+    by_hand = _up_linear_by_hand(by_hand.transpose(-1, -2), 9).transpose(-1, -2)
+    by_hand = _up_linear_by_hand(by_hand.permute(0, 2, 3, 1), 7).permute(0, 3, 1, 2)
+    torch.testing.assert_close(grown, by_hand)
+    with pytest.raises(ConfigurationError, match=r"one size per spatial dimension"):
+        resize_map(video, (4, 4))
+
+
+def test_resize_map_2d_is_unchanged():
+    """The 2-D path is the same F.interpolate calls as before N-d maps, bit for bit."""
+    from athooks.losses.base import resize_map
+
+    g = torch.Generator().manual_seed(11)
+    m = torch.rand(3, 7, 9, generator=g)
+    for size in ((3, 4), (7, 9), (7, 4), (14, 9), (5, 18), (10, 3)):
+        if size[0] <= 7 and size[1] <= 9:
+            ref = F.interpolate(m[:, None], size=size, mode="area")[:, 0]
+        else:
+            ref = F.interpolate(m[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+        assert torch.equal(resize_map(m, size), ref)
+
+
+class Signal1d(nn.Module):
+    """A 1-D CNN on (B, C, T): a stem, three stages (strides 1, 2, 2), pooling, a classifier."""
+
+    def __init__(self, width: int, classes: int = 4, blocks: int = 1) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv1d(2, width, 5, padding=2), nn.ReLU())
+
+        def stage(c_in, c_out, stride):
+            layers = []
+            for i in range(blocks):
+                layers += [
+                    nn.Conv1d(c_in if i == 0 else c_out, c_out, 3, stride if i == 0 else 1, 1),
+                    nn.BatchNorm1d(c_out),
+                    nn.ReLU(),
+                ]
+            return nn.Sequential(*layers)
+
+        self.layer1 = stage(width, width, 1)
+        self.layer2 = stage(width, 2 * width, 2)
+        self.layer3 = stage(2 * width, 4 * width, 2)
+        self.fc = nn.Linear(4 * width, classes)
+
+    def forward(self, x):
+        h = self.layer3(self.layer2(self.layer1(self.stem(x))))
+        return self.fc(h.mean(-1))
+
+
+def _stage_outputs(model, names, run):
+    """Run ``run()`` with plain forward hooks of the test's own on ``names``: their outputs."""
+    got = {}
+    handles = [
+        model.get_submodule(n).register_forward_hook(
+            lambda m, a, out, n=n: got.__setitem__(n, out.detach().clone())
+        )
+        for n in names
+    ]
+    try:
+        run()
+    finally:
+        for h in handles:
+            h.remove()
+    return [got[n] for n in names]
+
+
+def test_distiller_on_a_1d_conv_pair():
+    torch.manual_seed(0)
+    teacher, student = Signal1d(16, blocks=2), Signal1d(8)
+    x = torch.randn(4, 2, 32)
+    names = ["layer1", "layer2", "layer3"]
+    t_ref = _stage_outputs(teacher, names, lambda: teacher.eval()(x))
+    s_state = copy.deepcopy(student.state_dict())
+    s_ref = _stage_outputs(student, names, lambda: copy.deepcopy(student)(x))
+    student.load_state_dict(s_state)  # the copy's BatchNorm statistics were not ours
+    teacher.train()
+    with Distiller(teacher, student, layers="layer?") as d:
+        out = student(x)
+        loss = d.loss()
+        (F.cross_entropy(out, torch.tensor([0, 1, 2, 3])) + loss).backward()
+    ref = sum(paper_at_terms(t, s)[0] for t, s in zip(t_ref, s_ref, strict=True)) * 1e3
+    assert torch.isfinite(loss)
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-4, atol=1e-7)
+    assert d.pairs == [("layer1", "layer1"), ("layer2", "layer2"), ("layer3", "layer3")]
+    for name, p in student.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert student.stem[0].weight.grad.abs().sum() > 0
+
+
+def test_distiller_on_a_1d_pair_of_different_lengths_resizes_over_time():
+    torch.manual_seed(1)
+    teacher, student = Signal1d(16), Signal1d(8)
+    x = torch.randn(3, 2, 32)
+    t_out = _stage_outputs(teacher, ["layer2"], lambda: teacher.eval()(x))[0]  # T = 16
+    s_out = _stage_outputs(student, ["layer3"], lambda: copy.deepcopy(student).eval()(x))[0]
+    student.eval()
+    with Distiller(teacher, student, layers={"layer2": "layer3"}) as d:
+        student(x)
+        loss = d.loss()
+    # the teacher's map of 16 cells averaged down to the student's 8: pairs of cells
+    q_t = t_out.double().pow(2).sum(1)
+    q_t = q_t.reshape(3, 8, 2).mean(-1)
+    q_s = s_out.double().pow(2).sum(1)
+    q_t, q_s = F.normalize(q_t, dim=1), F.normalize(q_s, dim=1)
+    torch.testing.assert_close(loss.double(), 1e3 * (q_s - q_t).pow(2).mean(), rtol=1e-4, atol=0)
+
+
+def test_distiller_on_torchvision_video_r3d_to_mc3():
+    """Video (B, C, T, H, W): the maps are (B, T, H, W); teacher maps of another T are resized."""
+    from torchvision.models.video import mc3_18, r3d_18
+
+    torch.manual_seed(0)
+    teacher, student = r3d_18(weights=None, num_classes=5), mc3_18(weights=None, num_classes=5)
+    x = torch.randn(2, 3, 4, 32, 32)
+    names = ["layer1", "layer2", "layer3", "layer4"]
+    t_ref = _stage_outputs(teacher, names, lambda: teacher.eval()(x))
+    s_ref = _stage_outputs(student, names, lambda: copy.deepcopy(student).eval()(x))
+    student.eval()  # the reference ran in eval mode too
+    with Distiller(teacher, student, layers=names) as d:
+        out = student(x)
+        loss = d.loss()
+    (out.sum() * 0 + loss).backward()
+    assert d.pairs == [(n, n) for n in names]
+    assert torch.isfinite(loss)
+    # r3d halves T at layer2..4 (4, 2, 1, 1 frames), mc3 keeps 4: the teacher's maps are
+    # interpolated along T (trilinear, align_corners=False), by hand: 2 -> 4 frames is
+    # (t0, .75 t0 + .25 t1, .25 t0 + .75 t1, t1); 1 -> 4 repeats the frame
+    terms = []
+    for t, s in zip(t_ref, s_ref, strict=True):
+        q_t, q_s = t.double().pow(2).sum(1), s.double().pow(2).sum(1)
+        assert q_s.shape[1] == 4
+        if q_t.shape[1] == 2:
+            a, b = q_t[:, 0], q_t[:, 1]
+            q_t = torch.stack([a, 0.75 * a + 0.25 * b, 0.25 * a + 0.75 * b, b], 1)
+        elif q_t.shape[1] == 1:
+            q_t = q_t.expand(-1, 4, -1, -1)
+        assert q_t.shape == q_s.shape
+        q_t, q_s = F.normalize(q_t.flatten(1), dim=1), F.normalize(q_s.flatten(1), dim=1)
+        terms.append((q_s - q_t).pow(2).mean())
+    torch.testing.assert_close(loss.double(), 1e3 * sum(terms), rtol=1e-4, atol=1e-8)
+    assert student.stem[0].weight.grad is not None
+    assert student.stem[0].weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_other_built_in_losses_on_1d_maps():
+    """fact compares whole (B, C, T) maps; kd and the gradient losses do not read maps."""
+    torch.manual_seed(2)
+    teacher, student = Signal1d(8), Signal1d(8)
+    x, y = torch.randn(3, 2, 16), torch.tensor([0, 1, 2])
+    losses = [
+        athooks.loss("fact"),
+        athooks.loss("kd"),
+        athooks.loss("grad_at"),
+        athooks.loss("symmetry"),
+        athooks.loss("input_grad_l2"),
+    ]
+    with Distiller(teacher, student, layers="layer?", losses=losses) as d:
+        student(x)
+        total = d.loss(target=y)
+        terms = dict(d.terms)
+    total.backward()
+    assert set(terms) == {"fact", "kd", "grad_at", "symmetry", "input_grad_l2"}
+    assert all(torch.isfinite(v) for v in terms.values())
+    assert student.stem[0].weight.grad.abs().sum() > 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -127,15 +129,86 @@ def test_repr_names_the_configuration():
     assert repr(athooks.mapping("max_p")) == "max_p(p=2)"
 
 
-def test_apply_mapping_rejects_non_4d_and_wrong_output():
-    with pytest.raises(CaptureError, match=r"shape \(2, 5, 8\).*transform"):
-        apply_mapping(athooks.mapping("sum_p"), torch.randn(2, 5, 8), "student layer 'x'")
+def test_apply_mapping_rejects_what_is_not_b_c_s_and_wrong_output():
+    sum_p = athooks.mapping("sum_p")
+    # (B, C) and (B, C, *S) with more than 3 spatial dimensions: no layout to read
+    for shape in ((2, 5), (2, 5, 1, 2, 3, 4), (7,)):
+        with pytest.raises(CaptureError, match=r"1 to 3 spatial dimensions.*transform") as info:
+            apply_mapping(sum_p, torch.randn(*shape), "student layer 'x'")
+        assert f"shape {shape}" in str(info.value)
+        assert "(B, C, T, H, W) for a video" in str(info.value)
+    with pytest.raises(CaptureError, match="pooled"):
+        apply_mapping(sum_p, torch.randn(2, 5), "student layer 'x'")
     bad = athooks.mappings.FunctionMapping(lambda f: f.sum((1, 2)), name="bad")
-    with pytest.raises(CaptureError, match=r"mapping 'bad' returned .*\(B, H, W\) = \(2, 3, 4\)"):
+    with pytest.raises(CaptureError, match=r"mapping 'bad' returned .*\(B, \*S\) = \(2, 3, 4\)"):
         apply_mapping(bad, torch.randn(2, 5, 3, 4), "student layer 'x'")
+    with pytest.raises(CaptureError, match=r"\(B, \*S\) = \(2, 6, 3, 4\)"):
+        apply_mapping(bad, torch.randn(2, 5, 6, 3, 4), "student layer 'x'")
     as_int = athooks.mappings.FunctionMapping(lambda f: f.sum(1).long(), name="ints")
     with pytest.raises(CaptureError, match="floating"):
         apply_mapping(as_int, torch.randn(2, 5, 3, 4), "student layer 'x'")
+
+
+# ---------------------------------------------------------------- N-d maps (B, C, *S) -> (B, *S)
+
+
+def _by_hand(a: np.ndarray, name: str, p: float) -> np.ndarray:
+    """The paper's F over channels, one spatial cell at a time, in float64 NumPy."""
+    b, c = a.shape[:2]
+    out = np.zeros((b, *a.shape[2:]))
+    for i in range(b):
+        for cell in np.ndindex(*a.shape[2:]):
+            column = [abs(a[(i, k, *cell)]) for k in range(c)]
+            if name == "sum":
+                out[(i, *cell)] = sum(column)
+            elif name == "sum_p":
+                out[(i, *cell)] = sum(v**p for v in column)
+            else:
+                out[(i, *cell)] = max(column) ** p
+    return out
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 7), (2, 3, 5, 4), (2, 3, 3, 4, 5)])
+@pytest.mark.parametrize("name,p", [("sum", 1.0), ("sum_p", 2.0), ("sum_p", 3.0), ("max_p", 4.0)])
+def test_built_in_mappings_on_every_layout(shape, name, p):
+    g = torch.Generator().manual_seed(len(shape))
+    a = torch.randn(*shape, generator=g, dtype=torch.float64)
+    m = athooks.mapping(name) if name == "sum" else athooks.mapping(name, p=p)
+    out = apply_mapping(m, a, "layer 'x'")
+    assert out.shape == (shape[0], *shape[2:])
+    np.testing.assert_allclose(out.numpy(), _by_hand(a.numpy(), name, p), rtol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 6), (2, 3, 3, 4, 4)])
+@pytest.mark.parametrize("p", [1.0, 2.0, 3.0])
+def test_abs_pow_sum_gradient_on_1d_and_3d(shape, p):
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: abs_pow_sum(t, p), (a,))
+
+
+def test_token_sequence_read_as_1d_map_is_refused():
+    """(B, N, C) out of a transformer block would give a map over channels: an error says so."""
+    block = torch.nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, dropout=0.0)
+    teacher = torch.nn.Sequential(torch.nn.Linear(8, 16), block)
+    student = torch.nn.Sequential(torch.nn.Linear(8, 16), copy.deepcopy(block))
+    x = torch.randn(2, 10, 8)
+    with (
+        athooks.Distiller(teacher, student, layers="1"),
+        pytest.raises(CaptureError, match=r"tokens \(B, N, C\).*norm2.*transpose"),
+    ):
+        student(x)
+    # the transform says what the tensor is: (B, C, N) is a 1-D map over the tokens
+    layer = athooks.Layer("1", transform=lambda t: t.transpose(1, 2))
+    with athooks.Distiller(teacher, student, layers=layer) as d:
+        student(x)
+        assert torch.isfinite(d.loss())
+    # a 1-D convolution's output is (B, C, T) and is not questioned
+    conv = torch.nn.Sequential(torch.nn.Conv1d(3, 8, 3), torch.nn.Linear(4, 4))
+    conv2 = copy.deepcopy(conv)
+    with athooks.Distiller(conv, conv2, layers="0") as d:
+        conv2(torch.randn(2, 3, 6))
+        assert d.loss().item() == pytest.approx(0.0, abs=1e-9)
 
 
 # ---------------------------------------------------------------- properties of maps and loss

@@ -25,15 +25,20 @@ class AT(Loss):
     summed over the layer pairs ``j``:
 
     * ``distance="code"`` (default), the authors' reference code, which produced the published
-      numbers: ``beta * sum_j mean_{batch, H*W} (q_S^j - q_T^j)^2``, with ``beta = 1000``;
+      numbers: ``beta * sum_j mean_{batch, cells} (q_S^j - q_T^j)^2``, with ``beta = 1000``;
     * ``distance="paper"``, Eq. 2 of the paper: ``beta/2 * sum_j mean_batch ||q_S^j - q_T^j||_2``.
 
     The two differ in scale by orders of magnitude: pick ``beta`` for the form you use.
 
+    The maps may be of any layout a mapping gives, ``(B, *S)``: ``(B, H, W)`` for images,
+    ``(B, T)`` for 1-D signals, ``(B, T, H, W)`` for videos; ``q`` is normalised over all the
+    spatial cells of a sample (``H*W``, ``T`` or ``T*H*W`` of them), and maps of one pair that
+    differ in size are resized over every spatial axis first (``Distiller(resize=...)``).
+
     Args:
         beta: The weight: a finite real number ``>= 0`` (``0`` turns the term off).
         mapping: A mapping name (``"sum_p"``, ``"sum"``, ``"max_p"``, or a plugin's), a mapping
-            object, or a callable ``(B, C, H, W) -> (B, H, W)``.
+            object, or a callable ``(B, C, *S) -> (B, *S)``.
         distance: ``"code"`` or ``"paper"``, as above.
         **mapping_options: Options of a mapping given by name, e.g. ``p=4``.
 
@@ -78,7 +83,7 @@ class AT(Loss):
         return scale * total
 
     def pair_loss(self, teacher_map: Tensor, student_map: Tensor) -> Tensor:
-        """The unweighted loss of one pair of ``(B, H, W)`` maps.
+        """The unweighted loss of one pair of ``(B, *S)`` maps (of equal shape).
 
         Args:
             teacher_map: The teacher's attention map.

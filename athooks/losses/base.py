@@ -9,26 +9,35 @@ from typing import Any, Protocol
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
-from athooks.errors import CaptureError, PluginError
+from athooks.errors import CaptureError, ConfigurationError, PluginError
 from athooks.mappings import Mapping
 from athooks.registry import build
 
 __all__ = ["Loss", "Step", "StepRunner", "logits_of", "loss", "resize_map"]
 
 
-def resize_map(amap: Tensor, size: tuple[int, int]) -> Tensor:
-    """Resize attention maps ``(B, H, W)`` to ``size``.
+#: The interpolation of an upsampled map, by the number of its spatial dimensions.
+_LINEAR_MODES = {1: "linear", 2: "bilinear", 3: "trilinear"}
 
-    Shrinking in both directions averages the cells each output cell covers (area
-    interpolation, so the map's mass per region is kept); anything else is bilinear
-    (``align_corners=False``).
+
+def resize_map(amap: Tensor, size: Sequence[int]) -> Tensor:
+    """Resize attention maps ``(B, *S)`` to ``(B, *size)``, over all spatial axes.
+
+    ``S`` is one to three spatial dimensions: ``(B, T)`` for 1-D signals, ``(B, H, W)`` for
+    images, ``(B, T, H, W)`` for videos. Shrinking (or keeping) every axis averages the cells
+    each output cell covers (area interpolation, so the map's mass per region is kept); anything
+    else is linear, bilinear or trilinear interpolation (``align_corners=False``).
 
     Args:
         amap: The maps.
-        size: The target ``(H, W)``.
+        size: The target spatial size, as many numbers as ``amap`` has spatial dimensions.
 
     Returns:
         The resized maps, ``(B, *size)``.
+
+    Raises:
+        ConfigurationError: If ``size`` does not have one number per spatial dimension, or
+            there are not 1 to 3 of them.
 
     Example:
         ```python
@@ -37,14 +46,24 @@ def resize_map(amap: Tensor, size: tuple[int, int]) -> Tensor:
 
         m = torch.arange(16.0).reshape(1, 4, 4)
         assert resize_map(m, (2, 2)).tolist() == [[[2.5, 4.5], [10.5, 12.5]]]
+        signal = torch.tensor([[1.0, 3.0, 5.0, 7.0]])  # (B, T)
+        assert resize_map(signal, (2,)).tolist() == [[2.0, 6.0]]
+        assert resize_map(torch.rand(2, 4, 8, 8), (2, 4, 4)).shape == (2, 2, 4, 4)  # video
         ```
     """
-    h, w = amap.shape[-2:]
+    spatial = tuple(amap.shape[1:])
+    target = tuple(int(n) for n in size)
+    if len(target) != len(spatial) or len(spatial) not in _LINEAR_MODES:
+        raise ConfigurationError(
+            f"resize_map: maps of shape {tuple(amap.shape)} (B, *S) cannot be resized to "
+            f"{target}; give one size per spatial dimension (1 to 3 of them: (T,), (H, W) or "
+            "(T, H, W))"
+        )
     x = amap.unsqueeze(1)
-    if size[0] <= h and size[1] <= w:
-        out = F.interpolate(x, size=size, mode="area")
+    if all(t <= n for t, n in zip(target, spatial, strict=True)):
+        out = F.interpolate(x, size=target, mode="area")
     else:
-        out = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        out = F.interpolate(x, size=target, mode=_LINEAR_MODES[len(spatial)], align_corners=False)
     return out.squeeze(1)
 
 
@@ -167,7 +186,10 @@ class Step:
         self.target = target
 
     def maps(self, mapping: Mapping) -> list[tuple[Tensor, Tensor]]:
-        """The ``(teacher_map, student_map)`` of every pair for ``mapping``, each ``(B, H, W)``.
+        """The ``(teacher_map, student_map)`` of every pair for ``mapping``, each ``(B, *S)``.
+
+        ``S`` is the layer's spatial shape: ``(T,)`` for 1-D signals, ``(H, W)`` for images,
+        ``(T, H, W)`` for videos. Maps of one pair always have the same shape here.
 
         Args:
             mapping: A mapping the calling loss returned from :meth:`Loss.captures`.
@@ -176,10 +198,12 @@ class Step:
             One ``(teacher, student)`` tuple per pair, float32. The teacher map carries no gradient.
 
         Raises:
-            CaptureError: If the two maps of a pair differ in batch size, or in spatial size
-                with ``resize="error"``. Otherwise maps of different spatial size are resized
-                (:func:`resize_map`) before they are returned: the teacher's to the student's
-                size (``resize="student"``, the default) or the other way round.
+            CaptureError: If the two maps of a pair differ in batch size or in their number of
+                spatial dimensions (a video map and an image map), or in spatial size with
+                ``resize="error"``. Otherwise maps of different spatial size are resized over
+                all their spatial axes (:func:`resize_map`) before they are returned: the
+                teacher's to the student's size (``resize="student"``, the default) or the
+                other way round.
         """
         out: list[tuple[Tensor, Tensor]] = []
         for (t_name, s_name), t_vals, s_vals in zip(
@@ -206,11 +230,20 @@ class Step:
                     "resize it. Pair layers for which it gives equal shapes (for channel "
                     "descriptors: layers of equal width)"
                 )
+            if qt.dim() != qs.dim():
+                raise CaptureError(
+                    f"attention maps of pair (teacher {t_name!r}, student {s_name!r}) have "
+                    f"different layouts: teacher {tuple(qt.shape[1:])}, student "
+                    f"{tuple(qs.shape[1:])} ({qt.dim() - 1} and {qs.dim() - 1} spatial "
+                    "dimensions), so one cannot be resized to the other. Pair layers of the same "
+                    "layout (both images, both videos, both 1-D), or give one side an "
+                    "athooks.Layer(name, transform=...) that makes the layouts agree"
+                )
             if qt.shape[1:] != qs.shape[1:]:
                 if self.resize == "student":
-                    qt = resize_map(qt, (qs.shape[1], qs.shape[2]))
+                    qt = resize_map(qt, qs.shape[1:])
                 elif self.resize == "teacher":
-                    qs = resize_map(qs, (qt.shape[1], qt.shape[2]))
+                    qs = resize_map(qs, qt.shape[1:])
                 else:
                     raise CaptureError(
                         f"attention maps of pair (teacher {t_name!r}, student {s_name!r}) differ "

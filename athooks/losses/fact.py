@@ -17,9 +17,10 @@ class FActT(Loss):
     """Match the tapped feature maps themselves: ``beta/2 * sum_j mean_b ||A_S^j - A_T^j||_2^2``.
 
     The squared L2 distance of the whole feature maps, per sample, averaged over the batch and
-    summed over the layer pairs. Unlike attention maps, feature maps keep their channels, so each
-    pair must have exactly the same shape (same width and resolution); attention transfer needs
-    only the spatial sizes to agree because a mapping collapses the channels.
+    summed over the layer pairs; any layout ``(B, C, *S)`` (1-D signals, images, videos). Unlike
+    attention maps, feature maps keep their channels, so each pair must have exactly the same
+    shape (same width and resolution); attention transfer needs only the spatial sizes to agree
+    because a mapping collapses the channels.
 
     Args:
         beta: The weight: a finite real number ``>= 0``.

@@ -8,12 +8,16 @@ averaged over the batch.
 
 * ``grad_at`` (Eq. 3-5): ``beta/2 * mean_b ||J_S - J_T||_2``;
 * ``symmetry`` (Eq. 6): ``beta/2 * mean_b ||J_S(x) - flip(J_S(flip(x)))||_2``, student only,
-  ``flip`` mirroring the last (width) dimension;
+  ``flip`` mirroring the last dimension of the input: the width of an image ``(B, C, H, W)`` or
+  of a video's frames ``(B, C, T, H, W)``, and the time axis of a 1-D signal ``(B, C, T)`` (a
+  time reversal, which is a symmetry of the task only for some signals);
 * ``input_grad_l2`` ("min-l2", Drucker & LeCun 1992): ``beta * mean_b ||J_S||_2^2``.
 
-The student terms need double backpropagation: the Distiller makes the student's tensor input
-require grad before its forward and ``J_S`` is built with ``create_graph=True``. The teacher's
-``J_T`` is computed by a separate teacher forward and backward, without a graph.
+None of them reads attention maps: they work on any input a model takes as one tensor (1-D
+signals and videos included). The student terms need double backpropagation: the Distiller
+makes the student's tensor input require grad before its forward and ``J_S`` is built with
+``create_graph=True``. The teacher's ``J_T`` is computed by a separate teacher forward and
+backward, without a graph.
 """
 
 from __future__ import annotations

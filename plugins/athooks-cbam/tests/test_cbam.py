@@ -82,3 +82,14 @@ def test_se_channel_with_different_widths_is_a_clear_error():
 def test_bad_kernel_size():
     with pytest.raises(athooks.ConfigurationError, match="kernel_size must be odd"):
         athooks.mapping("cbam_spatial", learned=True, kernel_size=4)
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 7), (2, 5, 3, 4, 4)], ids=["1d", "video"])
+def test_cbam_on_1d_and_video_maps(shape):
+    a = torch.randn(*shape)
+    spatial = athooks.mapping("cbam_spatial")(a)
+    torch.testing.assert_close(spatial, (a.abs().mean(1) + a.abs().amax(1)) / 2)
+    squeeze = athooks.mapping("se_channel")(a)
+    torch.testing.assert_close(squeeze, a.reshape(*shape[:2], -1).mean(-1))
+    with pytest.raises(athooks.CaptureError, match=r"learned=True.*\(B, C, H, W\)"):
+        athooks.mapping("cbam_spatial", learned=True)(a)

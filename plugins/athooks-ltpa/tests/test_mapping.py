@@ -191,3 +191,24 @@ def test_athooks_viz_draws_the_heads_own_maps(compatibility, normalise):
     own = head.attention_maps
     for got, want in zip(maps.values(), own.values(), strict=True):
         torch.testing.assert_close(got, want)
+
+
+def test_n_d_feature_maps_are_a_clear_error_for_the_head_and_fine_for_the_fallback():
+    """LTPA heads are 2-D only: a 1-D or video map of a head's layer says so; the fallback
+    mapping of unmarked layers reduces any layout (B, C, *S) -> (B, *S)."""
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 4),
+    )
+    head = athooks_ltpa.attach(net, layers="1", input_size=(3, 8, 8))
+    ltpa = athooks.mapping("ltpa", fallback="sum_p")
+    for shape in ((2, 8, 5), (2, 8, 3, 4, 4)):
+        with pytest.raises(athooks.CaptureError, match=r"image feature maps \(B, C, H, W\) only"):
+            ltpa(head.layers[0].transform(torch.randn(*shape)))
+        plain = torch.randn(*shape)
+        torch.testing.assert_close(ltpa(plain), plain.pow(2).sum(1))
+    with pytest.raises(athooks.ConfigurationError, match=r"input_size must be \(C, H, W\)"):
+        athooks_ltpa.attach(net, layers="1", input_size=(3, 16))

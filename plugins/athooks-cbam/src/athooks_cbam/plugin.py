@@ -5,14 +5,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from athooks import CaptureError
 from athooks.plugin import Mapping, MappingSpec, hookimpl
 
 
 class CBAMSpatial(Mapping):
     """CBAM's spatial attention from the channel-wise mean and max maps.
 
-    ``learned=False``: ``(mean_c |A| + max_c |A|) / 2``. ``learned=True``: CBAM's spatial gate
-    without its batch norm, ``sigmoid(conv_kxk([mean_c A; max_c A]))``.
+    ``learned=False``: ``(mean_c |A| + max_c |A|) / 2``, on any layout ``(B, C, *S)`` (1-D
+    signals, images, videos). ``learned=True``: CBAM's spatial gate without its batch norm,
+    ``sigmoid(conv_kxk([mean_c A; max_c A]))``, a 2-D convolution: images ``(B, C, H, W)`` only.
 
     Args:
         learned: Whether to use the learned gate.
@@ -31,11 +33,17 @@ class CBAMSpatial(Mapping):
         self.gate = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2) if learned else None
 
     def forward(self, features: Tensor) -> Tensor:
-        """The spatial map ``(B, H, W)``."""
+        """The spatial map ``(B, *S)``."""
         a = features.float()
         if self.gate is None:
             mag = a.abs()
             return (mag.mean(dim=1) + mag.amax(dim=1)) / 2
+        if a.dim() != 4:
+            raise CaptureError(
+                f"cbam_spatial(learned=True) convolves 2-D maps, so it needs image feature maps "
+                f"(B, C, H, W); got shape {tuple(features.shape)}. Use learned=False (any "
+                "layout), or tap image layers"
+            )
         stacked = torch.stack([a.mean(dim=1), a.amax(dim=1)], dim=1)
         return torch.sigmoid(self.gate(stacked.to(self.gate.weight.dtype))).squeeze(1)
 
@@ -45,14 +53,18 @@ class CBAMSpatial(Mapping):
 
 
 class SEChannel(Mapping):
-    """SE's squeeze: the per-channel global average, a ``(B, C)`` channel descriptor."""
+    """SE's squeeze: the per-channel global average, a ``(B, C)`` channel descriptor.
+
+    The average runs over every spatial dimension of ``(B, C, *S)``: time for a 1-D signal,
+    height and width for an image, time, height and width for a video.
+    """
 
     name = "se_channel"
     is_attention_map = False  # (B, C), not a spatial map: never resized, shapes must agree
 
     def forward(self, features: Tensor) -> Tensor:
         """Global average per channel."""
-        return features.float().mean(dim=(2, 3))
+        return features.float().mean(dim=tuple(range(2, features.dim())))
 
 
 @hookimpl

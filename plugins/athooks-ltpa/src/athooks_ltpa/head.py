@@ -413,6 +413,13 @@ class LTPAHead(nn.Module):
         Returns:
             ``(B, H, W)``.
         """
+        if features.dim() != 4:
+            raise CaptureError(
+                f"ltpa: the head's local layer {self.local_layers[index].name!r} gave a tensor of "
+                f"shape {tuple(features.shape)}; LTPA heads work on image feature maps "
+                "(B, C, H, W) only (1-D signals and videos are not supported). Give the layer a "
+                "transform that returns (B, C, H, W), or use another mapping (fallback='sum_p')"
+            )
         if self.compatibility == "pc" and self.normalise == "softmax":
             local, _ = self.projected(index, features, None)
             b, _, h, w = local.shape

@@ -2440,3 +2440,20 @@ def test_auto_takes_the_deepest_stage_of_a_dilated_segmentation_backbone():
     assert last.stride == 8, pairing
     picked = (last.name, getattr(last, "select", None))
     assert picked in {("backbone.layer4", None), ("backbone", "out")}, pairing
+
+
+# issue 15 (found writing docs/how-to/detection.md): athooks.viz.attention_maps with one Layer
+# per FPN level returns one entry, keyed by the module name: each level overwrote the one
+# before, and only the last level's map is returned, silently
+@pytest.mark.xfail(
+    strict=True,
+    reason="viz (owned by nd): Layers selecting several keys of one module's dict output "
+    "collide in attention_maps' result",
+)
+def test_attention_maps_of_several_levels_of_one_module_are_all_returned():
+    levels = [Layer("backbone", select="0"), Layer("backbone", select="1")]
+    try:
+        maps = athooks.viz.attention_maps(_Detectorish(4), torch.rand(2, 3, 8, 8), layers=levels)
+    except AthooksError:
+        return  # refusing, with a message, is not a silent wrong value either
+    assert sorted(tuple(m.shape) for m in maps.values()) == [(2, 4, 4), (2, 8, 8)], maps.keys()

@@ -35,12 +35,15 @@ from torch import Tensor, nn
 from athooks.errors import ConfigurationError, LayerResolutionError
 
 __all__ = [
+    "ALL_TENSORS",
     "Layer",
     "ResolvedPair",
+    "layer_label",
     "list_layers",
     "LayerSpec",
     "LayersArg",
     "compile_pattern",
+    "expand_deferred",
     "match_modules",
     "resolve_pairs",
     "unwrap",
@@ -48,6 +51,10 @@ __all__ = [
 
 #: The name prefixes wrappers add: DataParallel and DistributedDataParallel, torch.compile.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+#: ``Layer(name, select=ALL_TENSORS)``: every tensor of a dict, tuple or list output, each its
+#: own pair, found on the first call.
+ALL_TENSORS = "*"
 
 
 @dataclass(frozen=True)
@@ -58,9 +65,16 @@ class Layer:
         pattern: A layer name or pattern (see the module docs for the syntax).
         select: Which tensor to use when the module returns a tuple, list or dict: an index, a
             key, or a callable taking the output and returning a tensor. ``None`` (default) takes
-            the first tensor found, depth first, in order.
+            the first tensor found, depth first, in order. Several tensors of one output, each
+            its own pair: a tuple or list of keys or indices (``select=("0", "1", "2")``, the
+            levels of an FPN), expanded into one pair per key when the layers are resolved; or
+            ``"*"`` (:data:`ALL_TENSORS`), every tensor of a dict, tuple or list output,
+            expanded on the student's first call into one pair per key that both models'
+            outputs have. Both sides of a pair select the same number of tensors; they are
+            paired in order. The pairs are named with their key: ``backbone['0']``.
         transform: A callable applied to the selected tensor before any mapping, for example to
-            turn tokens ``(B, N, C)`` into a feature map ``(B, C, H, W)``.
+            turn tokens ``(B, N, C)`` into a feature map ``(B, C, H, W)``. With several keys it
+            is applied to each of them.
 
     Example:
         ```python
@@ -69,12 +83,14 @@ class Layer:
 
         lstm_out = Layer("encoder", select=0)           # the output sequence of an nn.LSTM
         nhwc = Layer("stages.1", transform=lambda t: t.permute(0, 3, 1, 2))
-        print(lstm_out.pattern, nhwc.pattern)
+        fpn = Layer("backbone", select=("0", "1", "2", "3"))  # four pairs, one per level
+        every = Layer("backbone", select="*")            # every tensor of the output
+        print(lstm_out.pattern, nhwc.pattern, fpn.select, every.multiple)
         ```
     """
 
     pattern: str
-    select: int | str | Callable[[Any], Tensor] | None = None
+    select: int | str | tuple[int | str, ...] | Callable[[Any], Tensor] | None = None
     transform: Callable[[Tensor], Tensor] | None = None
 
     def __post_init__(self) -> None:
@@ -83,6 +99,84 @@ class Layer:
                 f"Layer pattern must be a string, got {type(self.pattern).__name__}: "
                 f"{self.pattern!r}; write e.g. Layer('layer3')"
             )
+        if isinstance(self.select, (tuple, list)):
+            keys = tuple(self.select)
+            if not keys or not all(
+                isinstance(k, (int, str)) and not isinstance(k, bool) and k != ALL_TENSORS
+                for k in keys
+            ):
+                raise ConfigurationError(
+                    f"Layer({self.pattern!r}, select={self.select!r}): several tensors are "
+                    "selected by a non-empty tuple or list of keys or indices, e.g. "
+                    "select=('0', '1', '2'); use select='*' for every tensor of the output"
+                )
+            if len(set(keys)) != len(keys):
+                raise ConfigurationError(
+                    f"Layer({self.pattern!r}, select={self.select!r}) names a key twice, which "
+                    "would count its pair twice in the loss; give each key once"
+                )
+            object.__setattr__(self, "select", keys)  # a list would make the Layer unhashable
+
+    @property
+    def multiple(self) -> bool:
+        """Whether the layer selects several tensors (a tuple of keys, or ``"*"``)."""
+        return isinstance(self.select, tuple) or self.select == ALL_TENSORS
+
+    def expand(self, keys: Sequence[int | str] | None = None) -> list[Layer]:
+        """One layer per selected key: the keys of ``select``, or ``keys`` for ``"*"``.
+
+        Args:
+            keys: The keys ``"*"`` stands for (what the output holds); ignored otherwise.
+
+        Returns:
+            A layer per key, each selecting that key; ``[self]`` for a single selection.
+
+        Example:
+            ```python
+            from athooks import Layer
+
+            levels = Layer("fpn", select=("0", "1")).expand()
+            assert [layer.select for layer in levels] == ["0", "1"]
+            assert [x.select for x in Layer("fpn", select="*").expand(["p3", "p4"])] == [
+                "p3",
+                "p4",
+            ]
+            ```
+        """
+        if isinstance(self.select, tuple):
+            chosen: Sequence[int | str] = self.select
+        elif self.select == ALL_TENSORS and keys is not None:
+            chosen = keys
+        else:
+            return [self]
+        return [Layer(self.pattern, key, self.transform) for key in chosen]
+
+
+def layer_label(name: str, layer: Layer) -> str:
+    """How a tapped module is named in pairs, messages and state dicts: with its key, if any.
+
+    Args:
+        name: The module's name.
+        layer: The layer spec it is read with.
+
+    Returns:
+        ``name`` for the module's (first) tensor or a callable selection, ``name[key]`` for one
+        key or index of its output.
+
+    Example:
+        ```python
+        from athooks import Layer
+        from athooks.layers import layer_label
+
+        assert layer_label("backbone", Layer("backbone", select="0")) == "backbone['0']"
+        assert layer_label("lstm", Layer("lstm", select=0)) == "lstm[0]"
+        assert layer_label("layer3", Layer("layer3")) == "layer3"
+        ```
+    """
+    select = layer.select
+    if isinstance(select, (int, str)) and not isinstance(select, bool):
+        return f"{name}[{select!r}]"
+    return name
 
 
 LayerSpec: TypeAlias = "str | Layer | nn.Module"
@@ -401,7 +495,11 @@ def _normalise_layers(layers: Any, describe: Callable[[Any], str] = repr) -> lis
 
 @dataclass(frozen=True)
 class ResolvedPair:
-    """One teacher/student layer pair after pattern resolution."""
+    """One teacher/student layer pair after pattern resolution.
+
+    ``teacher_name`` and ``student_name`` are module names; :attr:`teacher_label` and
+    :attr:`student_label` add the selected key (``backbone['0']``), as pairs are shown.
+    """
 
     teacher_name: str
     teacher_module: nn.Module
@@ -409,6 +507,44 @@ class ResolvedPair:
     student_name: str
     student_module: nn.Module
     student_layer: Layer
+
+    @property
+    def teacher_label(self) -> str:
+        """The teacher's side as shown in ``d.pairs``: its name, with its key if any."""
+        return layer_label(self.teacher_name, self.teacher_layer)
+
+    @property
+    def student_label(self) -> str:
+        """The student's side as shown in ``d.pairs``: its name, with its key if any."""
+        return layer_label(self.student_name, self.student_layer)
+
+    @property
+    def deferred(self) -> bool:
+        """Whether it selects ``"*"``: it is expanded when the models' outputs are known."""
+        return self.teacher_layer.select == ALL_TENSORS
+
+    def expand(
+        self, teacher_keys: Sequence[int | str] | None = None, student_keys: Any = None
+    ) -> list[ResolvedPair]:
+        """One pair per selected key (a tuple of keys; for ``"*"``, the keys given).
+
+        Args:
+            teacher_keys: For ``"*"``: the teacher's keys to pair (those both outputs have).
+            student_keys: For ``"*"``: the student's, in the same order (default the same).
+
+        Returns:
+            The pairs, the keys of both sides paired in order.
+        """
+        t_layers = self.teacher_layer.expand(teacher_keys)
+        s_layers = self.student_layer.expand(
+            student_keys if student_keys is not None else teacher_keys
+        )
+        return [
+            ResolvedPair(
+                self.teacher_name, self.teacher_module, t, self.student_name, self.student_module, s
+            )
+            for t, s in zip(t_layers, s_layers, strict=True)
+        ]
 
 
 def _python_path(side: str, name: str) -> str:
@@ -540,11 +676,34 @@ def resolve_pairs(teacher: nn.Module, student: nn.Module, layers: Any) -> list[R
                 "Use a narrower pattern (`*` stays within one dotted part) or explicit "
                 "(teacher, student) pairs."
             )
+        _check_selections(t_layer, s_layer, entry.label)
         for (tn, tm), (sn, sm) in zip(t_hits, s_hits, strict=True):
-            pairs.append(ResolvedPair(tn, tm, t_layer, sn, sm, s_layer))
-            sources.append(entry.label)
+            pair = ResolvedPair(tn, tm, t_layer, sn, sm, s_layer)
+            expanded = [pair] if pair.deferred else pair.expand()
+            pairs.extend(expanded)
+            sources.extend([entry.label] * len(expanded))
     _refuse_duplicates(pairs, sources)
     return pairs
+
+
+def _check_selections(t_layer: Layer, s_layer: Layer, where: str) -> None:
+    """Both sides of a pair select one tensor, or the same number of keys, or both ``"*"``."""
+    t_star, s_star = t_layer.select == ALL_TENSORS, s_layer.select == ALL_TENSORS
+    t_count = len(t_layer.select) if isinstance(t_layer.select, tuple) else 1
+    s_count = len(s_layer.select) if isinstance(s_layer.select, tuple) else 1
+    if t_star == s_star and (t_star or t_count == s_count):
+        return
+
+    def said(layer: Layer, star: bool, count: int) -> str:
+        if star:
+            return "every tensor (select='*')"
+        return f"{count} tensor{'s' if count > 1 else ''} (select={layer.select!r})"
+
+    raise LayerResolutionError(
+        f"{where}: the teacher's layer selects {said(t_layer, t_star, t_count)} and the "
+        f"student's {said(s_layer, s_star, s_count)}; a pair needs the same selection on both "
+        "sides, paired in order: the same number of keys, or select='*' on both"
+    )
 
 
 def _resolve_side(
@@ -596,6 +755,75 @@ def _refuse_duplicates(pairs: list[ResolvedPair], sources: list[str]) -> None:
                     "pattern so that it leaves this layer out"
                 )
         bucket.append(i)
+
+
+def expand_deferred(
+    pairs: Sequence[ResolvedPair],
+    teacher_keys: Mapping[str, Sequence[int | str] | None],
+    student_keys: Mapping[str, Sequence[int | str] | None],
+) -> list[ResolvedPair]:
+    """Expand the ``select="*"`` pairs into one pair per key both modules' outputs have.
+
+    Args:
+        pairs: Resolved pairs; those selecting ``"*"`` are expanded, the others kept.
+        teacher_keys: The keys (dict) or indices (tuple, list) of the tensors in each deferred
+            teacher module's output, by module name; ``None`` for a module that returned a
+            tensor.
+        student_keys: The same for the student's modules.
+
+    Returns:
+        The pairs, in order, each deferred one replaced by its keys' pairs (in the teacher's
+        order).
+
+    Raises:
+        LayerResolutionError: If a module returned a single tensor, the two outputs share no
+            key, or an expanded pair is also given by another entry.
+
+    Example:
+        ```python
+        import torch
+        from athooks import Layer
+        from athooks.layers import expand_deferred, resolve_pairs
+
+        t, s = torch.nn.Sequential(torch.nn.Identity()), torch.nn.Sequential(torch.nn.Identity())
+        pairs = resolve_pairs(t, s, Layer("0", select="*"))
+        out = expand_deferred(pairs, {"0": ["p3", "p4", "p5"]}, {"0": ["p4", "p3"]})
+        assert [(p.teacher_label, p.student_label) for p in out] == [
+            ("0['p3']", "0['p3']"),
+            ("0['p4']", "0['p4']"),
+        ]
+        ```
+    """
+    out: list[ResolvedPair] = []
+    for pair in pairs:
+        if not pair.deferred:
+            out.append(pair)
+            continue
+        t_keys = teacher_keys.get(pair.teacher_name)
+        s_keys = student_keys.get(pair.student_name)
+        for side, name, keys in (
+            ("teacher", pair.teacher_name, t_keys),
+            ("student", pair.student_name, s_keys),
+        ):
+            if keys is None:
+                raise LayerResolutionError(
+                    f"Layer({pair.teacher_layer.pattern!r}, select='*') selects every tensor of "
+                    f"a dict, tuple or list output, but {side} layer {name!r} returned a single "
+                    "tensor (or did not run). Drop select='*' for this layer"
+                )
+        assert t_keys is not None and s_keys is not None
+        shared = [k for k in t_keys if k in s_keys]
+        if not shared:
+            raise LayerResolutionError(
+                f"select='*' pairs the keys the two outputs share, but teacher layer "
+                f"{pair.teacher_name!r} returned {list(t_keys)} and student layer "
+                f"{pair.student_name!r} returned {list(s_keys)}: no key in common. Pair "
+                "them by hand: layers=[(Layer(teacher_name, select=('a', 'b')), "
+                "Layer(student_name, select=('x', 'y')))]"
+            )
+        out.extend(pair.expand(shared))
+    _refuse_duplicates(out, ["layers"] * len(out))
+    return out
 
 
 def _short_list(names: Sequence[str], limit: int = 12) -> str:

@@ -4,22 +4,27 @@ Named layers (patterns, modules, pairs) are resolved when the Distiller is made.
 ``"blocks"`` depend on what the models produce for the input they are trained on, so they are
 resolved on the student's first call inside the block, from a batch of one taken from its real
 input (:func:`athooks.discovery.auto_pairs`), unless ``input_size`` asks for a dummy input now.
+A layer that selects every tensor of its output (``Layer(name, select="*")``) is expanded on the
+first call too, into one pair per key both outputs have (:func:`output_keys`).
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
+from collections.abc import Mapping as MappingABC
 from typing import Any
 
 import torch
 from torch import nn
 
+from athooks.context import internal_run
 from athooks.discovery import AUTO_MODES, Pairing, auto_pairs
 from athooks.errors import ConfigurationError
-from athooks.layers import ResolvedPair, resolve_pairs
+from athooks.layers import ResolvedPair, expand_deferred, resolve_pairs, unwrap
 from athooks.mappings import Mapping
 from athooks.taps import PairedTaps
+from athooks.tensors import adapted_input, first_tensor
 
 __all__ = ["LayerPlan"]
 
@@ -60,10 +65,15 @@ class LayerPlan:
         self.on_resolved: Callable[[PairedTaps], None] | None = None
         self._pending: tuple[dict[str, bool], bool] = ({}, False)
         self._lock = threading.Lock()
+        self._deferred: list[ResolvedPair] | None = None
         if not self.mappings:
             self._use([])
         elif not self.automatic:
-            self._use(resolve_pairs(teacher, student, layers))
+            resolved = resolve_pairs(teacher, student, layers)
+            if any(p.deferred for p in resolved):
+                self._deferred = resolved  # select="*": the keys are known on the first call
+            else:
+                self._use(resolved)
         elif input_size is not None:
             self.pairing = auto_pairs(teacher, student, layers, input_size)
             self._use(resolve_pairs(teacher, student, self.pairing.layers()))
@@ -78,6 +88,11 @@ class LayerPlan:
         with self._lock:
             if self.taps is not None:
                 return
+            if self._deferred is not None:
+                taps = self._use(self._expanded(args, kwargs))
+                if self.on_resolved is not None:
+                    self.on_resolved(taps)
+                return
             self.pairing = auto_pairs(
                 self.teacher,
                 self.student,
@@ -88,6 +103,15 @@ class LayerPlan:
             taps = self._use(resolve_pairs(self.teacher, self.student, self.pairing.layers()))
             if self.on_resolved is not None:
                 self.on_resolved(taps)
+
+    def _expanded(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[ResolvedPair]:
+        """The ``select="*"`` pairs expanded over the keys of the models' real outputs."""
+        assert self._deferred is not None
+        star = [p for p in self._deferred if p.deferred]
+        t_args, t_kwargs = adapted_input(self.teacher_input, args, kwargs)
+        t_keys = output_keys(self.teacher, [p.teacher_name for p in star], t_args, t_kwargs)
+        s_keys = output_keys(self.student, [p.student_name for p in star], args, kwargs)
+        return expand_deferred(self._deferred, t_keys, s_keys)
 
     def _use(self, resolved: Sequence[ResolvedPair]) -> PairedTaps:
         taps = PairedTaps(self.teacher, self.student, resolved, self.mappings, self.copy)
@@ -110,6 +134,13 @@ class LayerPlan:
         Raises:
             ConfigurationError: For ``"auto"``/``"blocks"`` before the student's first call.
         """
+        if self.taps is None and self._deferred is not None:
+            raise ConfigurationError(
+                "a layer selects every tensor of its output (select='*'), so its pairs are "
+                "known on the student's first call inside the block, from the keys both "
+                "outputs have; call student(x) first, or name the keys, e.g. "
+                "Layer(name, select=('0', '1', '2'))"
+            )
         if self.taps is None:
             raise ConfigurationError(
                 f"layers={self.layers!r} is resolved on the student's first call inside the "
@@ -140,3 +171,67 @@ class LayerPlan:
         else:
             unknown += [f"taps.{n}.copy" for n in self.taps.student.load_copy_state(copies)]
         return unknown
+
+
+def output_keys(
+    model: nn.Module, names: Sequence[str], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> dict[str, list[int | str] | None]:
+    """The keys (or indices) of the tensors each named module returns, from one forward.
+
+    The model runs once on ``(args, kwargs)``, in eval mode under ``no_grad``, as one of
+    athooks' own runs (no attached Distiller sees it); each module's ``training`` flag is
+    restored.
+
+    Args:
+        model: The model (wrappers are looked through).
+        names: Module names.
+        args: The call's positional arguments.
+        kwargs: Its keyword arguments.
+
+    Returns:
+        ``{name: keys}``: the keys of a dict output (or the indices of a tuple or list) whose
+        values hold a tensor, in order; ``None`` for a tensor output or a module that did not
+        run.
+
+    Example:
+        ```python
+        import torch
+        from athooks.plan import output_keys
+
+        class Levels(torch.nn.Module):
+            def forward(self, x):
+                return {"p3": x, "p4": x[..., ::2, ::2], "meta": "not a tensor"}
+
+        net = torch.nn.Sequential(Levels())
+        assert output_keys(net, ["0"], (torch.zeros(1, 3, 8, 8),), {}) == {"0": ["p3", "p4"]}
+        ```
+    """
+    inner, _ = unwrap(model)
+    found: dict[str, list[int | str] | None] = dict.fromkeys(names)
+
+    def keys_of(output: Any) -> list[int | str] | None:
+        if isinstance(output, MappingABC):
+            return [k for k, v in output.items() if first_tensor(v) is not None]
+        if isinstance(output, (tuple, list)):
+            return [i for i, v in enumerate(output) if first_tensor(v) is not None]
+        return None
+
+    def hook_for(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, hook_args: Any, output: Any) -> None:
+            found[name] = keys_of(output)
+
+        return hook
+
+    handles = [inner.get_submodule(n).register_forward_hook(hook_for(n)) for n in set(names)]
+    flags = [(m, m.training) for m in inner.modules()]
+    try:
+        for module, _ in flags:
+            module.training = False
+        with internal_run(), torch.no_grad():
+            inner(*args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, flag in flags:
+            module.training = flag
+    return found

@@ -41,7 +41,7 @@ from torch.utils.hooks import RemovableHandle
 from athooks._compile import eager
 from athooks.context import internal_depth
 from athooks.errors import CaptureError
-from athooks.layers import Layer, ResolvedPair
+from athooks.layers import Layer, ResolvedPair, layer_label
 from athooks.mappings import Mapping as AttentionMapping
 from athooks.mappings import apply_mapping
 from athooks.tensors import first_tensor, select_tensor
@@ -166,6 +166,12 @@ def apply_layer(
         assert raw is out[0] and maps[sum_p].shape == (2, 4, 4)
         ```
     """
+    if isinstance(layer.select, tuple) or layer.multiple:
+        raise CaptureError(
+            f"{where} is read with select={layer.select!r}, several tensors, but one capture "
+            "maps one tensor; expand the layer first (athooks.Layer.expand(), one layer per "
+            "key), as athooks.Distiller does"
+        )
     raw = select_tensor(output, layer.select, where)
     source = raw.clone() if copy else raw
     features = layer.transform(source) if layer.transform is not None else source
@@ -263,18 +269,19 @@ def _shares_memory(a: Tensor, b: Tensor) -> bool:
 
 
 class _TapHook:
-    """The callable registered with ``register_forward_hook`` for one tap of a :class:`TapSet`.
+    """The callable registered with ``register_forward_hook`` for the taps of one module.
 
-    It holds its set weakly and checks the module identity, so that a deep copy of the model (an
+    One hook per module, however many taps read it (several keys of a dict output, say). It
+    holds its set weakly and checks the module identity, so that a deep copy of the model (an
     EMA copy, which copies hooks along with the modules) never writes into the original's captures,
     and pickling a model that carries it does not fail.
     """
 
-    __slots__ = ("__weakref__", "_index", "_set")
+    __slots__ = ("__weakref__", "_indices", "_set")
 
-    def __init__(self, tapset: TapSet, index: int) -> None:
+    def __init__(self, tapset: TapSet, indices: Sequence[int]) -> None:
         self._set = weakref.ref(tapset)
-        self._index = index
+        self._indices = tuple(indices)
 
     @eager  # run eagerly inside a compiled model: a graph break per tap
     def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
@@ -284,12 +291,13 @@ class _TapHook:
         store = tapset.armed()
         if store is None or store.depth != internal_depth():
             return
-        tap = tapset.taps[self._index]
-        if module is not tap.module:
-            if is_replica(module, tap.module):
-                store.replicas.append(tap.name)
+        first = tapset.taps[self._indices[0]]
+        if module is not first.module:
+            if is_replica(module, first.module):
+                store.replicas.extend(tapset.taps[i].name for i in self._indices)
             return
-        store[self._index] = tap.capture(output, store.get(self._index))
+        for index in self._indices:
+            store[index] = tapset.taps[index].capture(output, store.get(index))
 
     def __deepcopy__(self, memo: dict[int, Any]) -> _TapHook:
         return self
@@ -310,6 +318,11 @@ class Tap:
         mappings: The mappings to compute at capture.
         copy: ``"auto"`` (probe on the first call, see the module docs) or ``"always"``; only
             the student's taps copy.
+
+    Attributes:
+        name: The tap's label, the module's name with the selected key if any
+            (:func:`athooks.layers.layer_label`): ``backbone['0']``.
+        module_name: The module's name.
     """
 
     def __init__(
@@ -322,11 +335,12 @@ class Tap:
         copy: str = "auto",
     ) -> None:
         self.side = side
-        self.name = name
+        self.module_name = name
+        self.name = layer_label(name, layer)
         self.module = module
         self.layer = layer
         self.mappings = tuple(mappings)
-        self.where = f"{side} layer {name!r}"
+        self.where = f"{side} layer {self.name!r}"
         self.student = side == "student"
         self.copy = self.student and copy == "always"
         self.probing = self.student and copy == "auto"
@@ -481,13 +495,17 @@ class TapSet:
         return bool(self._handles)
 
     def attach(self) -> list[RemovableHandle]:
-        """Register one forward hook per tap.
+        """Register one forward hook per tapped module (for all the taps that read it).
 
         Returns:
             The hook handles (also kept by the set; :meth:`detach` removes them).
         """
+        by_module: dict[int, list[int]] = {}
+        for i, tap in enumerate(self.taps):
+            by_module.setdefault(id(tap.module), []).append(i)
         self._handles = [
-            tap.module.register_forward_hook(_TapHook(self, i)) for i, tap in enumerate(self.taps)
+            self.taps[indices[0]].module.register_forward_hook(_TapHook(self, indices))
+            for indices in by_module.values()
         ]
         return list(self._handles)
 
@@ -571,7 +589,9 @@ class TapSet:
             )
         if any(v.requires_grad for v in cap.values.values()):
             return
-        if any(p.requires_grad for p in tap.module.parameters()):
+        # one tensor of a multi-output module (an FPN body's '0') may come from its frozen
+        # part while later parts train: only a whole output with trainable parameters is wrong
+        if tap.layer.select is None and any(p.requires_grad for p in tap.module.parameters()):
             raise CaptureError(
                 f"the attention map of student layer {tap.name!r} carries no gradient "
                 "although the layer has trainable parameters; something detaches its output "
@@ -613,10 +633,11 @@ class TapSet:
         if children and any(
             getattr(m, "grad_checkpointing", False) is True for m in self.model.modules()
         ):
-            last = f"{tap.name}.{children[-1][0]}"
+            last = f"{tap.module_name}.{children[-1][0]}"
             return (
                 f"{head}: timm's set_grad_checkpointing(True) runs the blocks of "
-                f"{tap.name!r} one by one, so the hook on {tap.name!r} itself never fires. "
+                f"{tap.module_name!r} one by one, so the hook on {tap.module_name!r} itself "
+                "never fires. "
                 f"Tap its last block instead ({last!r}, the same output; checkpointed blocks "
                 "give correct values and gradients), or call set_grad_checkpointing(False)"
             )
@@ -665,7 +686,7 @@ class PairedTaps:
     ) -> None:
         self.teacher = TapSet("teacher", teacher, mappings)
         self.student = TapSet("student", student, mappings, copy=copy)
-        self.pairs = [(p.teacher_name, p.student_name) for p in resolved]
+        self.pairs = [(p.teacher_label, p.student_label) for p in resolved]
         self._indices = [
             (
                 self.teacher.add(p.teacher_name, p.teacher_module, p.teacher_layer),

@@ -631,7 +631,8 @@ def test_bad_select_is_a_clear_error():
         Distiller(teacher, student, layers=Layer("inner", select=5)),
         pytest.raises(
             CaptureError,
-            match=r"select=5 failed on the output of teacher layer 'inner' \(a tuple\)",
+            # the layer is named with its key, as in d.pairs
+            match=r"select=5 failed on the output of teacher layer 'inner\[5\]' \(a tuple\)",
         ),
     ):
         student(X)

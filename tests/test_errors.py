@@ -717,6 +717,21 @@ def _state_dict_before_auto():
         student(X)
 
 
+class _Keys(nn.Module):
+    def __init__(self, keys):
+        super().__init__()
+        self.keys = keys
+
+    def forward(self, x):
+        return {k: x for k in self.keys}
+
+
+def _select_all_no_shared_key():
+    teacher, student = nn.Sequential(_Keys(("a",))), nn.Sequential(_Keys(("b",)))
+    with Distiller(teacher, student, layers=Layer("0", select="*")):
+        student(X)
+
+
 def _tokens_read_as_1d():
     def net():
         return nn.Sequential(nn.Linear(4, 6))
@@ -832,6 +847,27 @@ TRIGGERS = [
         lambda: __import__("athooks.taps").taps.select_tensor((1, "a"), None, "x"),
     ),
     t("transform_not_tensor", CP, step(layers=Layer("relu1", transform=lambda f: 3))),
+    t("select_keys_bad", CE, lambda: Layer("relu1", select=())),
+    t("select_keys_twice", CE, lambda: Layer("relu1", select=("a", "a"))),
+    t(
+        "select_counts_differ",
+        LR,
+        lambda: _resolve(lambda t, s: [(Layer("relu1", select=(0, 1)), Layer("relu1", select=0))]),
+    ),
+    t("select_all_single_tensor", LR, step(layers=Layer("relu1", select="*"))),
+    t("select_all_no_shared_key", LR, _select_all_no_shared_key),
+    t(
+        "select_all_pairs_too_early",
+        CE,
+        lambda: Distiller(*_pair(), layers=Layer("relu1", select="*")).pairs,
+    ),
+    t(
+        "apply_layer_several",
+        CP,
+        lambda: __import__("athooks.taps").taps.apply_layer(
+            Layer("x", select=("a", "b")), {"a": X}, [], "layer 'x'"
+        ),
+    ),
     # mappings
     t("p_type", CE, lambda: athooks.mapping("sum_p", p="2")),
     t("p_range", CE, lambda: athooks.mapping("sum_p", p=0.5)),

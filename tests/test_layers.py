@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import pytest
 import torch
 import torchvision
@@ -334,3 +336,181 @@ def test_a_module_named_with_glob_characters_is_found_by_its_name():
     pairs = resolve_pairs(t, s, [(Layer("stage[0]"), Layer("stage[0]"))])
     assert [(p.teacher_module, p.student_module) for p in pairs] == [(t[0], s[0])]
     assert pair_names(t, s, "stage[0]") == [("stage[0]", "stage[0]")]
+
+
+# ------------------------------------------------------------------ several tensors of one output
+
+
+class Levels(nn.Module):
+    """An FPN-like neck: four levels at strides 1, 2, 4, 8 of its input, as an OrderedDict."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList(
+            nn.Conv2d(3 if i == 0 else width, width, 3, 1 if i == 0 else 2, 1) for i in range(4)
+        )
+
+    def forward(self, x):
+        out = OrderedDict()
+        for i, conv in enumerate(self.convs):
+            x = torch.relu(conv(x))
+            out[f"p{i + 2}"] = x
+        return out
+
+
+class Detector(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.neck = Levels(width)
+        self.head = nn.Linear(width, 4)
+
+    def forward(self, x):
+        levels = self.neck(x)
+        return self.head(sum(v.mean((2, 3)) for v in levels.values()))
+
+
+def test_select_of_several_keys_is_a_tuple_and_expands_in_order():
+    layer = Layer("neck", select=["p2", "p3"])
+    assert layer.select == ("p2", "p3") and hash(layer) == hash(Layer("neck", select=("p2", "p3")))
+    assert layer.multiple and Layer("neck", select="*").multiple and not Layer("neck").multiple
+    assert [x.select for x in layer.expand()] == ["p2", "p3"]
+    assert Layer("neck", select=0).expand() == [Layer("neck", select=0)]
+    assert [x.select for x in Layer("neck", select="*").expand(["a", 1])] == ["a", 1]
+
+
+@pytest.mark.parametrize(
+    "select,match",
+    [
+        ((), "non-empty tuple"),
+        (("p2", True), "non-empty tuple"),
+        (("p2", "*"), "non-empty tuple"),
+        (("p2", 1.5), "non-empty tuple"),
+        (("p2", "p2"), "names a key twice"),
+    ],
+)
+def test_bad_key_lists_are_refused(select, match):
+    with pytest.raises(ConfigurationError, match=match):
+        Layer("neck", select=select)
+
+
+def test_one_layer_with_several_keys_gives_one_pair_per_key_named_with_it():
+    teacher, student = Detector(8), Detector(4)
+    pairs = resolve_pairs(teacher, student, Layer("neck", select=("p2", "p3", "p5")))
+    assert [(p.teacher_label, p.student_label) for p in pairs] == [
+        ("neck['p2']", "neck['p2']"),
+        ("neck['p3']", "neck['p3']"),
+        ("neck['p5']", "neck['p5']"),
+    ]
+    assert {p.teacher_name for p in pairs} == {"neck"}  # module names stay module names
+    # explicit pairs with different keys on the two sides, paired in order
+    pairs = resolve_pairs(
+        teacher, student, [(Layer("neck", select=("p3", "p4")), Layer("neck", select=[2, 3]))]
+    )
+    assert [(p.teacher_label, p.student_label) for p in pairs] == [
+        ("neck['p3']", "neck[2]"),
+        ("neck['p4']", "neck[3]"),
+    ]
+
+
+@pytest.mark.parametrize(
+    "layers,match",
+    [
+        ([(Layer("neck", select=("p2", "p3")), Layer("neck", select="p2"))], "2 tensors.*1 tensor"),
+        ([(Layer("neck", select="*"), Layer("neck", select=("p2",)))], r"every tensor.*1 tensor"),
+        ([Layer("neck", select=("p2", "p3")), Layer("neck", select="p3")], "given twice"),
+    ],
+)
+def test_selections_that_do_not_pair_up_are_refused(layers, match):
+    with pytest.raises(LayerResolutionError, match=match):
+        resolve_pairs(Detector(8), Detector(4), layers)
+
+
+def _levels_by_hand(model, x):
+    with torch.no_grad():
+        return model.neck(x)
+
+
+def _at_by_hand(t_maps, s_maps):
+    """1e3 * mean((q_S - q_T)^2) with q = normalised sum_c A_c^2, in float64."""
+    total = 0.0
+    for t, s in zip(t_maps, s_maps, strict=True):
+        q_t = t.double().pow(2).sum(1).flatten(1)
+        q_s = s.double().pow(2).sum(1).flatten(1)
+        q_t = q_t / q_t.norm(dim=1, keepdim=True)
+        q_s = q_s / q_s.norm(dim=1, keepdim=True)
+        total = total + 1e3 * (q_s - q_t).pow(2).mean()
+    return total
+
+
+@pytest.mark.parametrize("select", [("p2", "p3", "p4", "p5"), "*"])
+def test_distiller_on_every_level_of_an_ordered_dict_output(select):
+    torch.manual_seed(0)
+    teacher, student = Detector(8), Detector(4)
+    x = torch.randn(2, 3, 32, 32)
+    t_levels, s_levels = _levels_by_hand(teacher, x), _levels_by_hand(student, x)
+    with athooks.Distiller(teacher, student, layers=Layer("neck", select=select)) as d:
+        # one forward hook on the neck however many levels are read (plus none elsewhere)
+        student(x)
+        assert len(student.neck._forward_hooks) == 1 and len(teacher.neck._forward_hooks) == 1
+        loss = d.loss()
+    names = ["neck['p2']", "neck['p3']", "neck['p4']", "neck['p5']"]
+    assert d.pairs == list(zip(names, names, strict=True))
+    keys = ["p2", "p3", "p4", "p5"]
+    want = _at_by_hand([t_levels[k] for k in keys], [s_levels[k] for k in keys])
+    assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+    loss.backward()
+    assert all(c.weight.grad.abs().sum() > 0 for c in student.neck.convs)
+    state = d.state_dict()
+    assert sorted(state) == sorted(f"taps.{n}.copy" for n in names)
+    fresh = athooks.Distiller(teacher, student, layers=Layer("neck", select=select))
+    fresh.load_state_dict(state)
+    with fresh:
+        student(x)
+        assert fresh.state_dict().keys() == state.keys()
+        assert fresh.loss().item() == pytest.approx(want.item(), rel=1e-5)
+
+
+def test_torchvision_fpn_backbones_one_pair_per_level():
+    """resnet_fpn_backbone's OrderedDict ('0'..'3', 'pool'): one pair per level, the values of
+    a hand computation from the backbones' own outputs."""
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+
+    torch.manual_seed(0)
+    teacher = resnet_fpn_backbone(backbone_name="resnet34", weights=None, trainable_layers=5)
+    student = resnet_fpn_backbone(backbone_name="resnet18", weights=None, trainable_layers=5)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        t_out, s_out = teacher.eval()(x), student(x)
+    levels = ["0", "1", "2", "3"]
+    body = Layer("body", select=tuple(levels))  # the backbone's stages, C2..C5
+    fpn = Layer("fpn", select=tuple(levels))  # the FPN levels P2..P5
+    with athooks.Distiller(teacher, student, layers=[body, fpn]) as d:
+        student(x)
+        loss = d.loss()
+    assert d.pairs == [(f"{m}['{k}']", f"{m}['{k}']") for m in ("body", "fpn") for k in levels]
+    t_body = teacher.body(x)
+    s_body = student.body(x)
+    want = _at_by_hand(
+        [t_body[k] for k in levels] + [t_out[k] for k in levels],
+        [s_body[k] for k in levels] + [s_out[k] for k in levels],
+    )
+    assert loss.item() == pytest.approx(want.item(), rel=1e-4)
+    loss.backward()
+    assert student.fpn.layer_blocks[0][0].weight.grad.abs().sum() > 0
+    # select="*" takes every level, 'pool' too (1x1 here: warned, its term is constant)
+    with (
+        pytest.warns(UserWarning, match="single cell"),
+        athooks.Distiller(teacher, student, layers=Layer("fpn", select="*")) as d,
+    ):
+        student(x)
+        d.loss()
+    assert [t for t, _ in d.pairs] == [f"fpn['{k}']" for k in (*levels, "pool")]
+    # the default freezes conv1 and layer1: body['0'] has no gradient, which is warned (the
+    # body's later stages train, so it is not an error)
+    frozen = resnet_fpn_backbone(backbone_name="resnet18", weights=None)
+    with (
+        pytest.warns(UserWarning, match=r"body\['0'\]\" carries no gradient"),
+        athooks.Distiller(teacher, frozen, layers=body) as d,
+    ):
+        frozen(x)
+        d.loss()

@@ -2235,13 +2235,8 @@ class _Detectorish(nn.Module):
 
 
 # issue 15 (found writing docs/how-to/detection.md): with one Layer per FPN level, every pair
-# is named ('backbone', 'backbone'), in d.pairs and in every error message, so neither says
-# which level a pair or an error is about
-@pytest.mark.xfail(
-    strict=True,
-    reason="layers/taps (owned by nd): pairs selected from one module's dict output are named by "
-    "the module only; d.pairs and errors do not say which key",
-)
+# was named ('backbone', 'backbone'), in d.pairs and in every error message, so neither said
+# which level a pair or an error is about (fixed on i15-nd: pairs carry the key)
 def test_pairs_of_one_dict_output_are_told_apart():
     levels = [(Layer("backbone", select=k), Layer("backbone", select=k)) for k in ("0", "1")]
     with Distiller(_Detectorish(8), _Detectorish(4), layers=levels) as d:

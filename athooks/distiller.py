@@ -27,6 +27,7 @@ from athooks.step import (
     StepRecorder,
     TeacherRunner,
     check_pair,
+    check_per_image,
 )
 from athooks.taps import PairedTaps
 
@@ -350,6 +351,7 @@ class Distiller:
                 student_output=record.student_output,
                 finite=self.check_finite,
             )
+            check_per_image(self.pairs, t_values, s_values, record.images, record.batch)
             step = Step(
                 self.pairs,
                 t_values,

@@ -23,7 +23,7 @@ from __future__ import annotations
 import sys
 import threading
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import FrameType
@@ -38,7 +38,13 @@ from athooks.context import in_backward, internal_depth, internal_run
 from athooks.errors import CaptureError, ConfigurationError
 from athooks.layers import unwrap
 from athooks.taps import Captures, InertHook, TapSet, is_replica
-from athooks.tensors import adapted_input, all_tensors, first_tensor, non_tensor_input
+from athooks.tensors import (
+    adapted_input,
+    all_tensors,
+    first_tensor,
+    image_list_length,
+    non_tensor_input,
+)
 
 __all__ = [
     "Attachment",
@@ -49,6 +55,7 @@ __all__ = [
     "TeacherGuard",
     "TeacherRunner",
     "check_pair",
+    "check_per_image",
     "refuse_data_parallel",
     "register_student",
 ]
@@ -244,6 +251,61 @@ def check_pair(teacher: Any, student: Any) -> None:
         )
 
 
+def check_per_image(
+    pairs: Sequence[tuple[str, str]],
+    teacher_values: Sequence[dict[Any, Tensor]],
+    student_values: Sequence[dict[Any, Tensor]],
+    images: int | None,
+    batch: int | None = None,
+) -> None:
+    """Refuse maps that are not one per image: those of a detector's ROI heads.
+
+    A detector's ROI heads run once per region proposal (or detection): their batch is the
+    number of regions, which differs between the models and between steps, and even when the
+    counts agree, region ``i`` of the teacher is not region ``i`` of the student. Such maps must
+    not be paired; only per-image layers (the backbone, the FPN levels) can be.
+
+    For a model called with a list of images (torchvision's detectors), every map must have one
+    entry per image. For a tensor input of batch ``batch``, maps of another batch are allowed
+    (a video model folding time into the batch has ``B * T``), but a pair whose two maps differ
+    in batch and neither has the input's is refused here (a ``teacher_input`` that changed the
+    batch is reported by the loss).
+
+    Args:
+        pairs: The ``(teacher, student)`` layer names, in order.
+        teacher_values: The teacher's ``{mapping: map}`` of each pair.
+        student_values: The student's, likewise.
+        images: The number of images of the step's input, ``None`` when it was not a list of
+            images.
+        batch: The leading size of the step's tensor input, when it was not a list of images.
+
+    Raises:
+        CaptureError: If a pair's maps are per region, naming the fix.
+    """
+    if images is None and batch is None:
+        return
+    for (t_name, s_name), t_vals, s_vals in zip(pairs, teacher_values, student_values, strict=True):
+        t_batch = next((int(v.shape[0]) for v in t_vals.values() if v.dim()), None)
+        s_batch = next((int(v.shape[0]) for v in s_vals.values() if v.dim()), None)
+        if t_batch is None or s_batch is None:
+            continue
+        if images is not None:
+            per_region = t_batch != images or s_batch != images
+            given = f"a step of {images} images"
+        else:
+            per_region = t_batch != s_batch and batch not in (t_batch, s_batch)
+            given = f"a batch of {batch}"
+        if per_region:
+            raise CaptureError(
+                f"layer pair (teacher {t_name!r}, student {s_name!r}) gives maps of batch "
+                f"{t_batch} (teacher) and {s_batch} (student) for {given}: "
+                "the layer runs once per region (a module of a detector's ROI heads, whose batch "
+                "is the number of proposals or detections, not of images), so its maps cannot "
+                "be paired image by image. Name a per-image layer instead: a backbone or FPN "
+                "level, e.g. athooks.Layer('backbone', select='0')"
+            )
+
+
 def refuse_data_parallel(model: nn.Module, role: str) -> None:
     """Raise if ``model`` holds an ``nn.DataParallel`` over several devices.
 
@@ -386,6 +448,8 @@ class StepRecord:
     args: tuple[Any, ...] = ()
     kwargs: dict[str, Any] = field(default_factory=dict)
     input_where: tuple[str, Any] | None = None  # where the tensor input sits in args/kwargs
+    images: int | None = None  # the number of images of a list-of-images input (a detector's)
+    batch: int | None = None  # else the leading size of its first tensor, if any
 
 
 @dataclass
@@ -566,7 +630,10 @@ class StepRecorder:
         if self.prepare is not None:
             self.prepare(args, kwargs)
         self._enter_thread()
-        record = StepRecord(grad_enabled=grad)
+        images = image_list_length(args, kwargs)
+        first = first_tensor((args, kwargs)) if images is None else None
+        batch = int(first.shape[0]) if first is not None and first.dim() else None
+        record = StepRecord(grad_enabled=grad, images=images, batch=batch)
         self._state.last = record
         self._state.skipped = 0
         call.record = record

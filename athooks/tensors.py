@@ -21,6 +21,7 @@ __all__ = [
     "adapted_input",
     "all_tensors",
     "first_tensor",
+    "image_list_length",
     "non_tensor_input",
     "select_tensor",
     "slice_batch",
@@ -266,3 +267,34 @@ def adapted_input(
         return args, kwargs
     adapted = adapter(*args, **kwargs)
     return (adapted if isinstance(adapted, tuple) else (adapted,)), {}
+
+
+def image_list_length(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
+    """The number of images when a call's first argument is a list of ``(C, H, W)`` tensors.
+
+    That is how torchvision's detection models are called (``model(images, targets)``); their
+    batch is the number of images, which the per-image maps of a step must have.
+
+    Args:
+        args: The positional arguments of a call.
+        kwargs: Its keyword arguments (an ``images=`` list counts too).
+
+    Returns:
+        The list's length, or ``None`` for any other input.
+
+    Example:
+        ```python
+        import torch
+        from athooks.tensors import image_list_length
+
+        images = [torch.zeros(3, 8, 8), torch.zeros(3, 6, 8)]
+        assert image_list_length((images, [{}, {}]), {}) == 2
+        assert image_list_length((torch.zeros(2, 3, 8, 8),), {}) is None
+        ```
+    """
+    first = args[0] if args else kwargs.get("images")
+    if not isinstance(first, (list, tuple)) or not first:
+        return None
+    if all(isinstance(image, Tensor) and image.dim() == 3 for image in first):
+        return len(first)
+    return None

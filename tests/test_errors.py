@@ -157,6 +157,24 @@ def step(layers: Any = "relu?", call: Callable[..., Any] | None = None, **kwargs
     return run
 
 
+class PerRegion(nn.Module):
+    """Called with a list of images, like torchvision's detectors; ``roi`` runs per region."""
+
+    def __init__(self, rois: int) -> None:
+        super().__init__()
+        self.conv, self.roi, self.rois = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 1), rois
+
+    def forward(self, images):
+        return self.roi(self.conv(torch.stack(images)).repeat_interleave(self.rois, 0)).mean()
+
+
+def _per_region():
+    teacher, student = PerRegion(3), PerRegion(2)
+    with Distiller(teacher, student, layers="roi") as d:
+        student([X[0], X[1]])
+        d.loss()
+
+
 class Branchy(TinyCNN):
     def forward(self, x):  # never reaches relu2, relu3
         return self.relu1(self.bn1(self.conv1(x))).mean((2, 3))
@@ -790,6 +808,7 @@ TRIGGERS = [
     t("empty_batch", CP, step(call=lambda s: s(X[:0]))),
     t("check_finite_nan", CP, step(call=lambda s: s(X * float("nan")), check_finite=True)),
     t("batch_sizes_differ", CP, step(teacher_input=lambda x: x[:2])),
+    t("per_region_maps", CP, _per_region),
     t("non_tensor_input", CE, step(call=lambda s: s(X.numpy()))),
     t("teacher_device", CE, lambda: _teacher_device()),
     t("loss_not_scalar", CP, step(losses=NonScalar())),

@@ -279,3 +279,53 @@ def test_one_distiller_in_two_nested_blocks_is_refused():
     d = Distiller(teacher, student, layers="relu?")
     with d, pytest.raises(ConfigurationError, match="already attached"), d:
         pass
+
+
+# ------------------------------------------------------------------ detectors: per-region tensors
+
+
+class ToyDetector(torch.nn.Module):
+    """Called like torchvision's detectors (a list of images); ``roi`` runs once per region."""
+
+    def __init__(self, rois_per_image: int, width: int = 8) -> None:
+        super().__init__()
+        self.backbone = torch.nn.Conv2d(3, width, 3, padding=1)
+        self.roi = torch.nn.Conv2d(width, width, 1)
+        self.rois_per_image = rois_per_image
+
+    def forward(self, images, targets=None):
+        features = self.backbone(torch.stack(list(images)))
+        regions = features[:, :, :4, :4].repeat_interleave(self.rois_per_image, 0)
+        return self.roi(regions).mean()
+
+
+IMAGES = [torch.randn(3, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+
+
+@pytest.mark.parametrize("rois", [(3, 2), (2, 2)], ids=["counts-differ", "counts-equal"])
+def test_a_per_region_layer_of_a_detector_is_refused_with_the_fix(rois):
+    # (2, 2): both models make 4 regions for 2 images, so the maps could be compared one
+    # against the other, silently pairing unrelated regions: that must fail too
+    teacher, student = ToyDetector(rois[0]), ToyDetector(rois[1])
+    with Distiller(teacher, student, layers="roi", teacher_input=lambda im, t=None: (im,)) as d:
+        student(IMAGES, [{}, {}])
+        with pytest.raises(CaptureError, match=r"for a step of 2 images.*backbone or FPN level"):
+            d.loss()
+
+
+def test_a_per_image_layer_of_a_list_input_model_is_fine():
+    teacher, student = ToyDetector(3), ToyDetector(2)
+    with Distiller(
+        teacher, student, layers="backbone", teacher_input=lambda im, t=None: (im,)
+    ) as d:
+        student(IMAGES, [{}, {}])
+        assert torch.isfinite(d.loss())
+
+
+def test_a_per_region_layer_of_a_detector_called_with_a_tensor_names_the_fix():
+    # torchvision's detectors also accept a (B, C, H, W) tensor; regions then differ in count
+    teacher, student = ToyDetector(3), ToyDetector(2)
+    with Distiller(teacher, student, layers="roi", teacher_input=lambda im, t=None: (im,)) as d:
+        student(torch.stack(IMAGES), [{}, {}])
+        with pytest.raises(CaptureError, match=r"for a batch of 2.*backbone or FPN level"):
+            d.loss()

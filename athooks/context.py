@@ -16,7 +16,7 @@ from contextvars import ContextVar
 
 import torch
 
-__all__ = ["in_backward", "internal_depth", "internal_run"]
+__all__ = ["functorch_active", "in_backward", "internal_depth", "internal_run"]
 
 _DEPTH: ContextVar[int] = ContextVar("athooks_internal_runs", default=0)
 
@@ -64,3 +64,22 @@ def in_backward() -> bool:
         ```
     """
     return bool(torch._C._current_graph_task_id() != -1)
+
+
+def functorch_active() -> bool:
+    """Whether a ``torch.func`` transform (grad, vmap...) is running.
+
+    Such transforms forbid saved-tensor hooks and reading values back (``int(tensor)``).
+
+    Example:
+        ```python
+        import torch
+        from athooks.context import functorch_active
+
+        assert not functorch_active()
+        seen = []
+        torch.func.grad(lambda x: (seen.append(functorch_active()), x.sum())[1])(torch.ones(2))
+        assert seen == [True]
+        ```
+    """
+    return torch._C._functorch.peek_interpreter_stack() is not None

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from athooks._compile import eager
-from athooks.context import internal_depth
+from athooks.context import functorch_active, internal_depth
 from athooks.errors import CaptureError
 from athooks.layers import Layer, ResolvedPair, layer_label
 from athooks.mappings import Mapping as AttentionMapping
@@ -255,11 +255,6 @@ def is_replica(module: nn.Module, original: nn.Module) -> bool:
     )
 
 
-def _functorch_active() -> bool:
-    """Whether a torch.func transform (grad, vmap...) is running: it forbids saved-tensor hooks."""
-    return torch._C._functorch.peek_interpreter_stack() is not None
-
-
 def _shares_memory(a: Tensor, b: Tensor) -> bool:
     """Whether two tensors share storage (``True`` when it cannot be told: torch.func wrappers)."""
     try:
@@ -359,7 +354,7 @@ class Tap:
         """
         copy = self.copy or self.probing
         grad = torch.is_grad_enabled()
-        if self.student and grad and not _functorch_active():
+        if self.student and grad and not functorch_active():
             with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
                 raw, values = apply_layer(self.layer, output, self.mappings, self.where, copy=copy)
         else:

@@ -2186,12 +2186,8 @@ def test_input_edited_in_place_between_forward_and_loss_does_not_change_the_valu
 # as every teacher runs, gives features of about 1e-13; its sum_p maps (about 1e-26 per cell)
 # have a norm below F.normalize's eps (1e-12), so the normalised map is ~0, and the pair's term
 # is 1000 / (H * W) whatever the student does, with no gradient: a constant that trains nothing,
-# like a one-cell map, but without the one-cell map's warning.
-@pytest.mark.xfail(
-    strict=True,
-    reason="taps/losses (owned by nd): a teacher's numerically-zero attention map is not warned "
-    "about; its AT term is a silent constant",
-)
+# like a one-cell map, but without the one-cell map's warning (now warned, on the pair's first
+# step).
 def test_a_vanishing_teacher_map_is_warned_about():
     torch.manual_seed(0)
     teacher = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
@@ -2508,12 +2504,7 @@ def test_auto_takes_the_deepest_stage_of_a_dilated_segmentation_backbone():
 
 # issue 15 (found writing docs/how-to/detection.md): athooks.viz.attention_maps with one Layer
 # per FPN level returns one entry, keyed by the module name: each level overwrote the one
-# before, and only the last level's map is returned, silently
-@pytest.mark.xfail(
-    strict=True,
-    reason="viz (owned by nd): Layers selecting several keys of one module's dict output "
-    "collide in attention_maps' result",
-)
+# before, and only the last level's map is returned, silently (fixed: maps keyed by label)
 def test_attention_maps_of_several_levels_of_one_module_are_all_returned():
     levels = [Layer("backbone", select="0"), Layer("backbone", select="1")]
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Literal
 
 import torch
@@ -9,6 +10,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor
 
 from athooks.checks import NEGATIVE_WEIGHT, check_real
+from athooks.context import functorch_active
 from athooks.errors import ConfigurationError
 from athooks.losses.base import Loss, Step
 from athooks.mappings import Mapping, as_mapping
@@ -16,6 +18,8 @@ from athooks.mappings import Mapping, as_mapping
 __all__ = ["AT"]
 
 Distance = Literal["code", "paper"]
+
+_EPS = 1e-12  # F.normalize's default eps, used for the maps
 
 
 class AT(Loss):
@@ -29,6 +33,10 @@ class AT(Loss):
     * ``distance="paper"``, Eq. 2 of the paper: ``beta/2 * sum_j mean_batch ||q_S^j - q_T^j||_2``.
 
     The two differ in scale by orders of magnitude: pick ``beta`` for the form you use.
+
+    A teacher map that is zero for some sample (its norm at most the eps) normalises to zero,
+    which makes the pair's term a constant without gradient; AT warns about it on each pair's
+    first step.
 
     The maps may be of any layout a mapping gives, ``(B, *S)``: ``(B, H, W)`` for images,
     ``(B, T)`` for 1-D signals, ``(B, T, H, W)`` for videos; ``q`` is normalised over all the
@@ -70,6 +78,7 @@ class AT(Loss):
         self.beta = check_real(beta, owner="at", option="beta", minimum=0.0, reason=NEGATIVE_WEIGHT)
         self.distance: Distance = distance
         self.mapping: Mapping = as_mapping(mapping, **mapping_options)
+        self._checked_pairs: set[tuple[str, str]] = set()  # pairs checked for a zero map
 
     def captures(self) -> tuple[Mapping, ...]:
         """AT needs one attention map per tapped layer."""
@@ -77,10 +86,41 @@ class AT(Loss):
 
     def forward(self, step: Step) -> Tensor:
         """The AT loss summed over all layer pairs."""
-        pair_losses = [self.pair_loss(qt, qs) for qt, qs in step.maps(self.mapping)]
+        maps = step.maps(self.mapping)
+        self._check_vanishing(step, maps)
+        pair_losses = [self.pair_loss(qt, qs) for qt, qs in maps]
         total = torch.stack(pair_losses).sum()
         scale = self.beta if self.distance == "code" else self.beta / 2
         return scale * total
+
+    def _check_vanishing(self, step: Step, maps: list[tuple[Tensor, Tensor]]) -> None:
+        """Warn, on each pair's first step, when the teacher's map is zero for some sample.
+
+        A map whose norm is below the normalisation's eps (all zero, or features of ~1e-13
+        from a collapsed or randomly initialised teacher in eval mode) normalises to ~0: the
+        pair's term is then a constant that gives the student no gradient. Checked once per
+        pair (the check reads a value back from the device), so a teacher that collapses later
+        in training is not caught.
+        """
+        if functorch_active():  # no value can be read back under torch.func transforms
+            return
+        checked = self._checked_pairs
+        for pair, (qt, _) in zip(step.pairs, maps, strict=True):
+            if pair in checked or qt.numel() == 0:
+                continue
+            checked.add(pair)
+            norms = torch.linalg.vector_norm(qt.detach().flatten(1).float(), dim=1)
+            zero = int((norms <= _EPS).sum())
+            if zero:
+                warnings.warn(
+                    f"at: the teacher's attention map of pair (teacher {pair[0]!r}, student "
+                    f"{pair[1]!r}) is zero (norm <= {_EPS:g}) for {zero} of {qt.shape[0]} "
+                    "samples: normalised, it is zero, so this pair's term is a constant that "
+                    "gives the student no gradient. The teacher's features vanish at that "
+                    "layer (a dead ReLU, collapsed or untrained weights); pair another layer, "
+                    "or check the teacher's weights",
+                    stacklevel=2,
+                )
 
     def pair_loss(self, teacher_map: Tensor, student_map: Tensor) -> Tensor:
         """The unweighted loss of one pair of ``(B, *S)`` maps (of equal shape).

@@ -248,7 +248,7 @@ def test_probe_failure_says_to_pass_input_size():
 
     with pytest.raises(
         ConfigurationError,
-        match=r"probing the teacher with a dummy input of shape \(1, 3, 224, 224\) failed.*input_size",
+        match=r"probing the teacher with a dummy input of shape \(2, 3, 224, 224\) failed.*input_size",
     ):
         athooks.describe(NeedsSize(), seq_cnn(4))
     with pytest.raises(ConfigurationError, match="dummy input of shape"):

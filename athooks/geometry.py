@@ -1,0 +1,344 @@
+"""Reading a module's output as a feature map: its layout, its conversion, its stride.
+
+:mod:`athooks.discovery` records what every module of a model returns on a real input and asks
+this module what each output *is*:
+
+* its **layout**: ``NCHW`` (images), ``NHWC`` (channels last: Swin), ``tokens`` (a ViT's
+  ``(B, prefix + H*W, C)``, laid on the patch grid), ``NCL`` (1-D signals, ``(B, C, T)``),
+  ``NLC`` (token sequences, ``(B, T, C)``), ``NCTHW`` (video), or none (not a feature map);
+* the **conversion** (a :class:`athooks.Layer` transform) that turns it into ``(B, C, *S)``:
+  :class:`TokensToMap`, :class:`ChannelsLastToFirst`, or none;
+* its **stride**: the input's size over the map's, along the height (the only axis of a 1-D
+  map), rounded to the nearest power of two, so that maps of odd sizes (Inception's 13x13 at
+  128 px: 9.8) read as the strides they stand for (8).
+
+Layouts are read from the tensor and the model's own modules: timm metadata first
+(``num_prefix_tokens`` and ``patch_embed.grid_size``, ``output_fmt="NHWC"``), else the channel
+counts the model's modules declare (a ``LayerNorm``'s or ``Linear``'s width in the last
+dimension means channels last, a convolution's or ``BatchNorm``'s in the second means channels
+first), the module that produced the output (a ``Permute``, a ``LayerNorm``), and the input:
+tokens of an image model lie on a grid of the image's aspect ratio, with up to 8 prefix tokens
+(class, distillation, register tokens).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor, nn
+
+from athooks.errors import CaptureError
+
+__all__ = [
+    "ChannelsLastToFirst",
+    "InputGeometry",
+    "ModelGeometry",
+    "OutputLayout",
+    "TokensToMap",
+    "pow2_stride",
+    "read_layout",
+]
+
+MAX_PREFIX = 8
+
+_FIRST_KINDS = (
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.GroupNorm,
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+    nn.InstanceNorm3d,
+)
+_LAST_KINDS = ("LayerNorm", "Linear", "Permute", "RMSNorm", "MultiheadAttention", "Embedding")
+
+
+@dataclass(frozen=True)
+class TokensToMap:
+    """Turn ViT tokens ``(B, N, C)`` into a feature map ``(B, C, H, W)`` on the patch grid.
+
+    Args:
+        prefix: Number of leading non-patch tokens (class, distillation, register tokens).
+        grid: The patch grid ``(H, W)``.
+
+    Example:
+        ```python
+        import torch
+        from athooks.discovery import TokensToMap
+
+        to_map = TokensToMap(prefix=1, grid=(4, 4))
+        assert to_map(torch.randn(2, 17, 192)).shape == (2, 192, 4, 4)
+        ```
+    """
+
+    prefix: int
+    grid: tuple[int, int]
+
+    def __call__(self, tokens: Tensor) -> Tensor:
+        """Drop the prefix tokens and reshape."""
+        gh, gw = self.grid
+        if tokens.dim() != 3 or tokens.shape[1] != self.prefix + gh * gw:
+            raise CaptureError(
+                f"expected ViT tokens (B, {self.prefix} + {gh}*{gw}, C), got shape "
+                f"{tuple(tokens.shape)}; the input size differs from the one the model was built "
+                "for (its patch grid is fixed): feed that size, or build the model with that "
+                "img_size"
+            )
+        b, _, c = tokens.shape
+        return tokens[:, self.prefix :].transpose(1, 2).reshape(b, c, gh, gw)
+
+
+@dataclass(frozen=True)
+class ChannelsLastToFirst:
+    """Move the channels of a channels-last map to dimension 1: ``(B, *S, C)`` to ``(B, C, *S)``.
+
+    NHWC images (Swin) become NCHW; token sequences ``(B, T, C)`` become ``(B, C, T)``.
+
+    Example:
+        ```python
+        import torch
+        from athooks.discovery import ChannelsLastToFirst
+
+        assert ChannelsLastToFirst()(torch.randn(2, 7, 7, 96)).shape == (2, 96, 7, 7)
+        assert ChannelsLastToFirst()(torch.randn(2, 10, 64)).shape == (2, 64, 10)
+        ```
+    """
+
+    def __call__(self, features: Tensor) -> Tensor:
+        """Move the last dimension to dimension 1."""
+        return features.movedim(-1, 1)
+
+
+def pow2_stride(size_in: int, size: int) -> int | None:
+    """The stride a map of ``size`` cells stands for, for an input of ``size_in``.
+
+    ``size_in / size`` rounded to the nearest power of two in log scale: 128 px over 13 cells
+    (9.8) is 8, over 6 cells (21.3) is 16. ``None`` for a map larger than the input (an
+    upsampled output, whose stride means nothing here).
+
+    Args:
+        size_in: The input's size along the axis (pixels, time steps, tokens).
+        size: The map's size along it.
+
+    Returns:
+        The stride (1, 2, 4, ...), or ``None``.
+
+    Example:
+        ```python
+        from athooks.geometry import pow2_stride
+
+        assert [pow2_stride(128, n) for n in (61, 28, 13, 6)] == [2, 4, 8, 16]
+        assert pow2_stride(224, 7) == 32 and pow2_stride(32, 64) is None
+        ```
+    """
+    if size <= 0 or size_in <= 0:
+        return None
+    ratio = size_in / size
+    if ratio < 1 / math.sqrt(2):
+        return None
+    return int(2 ** max(0, round(math.log2(ratio))))
+
+
+@dataclass(frozen=True)
+class InputGeometry:
+    """What the probe's input is: its kind, batch size and spatial size.
+
+    Attributes:
+        kind: ``"image"`` ``(B, C, H, W)``, ``"video"`` ``(B, C, T, H, W)``, ``"signal"``
+            ``(B, C, T)``, ``"sequence"`` (token ids ``(B, T)`` or embeddings ``(B, T, C)``),
+            or ``"none"`` (no tensor to measure against).
+        batch: The batch size (the number of images of a list input).
+        spatial: The spatial size ``S`` (``(H, W)``, ``(T, H, W)``, ``(T,)``).
+    """
+
+    kind: str
+    batch: int
+    spatial: tuple[int, ...] = ()
+
+
+@dataclass
+class ModelGeometry:
+    """The channel counts a model's modules declare, to tell channels-first from channels-last.
+
+    Attributes:
+        first: Widths of convolutions and batch/group norms (channels in dimension 1).
+        last: Widths of ``LayerNorm``, ``Linear``, ``Embedding`` (channels in the last dim).
+        prefix: timm's ``num_prefix_tokens``, if the model says.
+        grid: timm's ``patch_embed.grid_size``, if the model says.
+        nhwc: Whether timm metadata says the model's features are NHWC.
+        conv_dims: The spatial dimensionality of the model's first convolution (0: none).
+        conv_in: Its input channel count.
+    """
+
+    first: set[int] = field(default_factory=set)
+    last: set[int] = field(default_factory=set)
+    prefix: int | None = None
+    grid: tuple[int, int] | None = None
+    nhwc: bool = False
+    conv_dims: int = 0
+    conv_in: int = 0
+
+    @classmethod
+    def of(cls, model: nn.Module) -> ModelGeometry:
+        """Read the geometry of ``model`` (the unwrapped model).
+
+        Args:
+            model: The model.
+
+        Returns:
+            Its geometry.
+        """
+        geo = cls()
+        for module in model.modules():
+            if isinstance(module, _FIRST_KINDS):
+                width = getattr(module, "out_channels", None)
+                width = width or getattr(module, "num_features", None)
+                width = width or getattr(module, "num_channels", None)
+                if isinstance(width, int):
+                    geo.first.add(width)
+                if not geo.conv_dims and isinstance(module, nn.modules.conv._ConvNd):
+                    geo.conv_dims = len(module.kernel_size)
+                    geo.conv_in = int(module.in_channels)
+            elif isinstance(module, nn.LayerNorm):
+                geo.last.add(int(module.normalized_shape[-1]))
+            elif isinstance(module, nn.Linear):
+                geo.last.update((int(module.out_features), int(module.in_features)))
+            elif isinstance(module, nn.Embedding):
+                geo.last.add(int(module.embedding_dim))
+            elif isinstance(module, nn.MultiheadAttention):
+                geo.last.add(int(module.embed_dim))
+        prefix = getattr(model, "num_prefix_tokens", None)
+        grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+        if isinstance(prefix, int) and grid is not None:
+            geo.prefix, geo.grid = prefix, (int(grid[0]), int(grid[1]))
+        geo.nhwc = getattr(model, "output_fmt", None) in ("NHWC", "nhwc")
+        return geo
+
+
+@dataclass(frozen=True)
+class OutputLayout:
+    """How one output is read as a feature map.
+
+    Attributes:
+        layout: ``"NCHW"``, ``"NHWC"``, ``"tokens"``, ``"NCL"``, ``"NLC"``, ``"NCTHW"``.
+        map_shape: ``(C, *S)`` after conversion.
+        transform: The conversion (``None``: already ``(B, C, *S)``).
+    """
+
+    layout: str
+    map_shape: tuple[int, ...]
+    transform: Any = None
+
+
+def _grid(tokens: int, aspect: float, fixed: tuple[int, int] | None) -> tuple[int, int] | None:
+    if fixed is not None:
+        return fixed if fixed[0] * fixed[1] == tokens else None
+    if tokens < 2:
+        return None
+    gh = max(1, round(math.sqrt(tokens * aspect)))
+    for h in (gh, gh - 1, gh + 1):
+        if h >= 1 and tokens % h == 0:
+            w = tokens // h
+            if abs(math.log((h / w) / aspect)) < 0.35:
+                return (h, w)
+    return None
+
+
+def _tokens(n: int, c: int, geo: ModelGeometry, source: InputGeometry) -> OutputLayout | None:
+    """Tokens ``(B, n, c)`` of an image model laid on its grid, or ``None``."""
+    if geo.prefix is not None and geo.grid is not None:
+        gh, gw = geo.grid
+        if n == geo.prefix + gh * gw:
+            return OutputLayout("tokens", (c, gh, gw), TokensToMap(geo.prefix, (gh, gw)))
+        return None
+    h_in, w_in = source.spatial[-2:]
+    aspect = h_in / w_in
+    for prefix in range(MAX_PREFIX + 1):
+        grid = _grid(n - prefix, aspect, None)
+        if grid is not None and grid[0] > 1 and grid[0] <= h_in:
+            return OutputLayout("tokens", (c, *grid), TokensToMap(prefix, grid))
+    return None
+
+
+def read_layout(
+    shape: Sequence[int],
+    geo: ModelGeometry,
+    source: InputGeometry,
+    producer: str = "",
+) -> OutputLayout | None:
+    """Read an output of ``shape`` (batch first) as a feature map, or ``None`` if it is not one.
+
+    Args:
+        shape: The output's shape, with the batch dimension.
+        geo: The model's geometry.
+        source: The probe's input.
+        producer: The class name of the module that produced it (the module itself, or the
+            last leaf module that ran in it): ``Permute``, ``LayerNorm`` and ``Linear`` mean
+            channels last.
+
+    Returns:
+        The layout, or ``None``.
+
+    Example:
+        ```python
+        import torch
+        from athooks.geometry import InputGeometry, ModelGeometry, read_layout
+
+        geo = ModelGeometry.of(torch.nn.Sequential(torch.nn.LayerNorm(96)))
+        image = InputGeometry("image", 1, (64, 64))
+        assert read_layout((1, 16, 16, 96), geo, image).layout == "NHWC"
+        assert read_layout((1, 1 + 16, 96), geo, image).map_shape == (96, 4, 4)
+        ```
+    """
+    dims = len(shape) - 1
+    last_hint = producer in _LAST_KINDS
+    if source.kind in ("image", "none") and dims == 3:
+        c, h, w = (int(v) for v in shape[1:])
+        first_ok, last_ok = c in geo.first, w in geo.last
+        if geo.nhwc and not (first_ok and w not in geo.last | geo.first):
+            return OutputLayout("NHWC", (w, c, h), ChannelsLastToFirst())
+        if last_ok and (not first_ok or last_hint):
+            return OutputLayout("NHWC", (w, c, h), ChannelsLastToFirst())
+        return OutputLayout("NCHW", (c, h, w))
+    if source.kind == "image" and dims == 2:
+        return _tokens(int(shape[1]), int(shape[2]), geo, source)
+    if source.kind == "video":
+        if dims == 4:
+            return OutputLayout("NCTHW", tuple(int(s) for s in shape[1:]))
+        return None
+    if source.kind in ("signal", "sequence") and dims == 2:
+        a, d = int(shape[1]), int(shape[2])
+        if source.kind == "signal":
+            channels_last = d in geo.last and a not in geo.first and last_hint
+        else:
+            channels_last = not (a in geo.first and d not in geo.first and not last_hint)
+        if channels_last:
+            return OutputLayout("NLC", (d, a), ChannelsLastToFirst())
+        return OutputLayout("NCL", (a, d))
+    return None
+
+
+def map_strides(map_shape: Sequence[int], source: InputGeometry) -> tuple[int | None, ...]:
+    """The stride of each spatial axis of a map ``(C, *S)`` against the input, or ``()``.
+
+    Args:
+        map_shape: ``(C, *S)``.
+        source: The probe's input.
+
+    Returns:
+        One stride per axis of ``S`` (``None`` where the map is larger than the input), or
+        ``()`` when the map's axes do not correspond to the input's.
+    """
+    spatial = tuple(map_shape[1:])
+    if not source.spatial or len(spatial) != len(source.spatial):
+        return ()
+    return tuple(pow2_stride(i, s) for i, s in zip(source.spatial, spatial, strict=True))

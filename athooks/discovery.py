@@ -52,14 +52,20 @@ from athooks.context import internal_run
 from athooks.errors import ConfigurationError, LayerResolutionError
 from athooks.geometry import (
     ChannelsLastToFirst,
+    Example,
     InputGeometry,
     ModelGeometry,
     TokensToMap,
+    batch_of,
+    detector_input,
+    input_geometry,
     map_strides,
     read_layout,
+    samples_differ,
+    two_samples,
 )
 from athooks.layers import Layer, unwrap
-from athooks.tensors import adapted_input, first_tensor, slice_batch
+from athooks.tensors import adapted_input, first_tensor
 
 __all__ = [
     "ChannelsLastToFirst",
@@ -208,8 +214,6 @@ def conversion(model: nn.Module, out: Tensor) -> Any:
     return None
 
 
-Example = tuple[tuple[Any, ...], dict[str, Any]]
-
 _HEAD_WORDS = frozenset(
     {"head", "heads", "classifier", "fc", "final_conv", "logits", "aux_classifier", "auxlogits"}
 )
@@ -234,95 +238,6 @@ def is_detector(model: nn.Module) -> bool:
     """
     transform = getattr(model, "transform", None)
     return type(transform).__name__ == "GeneralizedRCNNTransform" and hasattr(model, "backbone")
-
-
-def _detector_input(example: Example) -> Example:
-    """A detector's probe input: the images only (in eval, no targets)."""
-    args, kwargs = example
-    return args[:1], {k: v for k, v in kwargs.items() if k in ("images",)}
-
-
-def _is_images(value: Any) -> bool:
-    return isinstance(value, list) and bool(value) and all(isinstance(v, Tensor) for v in value)
-
-
-def _batch_of(example: Example) -> int:
-    """The batch size of an input: a list of images' length, else the first tensor's dim 0."""
-    args, kwargs = example
-    for value in (*args, *kwargs.values()):
-        if _is_images(value):
-            return len(value)
-        t = first_tensor(value)
-        if t is not None:
-            return int(t.shape[0]) if t.dim() else 0
-    return 0
-
-
-def _two_samples(example: Example) -> Example | None:
-    """The input cut to two samples, or one sample and its mirror image; ``None`` if no batch."""
-    batch = _batch_of(example)
-    if batch < 1:
-        return None
-
-    def cut(value: Any) -> Any:
-        if _is_images(value):
-            if len(value) == batch:
-                return value[:2] if batch >= 2 else [value[0], value[0].flip(-1)]
-            return value
-        if batch >= 2:
-            return slice_batch(value, batch, keep=2)
-        if isinstance(value, Tensor):
-            return (
-                torch.cat([value, value.flip(-1)]) if value.dim() and value.shape[0] == 1 else value
-            )
-        if isinstance(value, (tuple, list)) and not hasattr(value, "_fields"):
-            return type(value)(cut(v) for v in value)
-        if type(value) is dict:
-            return {k: cut(v) for k, v in value.items()}
-        return value
-
-    args, kwargs = example
-    return tuple(cut(a) for a in args), {k: cut(v) for k, v in kwargs.items()}
-
-
-def _input_geometry(example: Example, geo: ModelGeometry) -> InputGeometry:
-    """What the probe's input is (see :class:`athooks.geometry.InputGeometry`)."""
-    args, kwargs = example
-    batch = _batch_of(example)
-    for value in (*args, *kwargs.values()):
-        if _is_images(value) and value[0].dim() == 3:
-            return InputGeometry("image", len(value), tuple(value[0].shape[-2:]))
-        t = first_tensor(value)
-        if t is None or not t.dim():
-            continue
-        if t.is_floating_point():
-            if t.dim() == 4:
-                return InputGeometry("image", batch, tuple(t.shape[2:]))
-            if t.dim() == 5:
-                return InputGeometry("video", batch, tuple(t.shape[2:]))
-            if t.dim() == 3:
-                if geo.conv_dims == 1 and int(t.shape[1]) == geo.conv_in:
-                    return InputGeometry("signal", batch, (int(t.shape[2]),))
-                return InputGeometry("sequence", batch, (int(t.shape[1]),))
-        elif t.dim() == 2:
-            return InputGeometry("sequence", batch, (int(t.shape[1]),))
-    return InputGeometry("none", batch)
-
-
-def _varies(example: Example) -> bool:
-    """Whether the two samples of a probe input differ (else input dependence is not tested)."""
-    args, kwargs = example
-    for value in (*args, *kwargs.values()):
-        if (
-            isinstance(value, list)
-            and len(value) >= 2
-            and all(isinstance(v, Tensor) for v in value)
-        ):
-            return value[0].shape != value[1].shape or not torch.equal(value[0], value[1])
-        t = first_tensor(value)
-        if t is not None and t.dim() and t.shape[0] >= 2:
-            return not torch.equal(t[0], t[1])
-    return False
 
 
 def _num_classes(model: nn.Module, infos: Sequence[LayerInfo]) -> int | None:
@@ -439,10 +354,10 @@ def probe(
             "to skip this"
         )
     if is_detector(inner):
-        example = _detector_input(example)
+        example = detector_input(example)
     geo = ModelGeometry.of(inner)
-    batch = _batch_of(example)
-    varies_in = _varies(example)
+    batch = batch_of(example)
+    varies_in = samples_differ(example)
     seen: dict[str, _Seen] = {}
     counter = [0]
     last_leaf: list[tuple[int, str]] = [(0, "")]
@@ -495,7 +410,7 @@ def probe(
             handle.remove()
         for module, flag in flags:
             module.training = flag
-    source = _input_geometry(example, geo)
+    source = input_geometry(example, geo)
     if resized:
         source = InputGeometry("image", resized[0][0], tuple(resized[0][2:]))
     if source.kind == "none":  # token ids without a sequence, say: the largest map stands in
@@ -819,7 +734,7 @@ class Pairing:
                     _fmt_map(p.student),
                 )
             )
-        text = format_table(rows, widths=(20, 14, 6, 20, 14))
+        text = format_table(rows, widths=(16, 16, 6, 16, 16))
         for message in self.warnings:
             text += "\n" + _wrap(f"warning: {message}", 80)
         return text
@@ -892,7 +807,7 @@ def _probe_pair(
     Two different samples (two sliced from the batch, or one and its mirror image) tell which
     outputs depend on the input; a model that cannot run on them is probed on the whole batch.
     """
-    two = _two_samples(example)
+    two = two_samples(example)
     if two is not None:
         try:
             return _probe_both(teacher, student, two, teacher_input)
@@ -953,7 +868,7 @@ def _pair_stages(
     # keep the student's stages in increasing order along the teacher's
     kept: list[PairInfo] = []
     for p in pairs:
-        if not kept or p.student.order > kept[-1].student.order:
+        if not kept or p.student.order >= kept[-1].student.order:  # levels: one order
             kept.append(p)
     return kept
 

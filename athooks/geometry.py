@@ -28,19 +28,31 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from athooks.errors import CaptureError
+from athooks.tensors import first_tensor, slice_batch
 
 __all__ = [
     "ChannelsLastToFirst",
+    "Example",
     "InputGeometry",
     "ModelGeometry",
     "OutputLayout",
     "TokensToMap",
+    "batch_of",
+    "detector_input",
+    "input_geometry",
+    "is_image_list",
+    "map_strides",
     "pow2_stride",
     "read_layout",
+    "samples_differ",
+    "two_samples",
 ]
+
+Example = tuple[tuple[Any, ...], dict[str, Any]]
 
 MAX_PREFIX = 8
 
@@ -342,3 +354,161 @@ def map_strides(map_shape: Sequence[int], source: InputGeometry) -> tuple[int | 
     if not source.spatial or len(spatial) != len(source.spatial):
         return ()
     return tuple(pow2_stride(i, s) for i, s in zip(source.spatial, spatial, strict=True))
+
+
+# ------------------------------------------------------------------ the probe's input
+
+
+def detector_input(example: Example) -> Example:
+    """A detector's probe input: the images only (in eval, no targets).
+
+    Args:
+        example: ``(args, kwargs)`` of a detector call, e.g. ``((images, targets), {})``.
+
+    Returns:
+        ``((images,), {})`` (an ``images=`` keyword is kept).
+    """
+    args, kwargs = example
+    return args[:1], {k: v for k, v in kwargs.items() if k in ("images",)}
+
+
+def is_image_list(value: Any) -> bool:
+    """Whether ``value`` is a non-empty list of tensors (a detector's images)."""
+    return isinstance(value, list) and bool(value) and all(isinstance(v, Tensor) for v in value)
+
+
+def batch_of(example: Example) -> int:
+    """The batch size of an input: a list of images' length, else the first tensor's dim 0.
+
+    Args:
+        example: ``(args, kwargs)`` of a call.
+
+    Returns:
+        The batch size (0 when the input holds no tensor).
+    """
+    args, kwargs = example
+    for value in (*args, *kwargs.values()):
+        if is_image_list(value):
+            return len(value)
+        t = first_tensor(value)
+        if t is not None:
+            return int(t.shape[0]) if t.dim() else 0
+    return 0
+
+
+def two_samples(example: Example) -> Example | None:
+    """The input cut to two samples, or one sample and its mirror image; ``None`` if no batch.
+
+    Two different samples tell which outputs depend on the input (see
+    :func:`athooks.discovery.probe`).
+
+    Args:
+        example: ``(args, kwargs)`` of a call.
+
+    Returns:
+        ``(args, kwargs)`` with a batch of two, or ``None``.
+
+    Example:
+        ```python
+        import torch
+        from athooks.geometry import two_samples
+
+        (x,), _ = two_samples(((torch.randn(8, 3, 4, 4),), {}))
+        assert x.shape == (2, 3, 4, 4)
+        (images,), _ = two_samples((([torch.randn(3, 4, 5)],), {}))
+        assert torch.equal(images[1], images[0].flip(-1))
+        ```
+    """
+    batch = batch_of(example)
+    if batch < 1:
+        return None
+
+    def cut(value: Any) -> Any:
+        if is_image_list(value):
+            if len(value) == batch:
+                return value[:2] if batch >= 2 else [value[0], value[0].flip(-1)]
+            return value
+        if batch >= 2:
+            return slice_batch(value, batch, keep=2)
+        if isinstance(value, Tensor):
+            return (
+                torch.cat([value, value.flip(-1)]) if value.dim() and value.shape[0] == 1 else value
+            )
+        if isinstance(value, (tuple, list)) and not hasattr(value, "_fields"):
+            return type(value)(cut(v) for v in value)
+        if type(value) is dict:
+            return {k: cut(v) for k, v in value.items()}
+        return value
+
+    args, kwargs = example
+    return tuple(cut(a) for a in args), {k: cut(v) for k, v in kwargs.items()}
+
+
+def input_geometry(example: Example, geo: ModelGeometry) -> InputGeometry:
+    """What the probe's input is (see :class:`InputGeometry`).
+
+    A float ``(B, C, T)`` is a 1-D signal when the model's first convolution is a ``Conv1d``
+    taking ``C`` channels, else a sequence of embeddings ``(B, T, C)``.
+
+    Args:
+        example: ``(args, kwargs)`` of a call.
+        geo: The model's geometry.
+
+    Returns:
+        The input's geometry.
+
+    Example:
+        ```python
+        import torch
+        from athooks.geometry import ModelGeometry, input_geometry
+
+        geo = ModelGeometry.of(torch.nn.Conv1d(2, 4, 3))
+        signal = input_geometry(((torch.randn(2, 2, 50),), {}), geo)
+        assert (signal.kind, signal.spatial) == ("signal", (50,))
+        ids = input_geometry(((torch.zeros(2, 7, dtype=torch.long),), {}), geo)
+        assert (ids.kind, ids.spatial) == ("sequence", (7,))
+        ```
+    """
+    args, kwargs = example
+    batch = batch_of(example)
+    for value in (*args, *kwargs.values()):
+        if is_image_list(value) and value[0].dim() == 3:
+            return InputGeometry("image", len(value), tuple(value[0].shape[-2:]))
+        t = first_tensor(value)
+        if t is None or not t.dim():
+            continue
+        if t.is_floating_point():
+            if t.dim() == 4:
+                return InputGeometry("image", batch, tuple(t.shape[2:]))
+            if t.dim() == 5:
+                return InputGeometry("video", batch, tuple(t.shape[2:]))
+            if t.dim() == 3:
+                if geo.conv_dims == 1 and int(t.shape[1]) == geo.conv_in:
+                    return InputGeometry("signal", batch, (int(t.shape[2]),))
+                return InputGeometry("sequence", batch, (int(t.shape[1]),))
+        elif t.dim() == 2:
+            return InputGeometry("sequence", batch, (int(t.shape[1]),))
+    return InputGeometry("none", batch)
+
+
+def samples_differ(example: Example) -> bool:
+    """Whether the first two samples of an input differ (else input dependence is not tested).
+
+    Args:
+        example: ``(args, kwargs)`` of a call.
+
+    Returns:
+        Whether they differ (``False`` for a batch of one).
+    """
+    args, kwargs = example
+    for value in (*args, *kwargs.values()):
+        if (
+            isinstance(value, list)
+            and len(value) >= 2
+            and all(isinstance(v, Tensor) for v in value)
+        ):
+            return value[0].shape != value[1].shape or not torch.equal(value[0], value[1])
+        t = first_tensor(value)
+        if t is not None and t.dim() and t.shape[0] >= 2:
+            return not torch.equal(t[0], t[1])
+    return False

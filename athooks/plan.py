@@ -9,6 +9,7 @@ input (:func:`athooks.discovery.auto_pairs`), unless ``input_size`` asks for a d
 from __future__ import annotations
 
 import threading
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -16,12 +17,18 @@ import torch
 from torch import nn
 
 from athooks.discovery import AUTO_MODES, Pairing, auto_pairs
-from athooks.errors import ConfigurationError
+from athooks.errors import ConfigurationError, PairingWarning
 from athooks.layers import ResolvedPair, resolve_pairs
 from athooks.mappings import Mapping
 from athooks.taps import PairedTaps
 
 __all__ = ["LayerPlan"]
+
+
+def _warn(pairing: Pairing) -> None:
+    """Emit the pairing's warnings, once, where ``"auto"`` is resolved."""
+    for message in pairing.warnings:
+        warnings.warn(message, PairingWarning, stacklevel=4)
 
 
 class LayerPlan:
@@ -66,6 +73,7 @@ class LayerPlan:
             self._use(resolve_pairs(teacher, student, layers))
         elif input_size is not None:
             self.pairing = auto_pairs(teacher, student, layers, input_size)
+            _warn(self.pairing)
             self._use(resolve_pairs(teacher, student, self.pairing.layers()))
 
     @property
@@ -85,6 +93,7 @@ class LayerPlan:
                 example=(args, kwargs),
                 teacher_input=self.teacher_input,
             )
+            _warn(self.pairing)
             taps = self._use(resolve_pairs(self.teacher, self.student, self.pairing.layers()))
             if self.on_resolved is not None:
                 self.on_resolved(taps)

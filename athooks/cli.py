@@ -213,7 +213,7 @@ def _cmd_layers(args: argparse.Namespace) -> int:
                 "*" if info.label in stages else "",
             )
         )
-    print(format_table(rows, widths=(26, 14, 12, 6, 6, 4)))
+    print(format_table(rows, widths=(24, 16, 12, 6, 6, 4)))
     return 0
 
 

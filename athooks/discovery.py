@@ -40,6 +40,7 @@ what named layers may bring: heads, input-independent or one-cell maps) are list
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Sequence
 from collections.abc import Mapping as MappingABC
 from dataclasses import dataclass, field
@@ -114,7 +115,8 @@ class LayerInfo:
             ``"NLC"``, ``"NCTHW"``, or ``""`` (not a feature map).
         note: Why the output is not a stage candidate (``None``: it is one).
         start: When it started running in the forward.
-        position: How far through the forward it ended, from 0 to 1 (its relative depth).
+        position: Its relative depth: its rank among the modules that ran, by when they
+            ended, over their number (from 0 to 1).
     """
 
     name: str
@@ -221,7 +223,12 @@ _ATTN_WORDS = frozenset(
     {"attn", "attention", "self_attn", "self_attention", "q", "k", "v", "qkv", "q_norm", "k_norm"}
     | {"q_proj", "k_proj", "v_proj", "softmax", "attn_drop"}
 )
-_STEM_WORDS = frozenset({"stem", "conv_stem", "patch_embed", "conv_proj", "conv1", "bn1", "act1"})
+_STEM = re.compile(
+    r"^(?:(?:backbone|body|encoder|model|trunk|features|base|net)\.)*"
+    r"(?:stem\w*|patch_embed\w*|conv_stem|conv1|bn1|act1|relu|maxpool|conv_proj|pos_embed\w*|"
+    r"patch_embedding|embed\w*|0)(?:\.|$)"
+)
+_STEM_DEPTH, _DEEP_DEPTH, _DEPTH_GAP = 0.10, 0.70, 0.35
 
 
 def is_detector(model: nn.Module) -> bool:
@@ -434,6 +441,8 @@ def _infos(
 ) -> list[LayerInfo]:
     """Read each recorded output as a feature map and say whether it is a stage candidate."""
     attention = _attention_modules(inner)
+    ran = sorted((e.end, n) for n, e in seen.items() if e.calls)
+    rank = {n: k + 1 for k, (_, n) in enumerate(ran)}
     infos: list[LayerInfo] = []
     for name, _ in named:
         entry = seen.get(name)
@@ -478,7 +487,7 @@ def _infos(
                     read.layout if read is not None else "",
                     note,
                     entry.start,
-                    entry.end / total,
+                    rank[name] / max(len(ran), 1),
                 )
             )
     return _mark_heads(infos, _num_classes(inner, infos))
@@ -874,14 +883,16 @@ def _pair_stages(
 
 
 def _is_stem(info: LayerInfo) -> bool:
-    return bool(_words(info.name) & _STEM_WORDS) or info.position < 0.1
+    """Named like a stem or patch embedding, or in the first tenth of the forward."""
+    return bool(_STEM.match(info.name)) or info.position <= _STEM_DEPTH
 
 
 def pair_warnings(pairs: Sequence[PairInfo]) -> list[str]:
     """Why some pairs look suspicious: what a researcher would not call a pair of stages.
 
-    A stem or patch embedding paired with a deep stage; stages at very different relative
-    depths (how far through the forward each one ends, more than half the network apart); a
+    A stem or patch embedding paired with a deep stage (one that ends after 70% of the
+    forward); stages at very different relative depths (how far through the forward each one
+    ends: more than 35% of it apart); a
     head or logits map, a map that does not depend on the input, or a map of one cell (which
     ``"auto"`` never picks, but a metadata listing may).
 
@@ -909,10 +920,14 @@ def pair_warnings(pairs: Sequence[PairInfo]) -> list[str]:
                 why = f"the {side}'s {info.label} is {info.note}"
             elif info.map_shape is not None and math.prod(info.map_shape[1:]) <= 1:
                 why = f"the {side}'s {info.label} is a map of one cell"
-        if why is None and _is_stem(t) != _is_stem(s) and max(t.position, s.position) > 0.5:
+        if (
+            why is None
+            and _is_stem(t) != _is_stem(s)
+            and max(t.position, s.position) >= _DEEP_DEPTH
+        ):
             stem, deep = (t, s) if _is_stem(t) else (s, t)
             why = f"the stem or patch embedding {stem.label} is paired with the deep {deep.label}"
-        if why is None and abs(t.position - s.position) > 0.5:
+        if why is None and abs(t.position - s.position) > _DEPTH_GAP:
             why = (
                 f"{t.label} ends {t.position:.0%} through the teacher's forward, {s.label} "
                 f"{s.position:.0%} through the student's"

@@ -247,13 +247,20 @@ def is_detector(model: nn.Module) -> bool:
     return type(transform).__name__ == "GeneralizedRCNNTransform" and hasattr(model, "backbone")
 
 
-def _num_classes(model: nn.Module, infos: Sequence[LayerInfo]) -> int | None:
-    """The model's ``num_classes``, else the width of its last Linear with a vector output."""
+def _num_classes(model: nn.Module, infos: Sequence[LayerInfo]) -> tuple[int | None, int]:
+    """The model's ``num_classes``, else the width of its last Linear with a vector output.
+
+    Also returns when a logits map may start: anywhere for the attribute; after that Linear
+    otherwise (a map that feeds a Linear classifier is not the logits).
+    """
     value = getattr(model, "num_classes", None)
     if isinstance(value, int) and value > 0:
-        return value
+        return value, 0
     linears = [i for i in infos if i.kind == "Linear" and len(i.shape) == 1]
-    return int(max(linears, key=lambda i: i.order).shape[0]) if linears else None
+    if not linears:
+        return None, 0
+    last = max(linears, key=lambda i: i.order)
+    return int(last.shape[0]), last.order
 
 
 def _words(name: str) -> set[str]:
@@ -428,7 +435,7 @@ def probe(
         ]
         if heights:
             source = InputGeometry("image", batch, max(heights))
-    return _infos(inner, named, seen, source, geo, counter[0] or 1)
+    return _infos(inner, named, seen, source, geo)
 
 
 def _infos(
@@ -437,7 +444,6 @@ def _infos(
     seen: dict[str, Any],
     source: InputGeometry,
     geo: ModelGeometry,
-    total: int,
 ) -> list[LayerInfo]:
     """Read each recorded output as a feature map and say whether it is a stage candidate."""
     attention = _attention_modules(inner)
@@ -493,8 +499,9 @@ def _infos(
     return _mark_heads(infos, _num_classes(inner, infos))
 
 
-def _mark_heads(infos: list[LayerInfo], num_classes: int | None) -> list[LayerInfo]:
+def _mark_heads(infos: list[LayerInfo], classes: tuple[int | None, int]) -> list[LayerInfo]:
     """A map with ``num_classes`` channels after which no map of other width runs is a head."""
+    num_classes, after = classes
     if num_classes is None:
         return infos
     out = list(infos)
@@ -503,7 +510,7 @@ def _mark_heads(infos: list[LayerInfo], num_classes: int | None) -> list[LayerIn
         info = out[k]
         if info.map_shape is None or info.note is not None:
             continue
-        if info.map_shape[0] == num_classes and not later_other:
+        if info.map_shape[0] == num_classes and not later_other and info.start > after:
             out[k] = _with(info, note="a logits map (num_classes channels)", stride=None)
         elif info.map_shape[0] != num_classes:
             later_other = True

@@ -76,11 +76,11 @@ _LAST_KINDS = ("LayerNorm", "Linear", "Permute", "RMSNorm", "MultiheadAttention"
 
 @dataclass(frozen=True)
 class TokensToMap:
-    """Turn ViT tokens ``(B, N, C)`` into a feature map ``(B, C, H, W)`` on the patch grid.
+    """Turn ViT tokens ``(B, N, C)`` into a feature map ``(B, C, *grid)`` on the patch grid.
 
     Args:
         prefix: Number of leading non-patch tokens (class, distillation, register tokens).
-        grid: The patch grid ``(H, W)``.
+        grid: The patch grid: ``(H, W)`` for images, ``(T, H, W)`` for video tokens.
 
     Example:
         ```python
@@ -89,24 +89,25 @@ class TokensToMap:
 
         to_map = TokensToMap(prefix=1, grid=(4, 4))
         assert to_map(torch.randn(2, 17, 192)).shape == (2, 192, 4, 4)
+        assert TokensToMap(1, (2, 4, 4))(torch.randn(2, 33, 96)).shape == (2, 96, 2, 4, 4)
         ```
     """
 
     prefix: int
-    grid: tuple[int, int]
+    grid: tuple[int, ...]
 
     def __call__(self, tokens: Tensor) -> Tensor:
         """Drop the prefix tokens and reshape."""
-        gh, gw = self.grid
-        if tokens.dim() != 3 or tokens.shape[1] != self.prefix + gh * gw:
+        cells = math.prod(self.grid)
+        if tokens.dim() != 3 or tokens.shape[1] != self.prefix + cells:
             raise CaptureError(
-                f"expected ViT tokens (B, {self.prefix} + {gh}*{gw}, C), got shape "
-                f"{tuple(tokens.shape)}; the input size differs from the one the model was built "
-                "for (its patch grid is fixed): feed that size, or build the model with that "
-                "img_size"
+                f"expected ViT tokens (B, {self.prefix} + {'*'.join(map(str, self.grid))}, C), "
+                f"got shape {tuple(tokens.shape)}; the input size differs from the one the "
+                "model was built for (its patch grid is fixed): feed that size, or build the "
+                "model with that img_size"
             )
         b, _, c = tokens.shape
-        return tokens[:, self.prefix :].transpose(1, 2).reshape(b, c, gh, gw)
+        return tokens[:, self.prefix :].transpose(1, 2).reshape(b, c, *self.grid)
 
 
 @dataclass(frozen=True)
@@ -281,6 +282,21 @@ def _tokens(n: int, c: int, geo: ModelGeometry, source: InputGeometry) -> Output
     return None
 
 
+def _video_tokens(n: int, c: int, source: InputGeometry) -> OutputLayout | None:
+    """Video tokens ``(B, prefix + t*h*w, C)`` (MViT): ``t`` the input's T halved, or not."""
+    t_in, h_in, w_in = source.spatial
+    for prefix in range(MAX_PREFIX + 1):
+        t = t_in
+        while t >= 1:
+            if (n - prefix) % t == 0:
+                grid = _grid((n - prefix) // t, h_in / w_in, None)
+                if grid is not None and 1 < grid[0] <= h_in:
+                    cells = (t, *grid)
+                    return OutputLayout("tokens", (c, *cells), TokensToMap(prefix, cells))
+            t //= 2
+    return None
+
+
 def read_layout(
     shape: Sequence[int],
     geo: ModelGeometry,
@@ -326,6 +342,8 @@ def read_layout(
     if source.kind == "video":
         if dims == 4:
             return OutputLayout("NCTHW", tuple(int(s) for s in shape[1:]))
+        if dims == 2:
+            return _video_tokens(int(shape[1]), int(shape[2]), source)
         return None
     if source.kind in ("signal", "sequence") and dims == 2:
         a, d = int(shape[1]), int(shape[2])

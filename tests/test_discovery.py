@@ -937,3 +937,28 @@ def test_pair_warnings_flag_what_auto_never_picks():
         (message,) = pair_warnings([PairInfo(deep, other)])
         assert why in message and "layers=[" in message
     assert pair_warnings([PairInfo(deep, deep)]) == []
+
+
+class VideoTokens(nn.Module):
+    """A 3-D patch embedding, then tokens (B, 1 + t*h*w, C) as in MViT."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.conv_proj = nn.Conv3d(3, width, (2, 4, 4), (2, 4, 4))
+        self.cls = nn.Parameter(torch.zeros(1, 1, width))
+        self.blocks = nn.Sequential(
+            *[nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width)) for _ in range(2)]
+        )
+
+    def forward(self, x):
+        tokens = self.conv_proj(x).flatten(2).transpose(1, 2)
+        tokens = torch.cat([self.cls.expand(len(x), -1, -1), tokens], 1)
+        return self.blocks(tokens)[:, 0]
+
+
+def test_video_tokens_lie_on_their_time_and_space_grid():
+    x = torch.randn(2, 3, 8, 32, 32)
+    info = {i.name: i for i in probe(VideoTokens(16), example=((x,), {}))}["blocks"]
+    assert info.shape == (1 + 4 * 8 * 8, 16) and info.layout == "tokens"
+    assert info.transform == TokensToMap(1, (4, 8, 8)) and info.map_shape == (16, 4, 8, 8)
+    assert info.stride == 4

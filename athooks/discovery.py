@@ -58,9 +58,13 @@ from athooks.geometry import (
     ModelGeometry,
     TokensToMap,
     batch_of,
+    conversion,
+    default_input_size,
     detector_input,
     input_geometry,
     map_strides,
+    metadata_modules,
+    pair_input_size,
     read_layout,
     samples_differ,
     two_samples,
@@ -146,74 +150,6 @@ class LayerInfo:
     def layer(self) -> Layer:
         """The :class:`athooks.Layer` that taps this module, with its level and conversion."""
         return Layer(self.name, select=self.select, transform=self.transform)
-
-
-def _in_chans(model: nn.Module) -> int:
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d):
-            return int(module.in_channels)
-    return 3
-
-
-def default_input_size(model: nn.Module) -> tuple[int, int, int]:
-    """The input size ``(C, H, W)`` used to probe ``model`` when none is given.
-
-    A fixed patch-embedding size (timm ViTs) first, then the model's ``pretrained_cfg`` input
-    size, else 224x224 with the channel count of the first convolution.
-
-    Args:
-        model: The model.
-
-    Returns:
-        ``(C, H, W)``.
-
-    Example:
-        ```python
-        import timm
-        from athooks.discovery import default_input_size
-
-        vit = timm.create_model("vit_tiny_patch16_224", img_size=64)
-        assert default_input_size(vit) == (3, 64, 64)
-        ```
-    """
-    inner, _ = unwrap(model)
-    chans = _in_chans(inner)
-    patch_embed = getattr(inner, "patch_embed", None)
-    img_size = getattr(patch_embed, "img_size", None)
-    if isinstance(img_size, (tuple, list)) and len(img_size) == 2 and all(img_size):
-        return (chans, int(img_size[0]), int(img_size[1]))
-    cfg = getattr(inner, "pretrained_cfg", None) or getattr(inner, "default_cfg", None)
-    if isinstance(cfg, dict):
-        size = cfg.get("input_size")
-        if isinstance(size, (tuple, list)) and len(size) == 3:
-            return (int(size[0]), int(size[1]), int(size[2]))
-    return (chans, 224, 224)
-
-
-def conversion(model: nn.Module, out: Tensor) -> Any:
-    """The conversion of one output of ``model`` to ``(B, C, H, W)`` its metadata implies, if any.
-
-    Tokens ``(B, N, C)`` of a timm ViT-style model (``num_prefix_tokens`` and
-    ``patch_embed.grid_size``) become :class:`TokensToMap`; a 4-D output of a model whose
-    ``output_fmt`` is ``"NHWC"`` becomes :class:`ChannelsLastToFirst`.
-
-    Args:
-        model: The (unwrapped) model.
-        out: One module's output tensor.
-
-    Returns:
-        The conversion, or ``None``.
-    """
-    prefix = getattr(model, "num_prefix_tokens", None)
-    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
-    if out.dim() == 3 and isinstance(prefix, int) and grid is not None:
-        gh, gw = int(grid[0]), int(grid[1])
-        if out.shape[1] == prefix + gh * gw:
-            return TokensToMap(prefix, (gh, gw))
-        return None
-    if out.dim() == 4 and getattr(model, "output_fmt", None) in ("NHWC", "nhwc"):
-        return ChannelsLastToFirst()
-    return None
 
 
 _HEAD_WORDS = frozenset(
@@ -521,46 +457,6 @@ def _with(info: LayerInfo, **changes: Any) -> LayerInfo:
     values = {f: getattr(info, f) for f in info.__dataclass_fields__}
     values.update(changes)
     return LayerInfo(**values)
-
-
-def _fixed_input_size(model: nn.Module) -> tuple[int, int, int] | None:
-    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
-    dynamic = getattr(model, "dynamic_img_size", False)
-    if isinstance(img_size, (tuple, list)) and len(img_size) == 2 and all(img_size) and not dynamic:
-        return (_in_chans(model), int(img_size[0]), int(img_size[1]))
-    return None
-
-
-def pair_input_size(teacher: nn.Module, student: nn.Module) -> tuple[int, int, int]:
-    """One probe input size for both models, since at run time both see the same input.
-
-    A model with a fixed input size (a timm ViT's patch grid) decides, the teacher first;
-    otherwise the student's :func:`default_input_size`.
-
-    Args:
-        teacher: The teacher model.
-        student: The student model.
-
-    Returns:
-        ``(C, H, W)``.
-    """
-    t_inner, _ = unwrap(teacher)
-    s_inner, _ = unwrap(student)
-    fixed = _fixed_input_size(t_inner) or _fixed_input_size(s_inner)
-    return fixed or default_input_size(s_inner)
-
-
-def metadata_modules(model: nn.Module) -> list[str] | None:
-    """The module names a model's timm-style ``feature_info`` lists, or ``None``."""
-    info = getattr(model, "feature_info", None)
-    if not isinstance(info, (list, tuple)) or not info:
-        return None
-    names: list[str] = []
-    for entry in info:
-        name = entry.get("module") if isinstance(entry, dict) else None
-        if isinstance(name, str) and name:
-            names.append(name)
-    return names or None
 
 
 def stage_layers(

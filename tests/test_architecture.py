@@ -21,7 +21,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "athooks"
 LAYERS: list[tuple[str, ...]] = [
     ("athooks.errors", "athooks.version"),
     ("athooks.checks", "athooks.specs", "athooks.tensors", "athooks.context", "athooks._compile"),
-    ("athooks.layers", "athooks.models", "athooks.geometry"),
+    ("athooks.layers", "athooks.models"),
+    ("athooks.geometry",),
     ("athooks.hookspecs",),
     ("athooks.registry",),
     ("athooks.mappings",),

@@ -20,8 +20,9 @@ Then:
   candidates it lists, the last one per stride;
 * any other model: for each stride, the last candidate of the shallowest level of the module
   tree, among containers of blocks if the model has any (so a ResNet pair gets its four groups,
-  as in the authors' ImageNet code); a candidate that runs after a map of larger stride has been
-  produced is a decoder (U-Net) and is not a stage;
+  as in the authors' ImageNet code); a stem or patch embedding (by its name) gives way to a
+  later candidate of its stride (Swin3D's first stage); a candidate at a stride the model had
+  already produced, after a map of larger stride, is a decoder's (U-Net) and is not a stage;
 * a torchvision detector (a ``GeneralizedRCNNTransform`` and a ``backbone`` returning FPN
   levels) contributes each level of its backbone (``Layer("backbone", select="0")``...), with
   strides measured on the images as resized inside the model.
@@ -509,11 +510,21 @@ def stage_layers(
     if not chosen:
         encoder = [i for i in usable if not _decoder(i, usable)]
         containers = [i for i in encoder if i.select is not None or _has_children(inner, i)]
-        for info in containers or encoder:
+        pool = containers or encoder
+        for info in pool:
             assert info.stride is not None
             best = chosen.get(info.stride)
             if best is None or (info.depth, -info.order) < (best.depth, -best.order):
                 chosen[info.stride] = info
+        for stride, best in list(chosen.items()):
+            # a stem (patch embedding) is not the stage when a stage of its stride follows it
+            later = [
+                i
+                for i in pool
+                if i.stride == stride and i.order > best.order and not i.name.startswith(best.name)
+            ]
+            if _STEM.match(best.name) and later:
+                chosen[stride] = min(later, key=lambda i: (i.depth, -i.order))
     # A leaf module (a stem activation) is not a stage when the model has container stages:
     # the paper transfers at the outputs of groups of blocks.
     containers_by_stride = {
@@ -661,7 +672,7 @@ def _fmt_shape(shape: Sequence[int] | None) -> str:
 def _fmt_map(info: LayerInfo) -> str:
     """``(C, *S)`` of the map, with the layout it was read from when it is not channels first."""
     shape = _fmt_shape(info.map_shape)
-    return f"{shape} {info.layout}" if info.layout in ("NHWC", "NLC", "tokens") else shape
+    return f"{shape} {info.layout}" if info.layout in ("NHWC", "NLC", "NTHWC", "tokens") else shape
 
 
 def _fmt_stride(teacher: LayerInfo, student: LayerInfo) -> str:

@@ -4,8 +4,9 @@
 this module what each output *is*:
 
 * its **layout**: ``NCHW`` (images), ``NHWC`` (channels last: Swin), ``tokens`` (a ViT's
-  ``(B, prefix + H*W, C)``, laid on the patch grid), ``NCL`` (1-D signals, ``(B, C, T)``),
-  ``NLC`` (token sequences, ``(B, T, C)``), ``NCTHW`` (video), or none (not a feature map);
+  ``(B, prefix + H*W, C)``, laid on the patch grid; MViT's ``(B, prefix + T*H*W, C)``),
+  ``NCL`` (1-D signals, ``(B, C, T)``), ``NLC`` (token sequences, ``(B, T, C)``), ``NCTHW``
+  (video), ``NTHWC`` (channels-last video: Swin3D), or none (not a feature map);
 * the **conversion** (a :class:`athooks.Layer` transform) that turns it into ``(B, C, *S)``:
   :class:`TokensToMap`, :class:`ChannelsLastToFirst`, or none;
 * its **stride**: the input's size over the map's, along the height (the only axis of a 1-D
@@ -346,7 +347,11 @@ def read_layout(
         return _tokens(int(shape[1]), int(shape[2]), geo, source)
     if source.kind == "video":
         if dims == 4:
-            return OutputLayout("NCTHW", tuple(int(s) for s in shape[1:]))
+            c, *rest = (int(v) for v in shape[1:])
+            last = rest[-1]
+            if last in geo.last and (c not in geo.first or last_hint):  # Swin3D: (B, T, H, W, C)
+                return OutputLayout("NTHWC", (last, c, *rest[:-1]), ChannelsLastToFirst())
+            return OutputLayout("NCTHW", (c, *rest))
         if dims == 2:
             return _video_tokens(int(shape[1]), int(shape[2]), source)
         return None

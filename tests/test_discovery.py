@@ -930,7 +930,7 @@ def test_pair_warnings_flag_what_auto_never_picks():
         ),
         (LayerInfo("pool", "Pool", (8, 1, 1), (8, 1, 1), None, position=0.7), "a map of one cell"),
         (
-            LayerInfo("late", "Sequential", (8, 4, 4), (8, 4, 4), 16, position=0.1),
+            LayerInfo("late", "Sequential", (8, 4, 4), (8, 4, 4), 16, position=0.2),
             "through the teacher's forward",
         ),
     ]:
@@ -962,3 +962,26 @@ def test_video_tokens_lie_on_their_time_and_space_grid():
     assert info.shape == (1 + 4 * 8 * 8, 16) and info.layout == "tokens"
     assert info.transform == TokensToMap(1, (4, 8, 8)) and info.map_shape == (16, 4, 8, 8)
     assert info.stride == 4
+
+
+class Swin3dLike(nn.Module):
+    """Channels-last video, (B, T, H, W, C), after a Permute: as torchvision's Swin3D."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.patch_embed = nn.Sequential(
+            nn.Conv3d(3, width, (2, 4, 4), (2, 4, 4)),
+            torchvision.ops.Permute([0, 2, 3, 4, 1]),
+            nn.LayerNorm(width),
+        )
+        self.features = nn.Sequential(nn.Sequential(nn.Linear(width, width), nn.GELU()))
+
+    def forward(self, x):
+        return self.features(self.patch_embed(x)).mean((1, 2, 3))
+
+
+def test_channels_last_video_and_the_stage_that_ends_last():
+    x = torch.randn(2, 3, 4, 32, 32)
+    (stage,) = stage_layers(Swin3dLike(8), infos=probe(Swin3dLike(8), example=((x,), {})))
+    assert (stage.name, stage.layout, stage.map_shape) == ("features", "NTHWC", (8, 2, 8, 8))
+    assert stage.transform == ChannelsLastToFirst() and stage.stride == 4

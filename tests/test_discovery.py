@@ -985,3 +985,46 @@ def test_channels_last_video_and_the_stage_that_ends_last():
     (stage,) = stage_layers(Swin3dLike(8), infos=probe(Swin3dLike(8), example=((x,), {})))
     assert (stage.name, stage.layout, stage.map_shape) == ("features", "NTHWC", (8, 2, 8, 8))
     assert stage.transform == ChannelsLastToFirst() and stage.stride == 4
+
+
+REAL = {
+    "xcit_nano (pos_embed ignores the input)": (
+        lambda: timm.create_model("xcit_nano_12_p16_224"),
+        64,
+        [("blocks.11", "layer3")],
+    ),
+    "mixer at its size": (
+        lambda: timm.create_model("mixer_s16_224"),
+        224,
+        [("blocks.7", "layer3")],
+    ),
+    "levit at its size": (
+        lambda: timm.create_model("levit_128s"),
+        224,
+        [("stages.0", "layer3"), ("stages.1", "layer4")],
+    ),
+    "efficientformerv2 at its size": (
+        lambda: timm.create_model("efficientformerv2_s0"),
+        224,
+        [
+            ("stages.0", "layer1"),
+            ("stages.1", "layer2"),
+            ("stages.2", "layer3"),
+            ("stages.3", "layer4"),
+        ],
+    ),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(REAL))
+def test_real_timm_families_pair_with_a_resnet(case):
+    build, size, expected = REAL[case]
+    torch.manual_seed(0)
+    teacher, student = build(), timm.create_model("resnet18")
+    pairing = auto_pairs(teacher, student, example=((torch.randn(2, 3, size, size),), {}))
+    assert [(p.teacher.name, p.student.name) for p in pairing.pairs] == expected
+    assert all(p.teacher.map_shape[1:] == p.student.map_shape[1:] for p in pairing.pairs)
+    if case.startswith("xcit"):
+        infos = {i.name: i for i in probe(teacher, (3, 64, 64))}
+        assert infos["pos_embed"].note == "does not depend on the input"

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -79,7 +80,10 @@ def build_model(spec: str, *, pretrained: bool = False, **options: Any) -> nn.Mo
             import torchvision
 
             weights = "DEFAULT" if pretrained else None
-            model: nn.Module = torchvision.models.get_model(name, weights=weights, **options)
+            builder = torchvision.models.get_model_builder(name)
+            if not pretrained and "weights_backbone" in inspect.signature(builder).parameters:
+                options.setdefault("weights_backbone", None)  # detectors, segmenters: no download
+            model: nn.Module = builder(weights=weights, **options)
             return model
         module = importlib.import_module(source)
         factory = getattr(module, name)

@@ -120,3 +120,14 @@ def test_layers_shows_layouts_and_dict_levels():
     res = run("layers", "torchvision:vit_b_16", "--pattern", "encoder")
     assert res.returncode == 0, res.stderr
     assert table(res.stdout) == [["encoder", "Encoder", "197x768", "tokens", "16", "*"]]
+
+
+def test_detector_levels_are_rows_without_downloading_a_backbone():
+    model = "torchvision:fasterrcnn_mobilenet_v3_large_320_fpn"
+    res = run("layers", model, "--input-size", "3", "128", "128", "--pattern", "backbone")
+    assert res.returncode == 0, res.stderr
+    assert table(res.stdout) == [  # strides against the images as resized inside (320 px)
+        ["backbone['0']", "BackboneWithFPN", "256x10x10", "NCHW", "32", "*"],
+        ["backbone['1']", "BackboneWithFPN", "256x10x10", "NCHW", "32", "*"],
+        ["backbone['pool']", "BackboneWithFPN", "256x5x5", "NCHW", "64", "*"],
+    ]

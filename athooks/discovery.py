@@ -10,7 +10,7 @@ video). A module's output is a *stage candidate* when it
 * has the input's batch size (per-ROI tensors of a detection head do not),
 * is a spatial map of more than one cell whose axes are those of the input,
 * is not a classifier or logits head (modules named ``head``, ``classifier``, ``fc``,
-  ``final_conv``, ``logits``, ``aux_classifier``; a map at the end of the network with as many
+  ``final_conv``, ``logits``, ``aux_classifier``, ``mask_predictor``...; a map at the end of the network with as many
   channels as the model has classes), and not inside an attention module (``attn``, ``q``,
   ``k``, ``v``, ``k_norm``, softmax).
 
@@ -153,8 +153,10 @@ class LayerInfo:
         return Layer(self.name, select=self.select, transform=self.transform)
 
 
-_HEAD_WORDS = frozenset(
-    {"head", "heads", "classifier", "fc", "final_conv", "logits", "aux_classifier", "auxlogits"}
+_HEAD = re.compile(
+    r"^(?:heads?|head_\w+|classifier|aux_classifier|fc|logits|final_conv|aux_logits|auxlogits|"
+    r"aux_head|box_predictor|box_head|cls_logits|bbox_pred|predictor|mask_predictor|"
+    r"keypoint_predictor|pre_logits)$"
 )
 _ATTN_WORDS = frozenset(
     {"attn", "attention", "self_attn", "self_attention", "q", "k", "v", "qkv", "q_norm", "k_norm"}
@@ -412,7 +414,7 @@ def _infos(
                 note = "inside an attention module"
             elif name in attention:
                 note = "an attention module"
-            elif words & _HEAD_WORDS:
+            elif any(_HEAD.match(word) for word in words):
                 note = "a classifier head"
             if note in ("not a feature map", "one cell", "its axes are not the input's"):
                 stride = None

@@ -546,6 +546,10 @@ def test_classifier_and_logits_maps_are_not_stages():
     assert infos["classifier.0"].note == "a classifier head"
     assert infos["aux_classifier"].note == "a classifier head"
     assert [s.name for s in stage_layers(SegNet(), (3, 32, 32))] == ["backbone.0", "backbone"]
+    flow_like = nn.Sequential(conv(3, 8, 2), nn.Sequential())
+    flow_like.add_module("mask_predictor", nn.Conv2d(8, 36, 1))  # RAFT's upsampling mask
+    infos = {i.name: i for i in probe(flow_like, (3, 32, 32))}
+    assert infos["mask_predictor"].note == "a classifier head"
     infos = {i.name: i for i in probe(TailLogits(), (3, 32, 32))}
     assert infos["project"].note == "a logits map (num_classes channels)"
     assert [s.name for s in stage_layers(TailLogits(), (3, 32, 32))] == ["body.0", "body"]

@@ -10,9 +10,9 @@ video). A module's output is a *stage candidate* when it
 * has the input's batch size (per-ROI tensors of a detection head do not),
 * is a spatial map of more than one cell whose axes are those of the input,
 * is not a classifier or logits head (modules named ``head``, ``classifier``, ``fc``,
-  ``final_conv``, ``logits``, ``aux_classifier``, ``mask_predictor``...; a map at the end of the network with as many
-  channels as the model has classes), and not inside an attention module (``attn``, ``q``,
-  ``k``, ``v``, ``k_norm``, softmax).
+  ``final_conv``, ``logits``, ``aux_classifier``, ``mask_predictor``...; a map at the end of
+  the network with as many channels as the model has classes), and not inside an attention
+  module (``attn``, ``q``, ``k``, ``v``, ``k_norm``, softmax).
 
 Then:
 

@@ -26,6 +26,7 @@ from athooks.errors import (
     CaptureError,
     ConfigurationError,
     LayerResolutionError,
+    PairingWarning,
     PluginError,
     UnknownNameError,
 )
@@ -54,6 +55,7 @@ __all__ = [
     "LayerResolutionError",
     "Loss",
     "Mapping",
+    "PairingWarning",
     "PluginError",
     "Step",
     "UnknownNameError",

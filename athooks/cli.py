@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -79,7 +80,10 @@ def build_model(spec: str, *, pretrained: bool = False, **options: Any) -> nn.Mo
             import torchvision
 
             weights = "DEFAULT" if pretrained else None
-            model: nn.Module = torchvision.models.get_model(name, weights=weights, **options)
+            builder = torchvision.models.get_model_builder(name)
+            if not pretrained and "weights_backbone" in inspect.signature(builder).parameters:
+                options.setdefault("weights_backbone", None)  # detectors, segmenters: no download
+            model: nn.Module = builder(weights=weights, **options)
             return model
         module = importlib.import_module(source)
         factory = getattr(module, name)
@@ -196,23 +200,24 @@ def _cmd_layers(args: argparse.Namespace) -> int:
         print(auto_pairs(model, student, "blocks" if args.blocks else "auto", size))
         return 0
     infos = probe(model, size)
-    stages = {i.name for i in stage_layers(model, infos=infos)}
+    stages = {i.label for i in stage_layers(model, infos=infos)}
     if args.pattern:
         hits = {n for n, _ in match_modules(model, args.pattern, side="model")}
         infos = [i for i in infos if i.name in hits]
-    rows = [("name", "type", "output", "stride", "auto")]
+    rows = [("name", "type", "output", "layout", "stride", "auto")]
     for info in infos:
         shape = "x".join(str(v) for v in info.shape) if info.shape else "-"
         rows.append(
             (
-                info.name,
+                info.label,
                 info.kind,
                 shape,
+                info.layout,
                 str(info.stride) if info.stride else "",
-                "*" if info.name in stages else "",
+                "*" if info.label in stages else "",
             )
         )
-    print(format_table(rows, widths=(34, 18, 14, 6, 4)))
+    print(format_table(rows, widths=(24, 16, 12, 6, 6, 4)))
     return 0
 
 

@@ -11,6 +11,7 @@ __all__ = [
     "CaptureError",
     "ConfigurationError",
     "LayerResolutionError",
+    "PairingWarning",
     "PluginError",
     "UnknownNameError",
 ]
@@ -53,3 +54,13 @@ class PluginError(AthooksError):
 
 class CaptureError(AthooksError, RuntimeError):
     """What a forward pass captured cannot be used (missing, stale, or without gradient)."""
+
+
+class PairingWarning(UserWarning):
+    """``layers="auto"`` picked a pair a researcher would not call a pair of stages.
+
+    Emitted once, when a Distiller resolves ``"auto"``/``"blocks"``; the message says why (a
+    stem with a deep stage, very different relative depths, a head, an input-independent or
+    one-cell map) and how to name the layers instead. Make it an error with
+    ``warnings.simplefilter("error", athooks.PairingWarning)``.
+    """

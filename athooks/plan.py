@@ -11,6 +11,7 @@ first call too, into one pair per key both outputs have (:func:`output_keys`).
 from __future__ import annotations
 
 import threading
+import warnings
 from collections.abc import Callable, Sequence
 from collections.abc import Mapping as MappingABC
 from typing import Any
@@ -20,13 +21,19 @@ from torch import nn
 
 from athooks.context import internal_run
 from athooks.discovery import AUTO_MODES, Pairing, auto_pairs
-from athooks.errors import ConfigurationError
+from athooks.errors import ConfigurationError, PairingWarning
 from athooks.layers import ResolvedPair, expand_deferred, resolve_pairs, unwrap
 from athooks.mappings import Mapping
 from athooks.taps import PairedTaps
 from athooks.tensors import adapted_input, first_tensor
 
 __all__ = ["LayerPlan"]
+
+
+def _warn(pairing: Pairing) -> None:
+    """Emit the pairing's warnings, once, where ``"auto"`` is resolved."""
+    for message in pairing.warnings:
+        warnings.warn(message, PairingWarning, stacklevel=4)
 
 
 class LayerPlan:
@@ -76,6 +83,7 @@ class LayerPlan:
                 self._use(resolved)
         elif input_size is not None:
             self.pairing = auto_pairs(teacher, student, layers, input_size)
+            _warn(self.pairing)
             self._use(resolve_pairs(teacher, student, self.pairing.layers()))
 
     @property
@@ -100,6 +108,7 @@ class LayerPlan:
                 example=(args, kwargs),
                 teacher_input=self.teacher_input,
             )
+            _warn(self.pairing)
             taps = self._use(resolve_pairs(self.teacher, self.student, self.pairing.layers()))
             if self.on_resolved is not None:
                 self.on_resolved(taps)

@@ -22,6 +22,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("athooks.errors", "athooks.version"),
     ("athooks.checks", "athooks.specs", "athooks.tensors", "athooks.context", "athooks._compile"),
     ("athooks.layers", "athooks.models"),
+    ("athooks.geometry",),
     ("athooks.hookspecs",),
     ("athooks.registry",),
     ("athooks.mappings",),

@@ -30,12 +30,13 @@ def table(stdout: str) -> list[list[str]]:
 def test_layers_lists_modules_with_shapes_and_strides(model):
     res = run("layers", model, "--pattern", "layer?")
     assert res.returncode == 0, res.stderr
-    assert res.stdout.splitlines()[0].split() == ["name", "type", "output", "stride", "auto"]
+    header = res.stdout.splitlines()[0].split()
+    assert header == ["name", "type", "output", "layout", "stride", "auto"]
     assert table(res.stdout) == [
-        ["layer1", "Sequential", "64x56x56", "4", "*"],
-        ["layer2", "Sequential", "128x28x28", "8", "*"],
-        ["layer3", "Sequential", "256x14x14", "16", "*"],
-        ["layer4", "Sequential", "512x7x7", "32", "*"],
+        ["layer1", "Sequential", "64x56x56", "NCHW", "4", "*"],
+        ["layer2", "Sequential", "128x28x28", "NCHW", "8", "*"],
+        ["layer3", "Sequential", "256x14x14", "NCHW", "16", "*"],
+        ["layer4", "Sequential", "512x7x7", "NCHW", "32", "*"],
     ]
 
 
@@ -43,7 +44,7 @@ def test_every_module_is_listed_and_long_names_fit():
     res = run("layers", "efficientnet_b0", "--input-size", "3", "64", "64")
     assert res.returncode == 0, res.stderr
     rows = table(res.stdout)
-    assert len(rows) > 200 and rows[0][:3] == ["conv_stem", "Conv2d", "32x32x32"]
+    assert len(rows) > 200 and rows[0][:4] == ["conv_stem", "Conv2d", "32x32x32", "NCHW"]
 
 
 def test_pairs_of_a_teacher_and_a_student():
@@ -73,7 +74,10 @@ def test_layers_from_an_import_path(tmp_path):
     )
     res = run("layers", "mynets:build_net", "--input-size", "3", "8", "8", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
-    assert table(res.stdout) == [["0", "Conv2d", "4x8x8", "1"], ["1", "ReLU", "4x8x8", "1", "*"]]
+    assert table(res.stdout) == [
+        ["0", "Conv2d", "4x8x8", "NCHW", "1"],
+        ["1", "ReLU", "4x8x8", "NCHW", "1", "*"],
+    ]
 
 
 def test_errors_are_one_line_with_exit_code_2():
@@ -104,4 +108,26 @@ def test_plugins_lists_providers():
         "athooks",
         "0.1.0",
         "(built-in)",
+    ]
+
+
+def test_layers_shows_layouts_and_dict_levels():
+    res = run("layers", "torchvision:swin_t", "--input-size", "3", "64", "64")
+    assert res.returncode == 0, res.stderr
+    rows = {r[0]: r for r in table(res.stdout)}
+    assert rows["features.1"][2:] == ["16x16x96", "NHWC", "4", "*"]
+    assert rows["features"][2:] == ["2x2x768", "NHWC", "32", "*"]
+    res = run("layers", "torchvision:vit_b_16", "--pattern", "encoder")
+    assert res.returncode == 0, res.stderr
+    assert table(res.stdout) == [["encoder", "Encoder", "197x768", "tokens", "16", "*"]]
+
+
+def test_detector_levels_are_rows_without_downloading_a_backbone():
+    model = "torchvision:fasterrcnn_mobilenet_v3_large_320_fpn"
+    res = run("layers", model, "--input-size", "3", "128", "128", "--pattern", "backbone")
+    assert res.returncode == 0, res.stderr
+    assert table(res.stdout) == [  # strides against the images as resized inside (320 px)
+        ["backbone['0']", "BackboneWithFPN", "256x10x10", "NCHW", "32", "*"],
+        ["backbone['1']", "BackboneWithFPN", "256x10x10", "NCHW", "32", "*"],
+        ["backbone['pool']", "BackboneWithFPN", "256x5x5", "NCHW", "64", "*"],
     ]

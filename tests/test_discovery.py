@@ -7,7 +7,7 @@ import timm
 import torch
 import torch.nn.functional as F  # noqa: N812
 import torchvision
-from conftest import MapSpy, TinyCNN, ref_attention
+from conftest import MapSpy, TinyCNN, ref_attention, resnet_stage_outputs
 from torch import nn
 
 import athooks
@@ -248,7 +248,7 @@ def test_probe_failure_says_to_pass_input_size():
 
     with pytest.raises(
         ConfigurationError,
-        match=r"probing the teacher with a dummy input of shape \(1, 3, 224, 224\) failed.*input_size",
+        match=r"probing the teacher with a dummy input of shape \(2, 3, 224, 224\) failed.*input_size",
     ):
         athooks.describe(NeedsSize(), seq_cnn(4))
     with pytest.raises(ConfigurationError, match="dummy input of shape"):
@@ -442,3 +442,593 @@ def test_probe_error_message_reads_cleanly():
     with pytest.raises(ConfigurationError) as info:
         probe(vit, (3, 64, 64))
     assert ".." not in str(info.value) and "Pass input_size=(C, H, W)" in str(info.value)
+
+
+# ------------------------------------------------------------------ stage criteria (issue 15)
+
+
+def conv(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1), nn.BatchNorm2d(cout), nn.ReLU())
+
+
+class WithConstantMap(nn.Module):
+    """A stride-8 map that ignores the input (like xcit's ``pos_embed``), after real stages."""
+
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        self.stage1 = conv(3, width, 2)
+        self.stage2 = conv(width, width, 2)
+        self.pos_embed = PosEmbed(width)
+        self.fc = nn.Linear(width, 5)
+
+    def forward(self, x):
+        h = self.stage2(self.stage1(x))
+        h = h + self.pos_embed(h.shape[0], h.shape[2] // 2, h.shape[3] // 2).repeat_interleave(
+            2, 2
+        ).repeat_interleave(2, 3)
+        return self.fc(h.mean((2, 3)))
+
+
+class PosEmbed(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(2, width, 1)
+
+    def forward(self, batch: int, h: int, w: int):
+        ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+        grid = torch.stack([ys, xs]).float()[None].expand(batch, -1, -1, -1)
+        return self.proj(grid)  # depends on the sizes only
+
+
+def test_an_input_independent_map_is_not_a_stage():
+    infos = {i.name: i for i in probe(WithConstantMap(), (3, 32, 32))}
+    assert infos["pos_embed"].note == "does not depend on the input"
+    assert infos["pos_embed"].stride == 8 and infos["pos_embed"].map_shape == (8, 4, 4)
+    stages = stage_layers(WithConstantMap(), (3, 32, 32))
+    assert [s.name for s in stages] == ["stage1", "stage2"]
+    # a real input of one sample: its mirror image is the second sample
+    with Distiller(WithConstantMap(), WithConstantMap()) as d:
+        d.student(torch.randn(1, 3, 32, 32))
+        assert d.pairs == [("stage1", "stage1"), ("stage2", "stage2")]
+
+
+class WithRoiHead(nn.Module):
+    """A head on a fixed number of regions per call: its batch is not the input's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stage1 = conv(3, 8, 2)
+        self.roi_head = conv(8, 8, 1)
+
+    def forward(self, x):
+        h = self.stage1(x)
+        rois = h[:, :, :4, :4].reshape(-1, 8, 4, 4).repeat(3, 1, 1, 1)  # 3 regions per image
+        return self.roi_head(rois).mean()
+
+
+def test_per_roi_tensors_are_not_stages():
+    infos = {i.name: i for i in probe(WithRoiHead(), (3, 16, 16))}
+    assert infos["roi_head"].note == "batch 6, not the input's 2"
+    assert [s.name for s in stage_layers(WithRoiHead(), (3, 16, 16))] == ["stage1"]
+
+
+class SegNet(nn.Module):
+    """An encoder, then a classifier with num_classes channels (as torchvision's segmenters)."""
+
+    def __init__(self, num_classes: int = 7) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(conv(3, 8, 2), conv(8, 16, 2))
+        self.classifier = nn.Sequential(conv(16, 16), nn.Conv2d(16, num_classes, 1))
+        self.aux_classifier = nn.Conv2d(16, num_classes, 1)
+
+    def forward(self, x):
+        h = self.backbone(x)
+        return {"out": self.classifier(h), "aux": self.aux_classifier(h)}
+
+
+class TailLogits(nn.Module):
+    """A final 1x1 conv to num_classes channels under an ordinary name."""
+
+    num_classes = 5
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(conv(3, 8, 2), conv(8, 16, 2))
+        self.project = nn.Sequential(nn.Conv2d(16, 5, 1))
+
+    def forward(self, x):
+        return self.project(self.body(x)).mean((2, 3))
+
+
+def test_classifier_and_logits_maps_are_not_stages():
+    infos = {i.name: i for i in probe(SegNet(), (3, 32, 32))}
+    assert infos["classifier"].note == "a classifier head"
+    assert infos["classifier.0"].note == "a classifier head"
+    assert infos["aux_classifier"].note == "a classifier head"
+    assert [s.name for s in stage_layers(SegNet(), (3, 32, 32))] == ["backbone.0", "backbone"]
+    flow_like = nn.Sequential(conv(3, 8, 2), nn.Sequential())
+    flow_like.add_module("mask_predictor", nn.Conv2d(8, 36, 1))  # RAFT's upsampling mask
+    infos = {i.name: i for i in probe(flow_like, (3, 32, 32))}
+    assert infos["mask_predictor"].note == "a classifier head"
+    infos = {i.name: i for i in probe(TailLogits(), (3, 32, 32))}
+    assert infos["project"].note == "a logits map (num_classes channels)"
+    assert [s.name for s in stage_layers(TailLogits(), (3, 32, 32))] == ["body.0", "body"]
+
+
+class AttnBlock(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.q, self.k = nn.Conv2d(width, width, 1), nn.Conv2d(width, width, 1)
+        self.k_norm = nn.BatchNorm2d(width)
+
+    def forward(self, h):
+        q, k = self.q(h), self.k_norm(self.k(h))
+        weights = torch.softmax((q * k).sum(1, keepdim=True).flatten(2), -1).view_as(h[:, :1])
+        return h * weights
+
+
+class WithAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = conv(3, 8, 2)
+        self.attn = AttnBlock(8)
+        self.down = conv(8, 8, 2)
+
+    def forward(self, x):
+        return self.down(self.attn(self.stem(x)))
+
+
+def test_attention_internals_are_never_stages():
+    infos = {i.name: i for i in probe(WithAttention(), (3, 16, 16))}
+    for name in ("attn", "attn.q", "attn.k", "attn.k_norm"):
+        assert infos[name].note is not None and "attention" in infos[name].note, name
+    assert [s.name for s in stage_layers(WithAttention(), (3, 16, 16))] == ["stem", "down"]
+
+
+# ------------------------------------------------------------------ layouts
+
+
+class PermuteNet(nn.Module):
+    """Channels last without metadata: a torchvision-style Permute, then LayerNorm/Linear."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, width, 4, 4), torchvision.ops.Permute([0, 2, 3, 1]), nn.LayerNorm(width)
+        )
+        self.stage = nn.Sequential(nn.Sequential(nn.Linear(width, width), nn.GELU()))
+
+    def forward(self, x):
+        return self.stage(self.stem(x)).mean((1, 2))
+
+
+def test_channels_last_is_read_from_the_modules():
+    infos = {i.name: i for i in probe(PermuteNet(24), (3, 32, 48))}
+    assert infos["stem.0"].layout == "NCHW" and infos["stem.0"].map_shape == (24, 8, 12)
+    for name in ("stem.1", "stem", "stage"):
+        assert infos[name].layout == "NHWC" and infos[name].map_shape == (24, 8, 12), name
+        assert infos[name].transform == ChannelsLastToFirst() and infos[name].stride == 4
+
+
+def test_torchvision_swin_is_channels_last():
+    torch.manual_seed(0)
+    swin = torchvision.models.swin_t()
+    stages = stage_layers(swin, (3, 64, 64))
+    assert [(s.name, s.layout, s.map_shape, s.stride) for s in stages] == [
+        ("features.1", "NHWC", (96, 16, 16), 4),
+        ("features.3", "NHWC", (192, 8, 8), 8),
+        ("features.5", "NHWC", (384, 4, 4), 16),
+        ("features", "NHWC", (768, 2, 2), 32),
+    ]
+
+
+def tv_vit() -> nn.Module:
+    return torchvision.models.VisionTransformer(
+        image_size=64, patch_size=16, num_layers=2, num_heads=2, hidden_dim=64, mlp_dim=128
+    )
+
+
+def test_torchvision_vit_tokens_with_a_class_token_become_the_grid():
+    torch.manual_seed(0)
+    vit, student = tv_vit(), torchvision.models.resnet18()
+    infos = {i.name: i for i in probe(vit, (3, 64, 64))}
+    layer = infos["encoder.layers.encoder_layer_1"]
+    assert layer.shape == (17, 64) and layer.layout == "tokens"
+    assert layer.transform == TokensToMap(prefix=1, grid=(4, 4)) and layer.stride == 16
+    assert infos["encoder.layers.encoder_layer_1.self_attention"].note is not None
+    x = torch.randn(2, 3, 64, 64)
+    with Distiller(vit, student) as d:
+        student(x)
+        assert d.pairs == [("encoder", "layer3")]
+        loss = d.loss()
+    loss.backward()
+    vit.eval()
+    with torch.no_grad():
+        tokens = vit.encoder(
+            torch.cat([vit.class_token.expand(2, -1, -1), vit._process_input(x)], 1)
+        )
+    t_feat = tokens[:, 1:].transpose(1, 2).reshape(2, 64, 4, 4)  # drop the class token
+    s_feat = resnet_stage_outputs(student, x)[2]
+    want = 1e3 * (ref_attention(s_feat) - ref_attention(t_feat)).pow(2).mean()
+    assert loss.item() == pytest.approx(want.item(), rel=1e-4)
+
+
+def test_tokens_of_a_non_square_input_lie_on_its_grid():
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=(32, 64), dynamic_img_size=False)
+    info = {i.name: i for i in probe(vit, (3, 32, 64))}["blocks.11"]
+    assert info.map_shape == (192, 2, 4) and info.transform == TokensToMap(1, (2, 4))
+
+
+# ------------------------------------------------------------------ strides
+
+
+def test_strides_round_to_powers_of_two_and_pair_by_depth():
+    """Inception at 128 px: 61/28/13/6/2 cells read as strides 2/4/8/16/64."""
+    teacher, student = timm.create_model("inception_v3"), timm.create_model("resnet18")
+    pairing = auto_pairs(teacher, student, input_size=(3, 128, 128))
+    assert pairing.teacher_strides == [2, 4, 8, 16, 64]
+    assert [(p.teacher.name, p.student.name) for p in pairing.pairs] == [
+        ("Conv2d_4a_3x3", "layer1"),
+        ("Mixed_5d", "layer2"),
+        ("Mixed_6e", "layer3"),
+        ("Mixed_7c", "layer4"),  # 2x2 (stride 64 by rounding) with 4x4: one octave, both last
+    ]
+    assert [p.teacher.map_shape[1] for p in pairing.pairs] == [28, 13, 6, 2]
+    assert pairing.warnings == []
+    assert "64/32" in str(pairing)
+
+
+def test_torchvision_inception_without_metadata_pairs_too():
+    teacher = torchvision.models.inception_v3(aux_logits=False, init_weights=False)
+    pairing = auto_pairs(teacher, torchvision.models.resnet18(), input_size=(3, 128, 128))
+    assert [p.student.name for p in pairing.pairs] == ["layer1", "layer2", "layer3", "layer4"]
+
+
+# ------------------------------------------------------------------ detectors, segmenters
+
+
+def small_detector() -> nn.Module:
+    from torchvision.models.detection import fasterrcnn_mobilenet_v3_large_320_fpn
+
+    return fasterrcnn_mobilenet_v3_large_320_fpn(
+        weights=None, weights_backbone=None, min_size=128, max_size=128
+    )
+
+
+@pytest.mark.slow
+def test_detectors_pair_fpn_levels_by_name_and_train():
+    torch.manual_seed(0)
+    teacher, student = small_detector(), small_detector()
+    images = [torch.rand(3, 100, 120), torch.rand(3, 90, 128)]
+    targets = [{"boxes": torch.tensor([[10.0, 10.0, 50.0, 50.0]]), "labels": torch.tensor([1])}] * 2
+    student.train()
+    with Distiller(teacher, student) as d:
+        task = student(images, targets)  # the probe runs both in eval, on the images only
+        assert [(p.teacher.label, p.student.label) for p in d.pairing.pairs] == [
+            ("backbone['0']", "backbone['0']"),
+            ("backbone['1']", "backbone['1']"),
+            ("backbone['pool']", "backbone['pool']"),
+        ]
+        layers = d.pairing.layers()
+        assert layers[0][0] == athooks.Layer("backbone", select="0")
+        # strides against the images as resized inside (128 px), not the raw input
+        assert [p.teacher.stride for p in d.pairing.pairs] == [32, 32, 64]
+        loss = sum(task.values()) + d.loss()
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert student.training
+
+
+def test_segmentation_backbone_stages_are_paired_and_the_classifier_is_not():
+    build = torchvision.models.segmentation.deeplabv3_mobilenet_v3_large
+    teacher = build(weights=None, weights_backbone=None)
+    student = build(weights=None, weights_backbone=None)
+    pairing = auto_pairs(teacher, student, example=((torch.randn(2, 3, 64, 64),), {}))
+    labels = [p.teacher.label for p in pairing.pairs]
+    assert labels == ["backbone.1", "backbone.3", "backbone.6", "backbone['out']"]
+    assert not any("classifier" in p.student.label for p in pairing.pairs)
+
+
+# ------------------------------------------------------------------ N-d, tokens, other inputs
+
+
+def test_video_models_pair_their_stages_as_nd_maps():
+    torch.manual_seed(0)
+    teacher, student = torchvision.models.video.r3d_18(), torchvision.models.video.mc3_18()
+    pairing = auto_pairs(teacher, student, example=((torch.randn(1, 3, 4, 32, 32),), {}))
+    rows = [(p.teacher.name, p.teacher.map_shape, p.student.map_shape) for p in pairing.pairs]
+    assert rows == [
+        ("layer1", (64, 4, 16, 16), (64, 4, 16, 16)),
+        ("layer2", (128, 2, 8, 8), (128, 4, 8, 8)),
+        ("layer3", (256, 1, 4, 4), (256, 4, 4, 4)),
+        ("layer4", (512, 1, 2, 2), (512, 4, 2, 2)),
+    ]
+    assert [p.teacher.stride for p in pairing.pairs] == [2, 4, 8, 16]  # over H, W
+    assert pairing.pairs[0].teacher.layout == "NCTHW" and "64x4x16x16" in str(pairing)
+
+
+class Conv1dNet(nn.Module):
+    """A 1-D signal model: (B, C, T) in, stages at strides 2 and 4."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.stage1 = nn.Sequential(nn.Conv1d(2, width, 5, 2, 2), nn.BatchNorm1d(width), nn.ReLU())
+        self.stage2 = nn.Sequential(nn.Conv1d(width, 2 * width, 5, 2, 2), nn.ReLU())
+        self.fc = nn.Linear(2 * width, 3)
+
+    def forward(self, x):
+        return self.fc(self.stage2(self.stage1(x)).mean(-1))
+
+
+def test_one_dimensional_signals():
+    pairing = auto_pairs(Conv1dNet(16), Conv1dNet(8), example=((torch.randn(4, 2, 64),), {}))
+    rows = [(p.teacher.name, p.teacher.map_shape, p.teacher.stride) for p in pairing.pairs]
+    assert rows == [("stage1", (16, 32), 2), ("stage2", (32, 16), 4)]
+    assert pairing.pairs[0].student.layout == "NCL"
+
+
+class TokenNet(nn.Module):
+    """Token ids (B, T) in; (B, T, C) sequences out of every block."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(50, width)
+        self.blocks = nn.Sequential(
+            *[nn.Sequential(nn.Linear(width, width), nn.GELU()) for _ in range(2)]
+        )
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, 50)
+
+    def forward(self, ids):
+        return self.head(self.norm(self.blocks(self.embed(ids))))
+
+
+def test_token_sequences_are_channels_last_1d_maps():
+    ids = torch.randint(0, 50, (4, 12))
+    pairing = auto_pairs(TokenNet(32), TokenNet(16), example=((ids,), {}))
+    (pair,) = pairing.pairs
+    assert (pair.teacher.name, pair.teacher.layout, pair.teacher.map_shape) == (
+        "blocks",
+        "NLC",
+        (32, 12),
+    )
+    assert pair.teacher.transform == ChannelsLastToFirst()
+    infos = {i.name: i for i in probe(TokenNet(8), example=((ids,), {}))}
+    assert infos["head"].note == "a classifier head"
+
+
+class KeywordOnly(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.stage1, self.stage2 = conv(3, width, 2), conv(width, width, 2)
+
+    def forward(self, *, x):
+        return self.stage2(self.stage1(x)).mean((2, 3))
+
+
+def test_keyword_only_forward():
+    torch.manual_seed(0)
+    teacher, student = KeywordOnly(8), KeywordOnly(4)
+    with Distiller(teacher, student) as d:
+        student(x=torch.randn(2, 3, 16, 16))
+        assert d.pairs == [("stage1", "stage1"), ("stage2", "stage2")]
+        assert torch.isfinite(d.loss())
+
+
+class DictOut(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.body = DictStages(width)
+
+    def forward(self, x):
+        feats = self.body(x)
+        return feats["c3"].mean((2, 3))
+
+
+class DictStages(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.c1, self.c2, self.c3 = conv(3, width, 2), conv(width, width, 2), conv(width, width, 2)
+
+    def forward(self, x):
+        a = self.c1(x)
+        b = self.c2(a)
+        return {"c1": a, "c2": b, "c3": self.c3(b)}
+
+
+def test_dict_outputs_give_one_stage_per_level():
+    torch.manual_seed(0)
+    teacher, student = DictOut(8), DictOut(4)
+    with Distiller(teacher, student) as d:
+        student(torch.randn(2, 3, 32, 32))
+        labels = [(p.teacher.label, p.student.label) for p in d.pairing.pairs]
+        assert labels == [
+            ("body['c1']", "body['c1']"),
+            ("body['c2']", "body['c2']"),
+            ("body['c3']", "body['c3']"),
+        ]
+        assert torch.isfinite(d.loss())
+
+
+class UNet(nn.Module):
+    num_classes = 3
+
+    def __init__(self, w: int) -> None:
+        super().__init__()
+        self.enc1, self.enc2, self.enc3 = conv(3, w), conv(w, 2 * w, 2), conv(2 * w, 4 * w, 2)
+        self.bottleneck = conv(4 * w, 4 * w, 2)
+        self.up3, self.dec3 = nn.Upsample(scale_factor=2), conv(8 * w, 2 * w)
+        self.up2, self.dec2 = nn.Upsample(scale_factor=2), conv(4 * w, w)
+        self.up1, self.dec1 = nn.Upsample(scale_factor=2), conv(2 * w, w)
+        self.outc = nn.Conv2d(w, 3, 1)
+
+    def forward(self, x):
+        e1 = self.enc1(x)
+        e2 = self.enc2(e1)
+        e3 = self.enc3(e2)
+        b = self.bottleneck(e3)
+        d3 = self.dec3(torch.cat([self.up3(b), e3], 1))
+        d2 = self.dec2(torch.cat([self.up2(d3), e2], 1))
+        d1 = self.dec1(torch.cat([self.up1(d2), e1], 1))
+        return self.outc(d1)
+
+
+def test_unet_pairs_its_encoder_not_its_decoder():
+    pairing = auto_pairs(UNet(8), UNet(4), example=((torch.randn(2, 3, 32, 32),), {}))
+    assert [p.teacher.name for p in pairing.pairs] == ["enc1", "enc2", "enc3", "bottleneck"]
+
+
+# ------------------------------------------------------------------ warnings
+
+
+class PatchOnly(nn.Module):
+    """A patch embedding, then an MLP on pooled tokens: its only map is the stem's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch_embed = nn.Conv2d(3, 16, 16, 16)
+        self.mlp = nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 64), nn.Linear(64, 10))
+
+    def forward(self, x):
+        return self.mlp(self.patch_embed(x).mean((2, 3)))
+
+
+def test_a_stem_paired_with_a_deep_stage_warns_once_and_says_how_to_override():
+    teacher, student = torchvision.models.resnet18(), PatchOnly()
+    x = torch.randn(2, 3, 64, 64)
+    with pytest.warns(athooks.PairingWarning) as record, Distiller(teacher, student) as d:
+        student(x)
+        student(x)
+        d.loss()
+    messages = [str(w.message) for w in record if issubclass(w.category, athooks.PairingWarning)]
+    assert len(messages) == 1
+    assert "teacher layer3 with student patch_embed" in messages[0]
+    assert "stem or patch embedding patch_embed is paired with the deep layer3" in messages[0]
+    assert "layers=[(teacher_name, student_name), ...]" in messages[0]
+    assert "warning: layers='auto' paired" in str(d.pairing)
+    assert all(len(line) <= 80 for line in str(d.pairing).splitlines())
+
+
+def test_pair_warnings_flag_what_auto_never_picks():
+    from athooks.discovery import LayerInfo, PairInfo, pair_warnings
+
+    deep = LayerInfo("layer3", "Sequential", (8, 4, 4), (8, 4, 4), 16, position=0.7)
+    for other, why in [
+        (
+            LayerInfo(
+                "head", "Conv2d", (5, 4, 4), (5, 4, 4), 16, note="a classifier head", position=0.7
+            ),
+            "is a classifier head",
+        ),
+        (
+            LayerInfo(
+                "pos",
+                "Conv2d",
+                (8, 4, 4),
+                (8, 4, 4),
+                16,
+                note="does not depend on the input",
+                position=0.7,
+            ),
+            "does not depend",
+        ),
+        (LayerInfo("pool", "Pool", (8, 1, 1), (8, 1, 1), None, position=0.7), "a map of one cell"),
+        (
+            LayerInfo("late", "Sequential", (8, 4, 4), (8, 4, 4), 16, position=0.2),
+            "through the teacher's forward",
+        ),
+    ]:
+        (message,) = pair_warnings([PairInfo(deep, other)])
+        assert why in message and "layers=[" in message
+    assert pair_warnings([PairInfo(deep, deep)]) == []
+
+
+class VideoTokens(nn.Module):
+    """A 3-D patch embedding, then tokens (B, 1 + t*h*w, C) as in MViT."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.conv_proj = nn.Conv3d(3, width, (2, 4, 4), (2, 4, 4))
+        self.cls = nn.Parameter(torch.zeros(1, 1, width))
+        self.blocks = nn.Sequential(
+            *[nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width)) for _ in range(2)]
+        )
+
+    def forward(self, x):
+        tokens = self.conv_proj(x).flatten(2).transpose(1, 2)
+        tokens = torch.cat([self.cls.expand(len(x), -1, -1), tokens], 1)
+        return self.blocks(tokens)[:, 0]
+
+
+def test_video_tokens_lie_on_their_time_and_space_grid():
+    x = torch.randn(2, 3, 8, 32, 32)
+    info = {i.name: i for i in probe(VideoTokens(16), example=((x,), {}))}["blocks"]
+    assert info.shape == (1 + 4 * 8 * 8, 16) and info.layout == "tokens"
+    assert info.transform == TokensToMap(1, (4, 8, 8)) and info.map_shape == (16, 4, 8, 8)
+    assert info.stride == 4
+
+
+class Swin3dLike(nn.Module):
+    """Channels-last video, (B, T, H, W, C), after a Permute: as torchvision's Swin3D."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.patch_embed = nn.Sequential(
+            nn.Conv3d(3, width, (2, 4, 4), (2, 4, 4)),
+            torchvision.ops.Permute([0, 2, 3, 4, 1]),
+            nn.LayerNorm(width),
+        )
+        self.features = nn.Sequential(nn.Sequential(nn.Linear(width, width), nn.GELU()))
+
+    def forward(self, x):
+        return self.features(self.patch_embed(x)).mean((1, 2, 3))
+
+
+def test_channels_last_video_and_the_stage_that_ends_last():
+    x = torch.randn(2, 3, 4, 32, 32)
+    (stage,) = stage_layers(Swin3dLike(8), infos=probe(Swin3dLike(8), example=((x,), {})))
+    assert (stage.name, stage.layout, stage.map_shape) == ("features", "NTHWC", (8, 2, 8, 8))
+    assert stage.transform == ChannelsLastToFirst() and stage.stride == 4
+
+
+REAL = {
+    "xcit_nano (pos_embed ignores the input)": (
+        lambda: timm.create_model("xcit_nano_12_p16_224"),
+        64,
+        [("blocks.11", "layer3")],
+    ),
+    "mixer at its size": (
+        lambda: timm.create_model("mixer_s16_224"),
+        224,
+        [("blocks.7", "layer3")],
+    ),
+    "levit at its size": (
+        lambda: timm.create_model("levit_128s"),
+        224,
+        [("stages.0", "layer3"), ("stages.1", "layer4")],
+    ),
+    "efficientformerv2 at its size": (
+        lambda: timm.create_model("efficientformerv2_s0"),
+        224,
+        [
+            ("stages.0", "layer1"),
+            ("stages.1", "layer2"),
+            ("stages.2", "layer3"),
+            ("stages.3", "layer4"),
+        ],
+    ),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(REAL))
+def test_real_timm_families_pair_with_a_resnet(case):
+    build, size, expected = REAL[case]
+    torch.manual_seed(0)
+    teacher, student = build(), timm.create_model("resnet18")
+    pairing = auto_pairs(teacher, student, example=((torch.randn(2, 3, size, size),), {}))
+    assert [(p.teacher.name, p.student.name) for p in pairing.pairs] == expected
+    assert all(p.teacher.map_shape[1:] == p.student.map_shape[1:] for p in pairing.pairs)
+    if case.startswith("xcit"):
+        infos = {i.name: i for i in probe(teacher, (3, 64, 64))}
+        assert infos["pos_embed"].note == "does not depend on the input"

@@ -525,7 +525,7 @@ def _blocks_mixed():
 
 def _no_shared_stride():
     t = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.Sequential(nn.Conv2d(4, 4, 1)))
-    s = nn.Sequential(nn.Conv2d(3, 4, 3, stride=4, padding=1), nn.Sequential(nn.Conv2d(4, 4, 1)))
+    s = nn.Sequential(nn.Conv2d(3, 4, 3, stride=8, padding=1), nn.Sequential(nn.Conv2d(4, 4, 1)))
     Distiller(t, s, layers="auto", input_size=(3, 16, 16))
 
 

@@ -366,14 +366,16 @@ def probe(
     source = input_geometry(example, geo)
     if resized:
         source = InputGeometry("image", resized[0][0], tuple(resized[0][2:]))
-    if source.kind == "none":  # token ids without a sequence, say: the largest map stands in
+    if source.kind in ("none", "sequence"):
+        # an input without an image (token ids, embeddings) that the model turns into 2-D maps
+        # (reshaped onto a grid): those maps are its stages, measured against the largest one
         heights = [
             (s.levels[0][1][2], s.levels[0][1][3])
             for s in seen.values()
-            if s.levels and len(s.levels[0][1]) == 4
+            if s.levels and len(s.levels[0][1]) == 4 and s.levels[0][1][0] == source.batch
         ]
         if heights:
-            source = InputGeometry("image", batch, max(heights))
+            source = InputGeometry("image", source.batch, max(heights))
     return _infos(inner, named, seen, source, geo)
 
 
@@ -516,7 +518,11 @@ def stage_layers(
         for info in pool:
             assert info.stride is not None
             best = chosen.get(info.stride)
+            # levels of one dict output (a segmenter's backbone: 'aux' = layer3, 'out' = layer4)
+            # tie: the later key, produced last, is the stage
             if best is None or (info.depth, -info.order) < (best.depth, -best.order):
+                chosen[info.stride] = info
+            elif (info.depth, info.order, info.name) == (best.depth, best.order, best.name):
                 chosen[info.stride] = info
         for stride, best in list(chosen.items()):
             # a stem (patch embedding) is not the stage when a stage of its stride follows it

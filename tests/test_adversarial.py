@@ -2242,11 +2242,6 @@ def test_pairs_of_one_dict_output_are_told_apart():
 # issue 15 (found writing docs/how-to/segmentation.md): on torchvision's segmentation models,
 # "auto" takes the classifier heads for stages (LRASPP: 'classifier', a 5-channel logits map,
 # and 'classifier.cbr'; DeepLabV3: 'aux_classifier'), pairing logits with logits
-@pytest.mark.xfail(
-    strict=True,
-    reason="discovery (owned by discovery): a segmentation classifier (logits map) is taken for "
-    "a stage by layers='auto'",
-)
 def test_auto_on_a_segmentation_model_leaves_the_classifier_out():
     from torchvision.models.segmentation import lraspp_mobilenet_v3_large
 
@@ -2280,10 +2275,6 @@ class _ListInput(nn.Module):
 # every tensor of that leading size to its first entry: each image becomes its first channel,
 # (1, H, W). A torchvision detector's normalisation broadcasts that back to 3 channels, so the
 # probe runs, silently, on other images than the user's.
-@pytest.mark.xfail(
-    strict=True,
-    reason="discovery (owned by discovery): the probe slices a list of images by channel",
-)
 def test_the_first_call_probe_keeps_a_list_of_images_whole_images():
     teacher, student = _ListInput(8), _ListInput(4)
     images = [torch.rand(3, 16, 16), torch.rand(3, 16, 16)]
@@ -2485,11 +2476,8 @@ def test_levels_of_a_dict_edited_in_place_give_the_reference_over_two_steps(sele
 # issue 15 (found writing docs/how-to/segmentation.md): a DeepLabV3's dilated ResNet has
 # layer2, layer3 and layer4 at stride 8; the stage of that stride is the last of them, layer4
 # (the backbone dict's 'out'). main's "auto" takes 'aux_classifier' (a logits map) there;
-# i15-discovery takes the backbone dict's first level, 'aux' (layer3), instead of 'out'.
-@pytest.mark.xfail(
-    strict=True,
-    reason="discovery (owned by discovery): the stride-8 stage of a DeepLabV3 is not layer4",
-)
+# i15-discovery took the backbone dict's first level, 'aux' (layer3), instead of 'out' (fixed:
+# of one module's levels that tie, the later key is the stage).
 def test_auto_takes_the_deepest_stage_of_a_dilated_segmentation_backbone():
     from torchvision.models.segmentation import deeplabv3_resnet50
 

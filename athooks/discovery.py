@@ -520,9 +520,12 @@ def stage_layers(
             best = chosen.get(info.stride)
             # levels of one dict output (a segmenter's backbone: 'aux' = layer3, 'out' = layer4)
             # tie: the later key, produced last, is the stage
-            if best is None or (info.depth, -info.order) < (best.depth, -best.order):
-                chosen[info.stride] = info
-            elif (info.depth, info.order, info.name) == (best.depth, best.order, best.name):
+            tie = best is not None and (info.depth, info.order, info.name) == (
+                best.depth,
+                best.order,
+                best.name,
+            )
+            if best is None or tie or (info.depth, -info.order) < (best.depth, -best.order):
                 chosen[info.stride] = info
         for stride, best in list(chosen.items()):
             # a stem (patch embedding) is not the stage when a stage of its stride follows it

@@ -519,6 +519,14 @@ def _auto_layers(model: nn.Module, infos: Sequence[Any], before: int, count: int
     usable = [
         i for i in infos if i.map_shape is not None and i.stride is not None and i.order < before
     ]
+    # a map of smaller stride than one that ran before it is an upsampling (VGG's adaptive pool
+    # turning 1x1 into 7x7 at 32 px), not a stage: drop those before choosing per stride
+    deepest, encoder = 0, []
+    for info in sorted(usable, key=lambda i: i.order):
+        if info.stride >= deepest:
+            encoder.append(info)
+            deepest = info.stride
+    usable = sorted(encoder, key=lambda i: i.order)
     if getattr(model, "feature_info", None):
         stages = [i for i in stage_layers(model, infos=usable) if i.order < before]
     else:  # per stride, the last module of the shallowest level (no container preference)

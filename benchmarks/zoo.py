@@ -89,6 +89,7 @@ ATTENTION_WORDS = re.compile(
     r"attn_drop|proj_drop|rel_pos\w*)$"
 )
 STEM_DEPTH, DEEP_DEPTH, DEPTH_GAP = 0.10, 0.70, 0.35
+HEAD_DEPTH = 0.5  # num_classes channels make a logits map only past half the forward
 
 
 def is_stem(name: str, rel_depth: float | None) -> bool:
@@ -96,11 +97,15 @@ def is_stem(name: str, rel_depth: float | None) -> bool:
     return bool(STEM_RE.match(name)) or (rel_depth is not None and rel_depth <= STEM_DEPTH)
 
 
-def is_head(name: str, channels: int | None, classes: int | None) -> bool:
-    """A head or logits map: a name part like head/classifier/fc/logits, or num_classes channels."""
+def is_head(
+    name: str, channels: int | None, classes: int | None, rel_depth: float | None = None
+) -> bool:
+    """A head or logits map: a name part like head/classifier/fc/logits, or num_classes channels
+    in the second half of the forward (a stem of 10 channels, as dpn48b's, is no logits map)."""
     if any(HEAD_WORDS.match(part) for part in name.split(".")):
         return True
-    return channels is not None and classes is not None and channels == classes
+    late = rel_depth is None or rel_depth > HEAD_DEPTH
+    return channels is not None and classes is not None and channels == classes and late
 
 
 @dataclass
@@ -146,7 +151,7 @@ def judge_pair(t: Side, s: Side, batch: int | None = BATCH) -> list[str]:
             break
     for role, side in (("teacher", t), ("student", s)):
         channels = side.map_shape[0] if side.map_shape else None
-        if is_head(side.name, channels, side.classes):
+        if is_head(side.name, channels, side.classes, side.rel_depth):
             reasons.append(f"head or logits map: {role} {side.name} {_fmt(side.map_shape)}")
         if any(ATTENTION_WORDS.match(part) for part in side.name.split(".")):
             reasons.append(f"inside an attention layer: {role} {side.name} {_fmt(side.map_shape)}")

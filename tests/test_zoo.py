@@ -67,6 +67,9 @@ def test_head_or_logits_map(zoo):
     assert zoo.is_head("final_conv", None, None) and zoo.is_head("logits", None, None)
     assert zoo.is_head("decoder", 21, 21)  # num_classes channels, whatever the name
     assert not zoo.is_head("layer3", 256, 10) and not zoo.is_head("blocks.0.mlp.fc1", 64, 10)
+    # as many channels as classes, but early: a stem (dpn48b's has 10 channels), not logits
+    assert not zoo.is_head("features.conv1_1", 10, 10, rel_depth=0.05)
+    assert zoo.is_head("decoder", 21, 21, rel_depth=0.95)
     t = zoo.Side("classifier", 0.9, (7, 12, 12), classes=7)
     s = zoo.Side("backbone.3", 0.9, (24, 12, 12), classes=7)
     assert zoo.judge_pair(t, s) == ["head or logits map: teacher classifier 7x12x12"]

@@ -408,7 +408,7 @@ def _infos(
                 note = f"batch {shape[0]}, not the input's {source.batch}"
             elif math.prod(map_shape[1:]) <= 1:
                 note = "one cell"
-            elif not strides or any(s is None for s in strides):
+            elif not strides or any(s is None for s in strides) or _uneven(strides):
                 note = "its axes are not the input's"
             elif varies is False:
                 note = "does not depend on the input"
@@ -438,6 +438,16 @@ def _infos(
                 )
             )
     return _mark_heads(infos, _num_classes(inner, infos))
+
+
+def _uneven(strides: Sequence[int | None]) -> bool:
+    """Whether H and W are reduced by factors more than 2 apart: then it is no map of the image.
+
+    coat's crpe gives ``(B, heads, 1 + N, C / heads)``, which read as NCHW is 65x19 from a
+    128x128 input.
+    """
+    hw = [s for s in strides[-2:] if s is not None]
+    return len(hw) == 2 and max(hw) > 2 * min(hw)
 
 
 def _mark_heads(infos: list[LayerInfo], classes: tuple[int | None, int]) -> list[LayerInfo]:

@@ -1032,3 +1032,32 @@ def test_real_timm_families_pair_with_a_resnet(case):
     if case.startswith("xcit"):
         infos = {i.name: i for i in probe(teacher, (3, 64, 64))}
         assert infos["pos_embed"].note == "does not depend on the input"
+
+
+def test_a_4d_tensor_whose_axes_shrink_unevenly_is_not_a_stage():
+    """coat's conv relative-position encoding returns (B, heads, 1 + N, C / heads): read as
+    NCHW it is a 65x19 "map" of a 128x128 image (strides 2 and 8). Not a stage: it was paired
+    as one, unwarned, in the zoo."""
+
+    class HeadsTokens(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            b, c, h, w = x.shape
+            tokens = torch.cat([x.new_zeros(b, c, 1), x.flatten(2)], dim=2)  # (B, C, 1 + N)
+            return tokens.reshape(b, 4, c // 4, 1 + h * w).transpose(2, 3)  # (B, 4, 1+N, C/4)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(3, 16, 4, 4), nn.ReLU())
+            self.stage = nn.Sequential(nn.Conv2d(16, 16, 4, 4), nn.ReLU())
+            self.crpe = HeadsTokens()
+            self.fc = nn.Linear(16, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.stage(self.stem(x))
+            return self.fc(y.mean((2, 3))) + self.crpe(y).mean()
+
+    infos = {i.name: i for i in probe(Net(), (3, 128, 128))}
+    assert infos["crpe"].map_shape == (4, 65, 4)  # 65x4 from 128x128: strides 2 and 32
+    assert infos["crpe"].note == "its axes are not the input's"
+    assert [s.name for s in stage_layers(Net(), (3, 128, 128))] == ["stem", "stage"]

@@ -57,6 +57,7 @@ __all__ = [
     "check_finite",
     "is_replica",
     "select_tensor",
+    "refuse_tokens",
     "token_layout",
 ]
 
@@ -125,6 +126,29 @@ def token_layout(module: nn.Module, features: Tensor) -> str | None:
     if name:
         return f"its {kind} {name!r} puts {width} features in the last dimension"
     return f"a {kind} puts its {width} features in the last dimension"
+
+
+def refuse_tokens(module: nn.Module, features: Tensor, where: str) -> None:
+    """Raise if :func:`token_layout` finds ``features`` of ``module`` a token sequence.
+
+    Args:
+        module: The tapped module.
+        features: Its selected output, before any mapping (no transform given).
+        where: The layer, for the message.
+
+    Raises:
+        CaptureError: If the output is tokens ``(B, N, C)``, naming the transform to give.
+    """
+    why = token_layout(module, features)
+    if why is not None:
+        raise CaptureError(
+            f"{where} produced a tensor of shape {tuple(features.shape)}, which looks "
+            f"like a sequence of tokens (B, N, C) ({why}), not a 1-D feature map (B, C, T): "
+            "its attention map would run over the channels. Give the layer a transform that "
+            "puts the channels second, e.g. athooks.Layer(name, transform=lambda t: "
+            "t.transpose(1, 2)), or athooks.discovery.TokensToMap(prefix, grid) for tokens "
+            "of a patch grid; if it really is (B, C, T), say so with transform=lambda t: t"
+        )
 
 
 def apply_layer(
@@ -385,16 +409,7 @@ class Tap:
         Raises:
             CaptureError: If :func:`token_layout` finds it is a token sequence.
         """
-        why = token_layout(self.module, features)
-        if why is not None:
-            raise CaptureError(
-                f"{self.where} produced a tensor of shape {tuple(features.shape)}, which looks "
-                f"like a sequence of tokens (B, N, C) ({why}), not a 1-D feature map (B, C, T): "
-                "its attention map would run over the channels. Give the layer a transform that "
-                "puts the channels second, e.g. athooks.Layer(name, transform=lambda t: "
-                "t.transpose(1, 2)), or athooks.discovery.TokensToMap(prefix, grid) for tokens "
-                "of a patch grid; if it really is (B, C, T), say so with transform=lambda t: t"
-            )
+        refuse_tokens(self.module, features, self.where)
         self.layout_checked = True
 
     def _pack(self, tensor: Tensor) -> tuple[Tensor, int]:

@@ -65,7 +65,7 @@ from athooks.layers import (
 )
 from athooks.mappings import as_mapping
 from athooks.plan import output_keys
-from athooks.taps import TapSet, token_layout
+from athooks.taps import TapSet, refuse_tokens
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -179,16 +179,8 @@ class _Converted:
         if convert is not None:
             converted: Tensor = convert(features)
             return converted
-        why = token_layout(self.module, features) if self.module is not None else None
-        if why is not None:
-            raise CaptureError(
-                f"{self.where} produced a tensor of shape {tuple(features.shape)}, which looks "
-                f"like a sequence of tokens (B, N, C) ({why}), not a 1-D feature map (B, C, T): "
-                "its attention map would run over the channels. Give the layer a transform that "
-                "puts the channels second, e.g. athooks.Layer(name, transform=lambda t: "
-                "t.transpose(1, 2)), or athooks.discovery.TokensToMap(prefix, grid) for tokens "
-                "of a patch grid; if it really is (B, C, T), say so with transform=lambda t: t"
-            )
+        if self.module is not None:
+            refuse_tokens(self.module, features, self.where)
         return features
 
 

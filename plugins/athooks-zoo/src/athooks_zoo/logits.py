@@ -1,0 +1,5 @@
+"""Placeholder, filled by its owner."""
+
+from athooks.plugin import LossSpec
+
+SPECS: list[LossSpec] = []

@@ -414,3 +414,31 @@ def test_logit_std_dist_through_the_distiller_with_dict_outputs():
         student(torch.randn(4, 3, 8, 8))
         total = d.loss()
     assert torch.isfinite(total) and list(d.terms) == ["logit_std(dist)"]
+
+
+# -- through the registry --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def zoo_registered():
+    """The zoo's plugin registered, by hand where the package is not installed."""
+    from athooks_zoo import plugin
+
+    pm = athooks.get_plugin_manager()
+    added = "dkd" not in athooks.list_losses()
+    if added:
+        pm.register(plugin, name="athooks-zoo-test")
+    yield
+    if added:
+        pm.unregister(plugin)
+
+
+def test_by_name(zoo_registered):
+    assert isinstance(athooks.loss("dkd", beta=2.0), DKD)
+    assert isinstance(athooks.loss("dist", tau=4.0), DIST)
+    std = athooks.loss("logit_std", loss="kd")
+    assert isinstance(std, LogitStandardization) and std.name == "logit_std(kd)"
+    wrapped = athooks.loss("logit_std", loss=athooks.loss("dkd"), form="paper")
+    assert wrapped.name == "logit_std(dkd)" and wrapped.inner.beta == 8.0
+    with pytest.raises(athooks.ConfigurationError, match="alpha must be >= 0"):
+        athooks.loss("dkd", alpha=-1.0)

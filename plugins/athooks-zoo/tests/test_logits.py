@@ -442,3 +442,34 @@ def test_by_name(zoo_registered):
     assert wrapped.name == "logit_std(dkd)" and wrapped.inner.beta == 8.0
     with pytest.raises(athooks.ConfigurationError, match="alpha must be >= 0"):
         athooks.loss("dkd", alpha=-1.0)
+
+
+def test_logit_std_forwards_setup_captures_and_needs():
+    from athooks.plugin import Features, Loss
+
+    class Recorder(Loss):
+        name = "recorder"
+        needs_teacher_output = True
+        needs_embedding = True
+
+        def __init__(self):
+            super().__init__()
+            self.features = Features()
+            self.pairs = None
+
+        def captures(self):
+            return (self.features,)
+
+        def setup(self, pairs):
+            super().setup(pairs)
+            self.pairs = list(pairs)
+
+        def forward(self, step):
+            return step.student_output.sum() * 0
+
+    inner = Recorder()
+    loss = LogitStandardization(inner)
+    loss.setup([("b1", "b1")])
+    assert inner.pairs == [("b1", "b1")]
+    assert loss.captures() == (inner.features,)
+    assert loss.needs_embedding and not loss.needs_classifier and loss.needs_teacher_output

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from collections.abc import Mapping as MappingABC
 from collections.abc import Sequence
 from typing import Any, cast
 
@@ -20,7 +19,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor
 
 import athooks
-from athooks.plugin import Loss, LossSpec, Step
+from athooks.plugin import Loss, LossSpec, Step, logits_of
 
 __all__ = ["DIST", "DKD", "SPECS", "LogitStandardization"]
 
@@ -91,58 +90,6 @@ def _count(value: Any, *, owner: str, option: str) -> int:
 def _float_enough(x: Tensor) -> Tensor:
     """Half-precision logits in float32 (softmax and logs lose too much in fp16/bf16)."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-
-def logits_of(output: Any, who: str, loss_name: str) -> Tensor:
-    """The class logits ``(B, classes)`` in a model's output.
-
-    A tensor is used as it is; a dict gives its ``"logits"``, an object (a Hugging Face
-    ``ModelOutput``) its ``.logits``; a tuple or list its first element.
-
-    Args:
-        output: What the model returned.
-        who: ``"student"`` or ``"teacher"``, for the message.
-        loss_name: The loss that needs the logits, for the message.
-
-    Returns:
-        The logits.
-
-    Raises:
-        CaptureError: If no floating ``(B, classes)`` tensor is found there.
-
-    Example:
-        ```python
-        import torch
-        from athooks_zoo.logits import logits_of
-
-        z = torch.randn(2, 10)
-        assert logits_of({"logits": z}, "student", "dkd") is z
-        assert logits_of((z, "aux"), "teacher", "dkd") is z
-        ```
-    """
-    found: Any = output
-    if isinstance(output, MappingABC):
-        found = output.get("logits")
-    elif not isinstance(output, Tensor) and hasattr(output, "logits"):
-        found = output.logits
-    elif isinstance(output, (tuple, list)) and output:
-        found = output[0]
-    if not isinstance(found, Tensor) or found.dim() != 2 or not found.is_floating_point():
-        if output is None:
-            got = "nothing (no output was kept: was the model called inside the Distiller?)"
-        elif isinstance(found, Tensor):
-            got = f"a {found.dtype} tensor of shape {tuple(found.shape)}"
-        else:
-            got = f"a {type(output).__name__}"
-            if isinstance(output, MappingABC):
-                got += f" with keys {sorted(map(str, output))}"
-        raise athooks.CaptureError(
-            f"loss {loss_name!r} needs the {who}'s class logits, a floating (B, classes) tensor, "
-            f"but the {who} returned {got}. Return the logits from the model's forward: a "
-            "tensor, a dict with 'logits', an object with .logits, or a tuple whose first "
-            "element is them"
-        )
-    return found
 
 
 def _both_logits(step: Step, loss_name: str) -> tuple[Tensor, Tensor]:
@@ -409,39 +356,6 @@ class DIST(Loss):
 # -- logit standardisation -------------------------------------------------------------------------
 
 
-class _OutputsReplaced:
-    """A step whose model outputs are others, the rest (captures, target, runner) the same.
-
-    Stands in for ``Step.replace`` where athooks' ``Step`` lacks it.
-    """
-
-    def __init__(self, step: Step, student_output: Any, teacher_output: Any) -> None:
-        self._step = step
-        self._student_output = student_output
-        self._teacher_output = teacher_output
-
-    @property
-    def student_output(self) -> Any:
-        """The replaced student output."""
-        return self._student_output
-
-    @property
-    def teacher_output(self) -> Any:
-        """The replaced teacher output."""
-        return self._teacher_output
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._step, name)
-
-
-def _replace_outputs(step: Step, student_output: Tensor, teacher_output: Tensor) -> Step:
-    """``step`` with other model outputs: ``Step.replace`` when athooks has it."""
-    replace = getattr(step, "replace", None)
-    if callable(replace):
-        return cast(Step, replace(student_output=student_output, teacher_output=teacher_output))
-    return cast(Step, _OutputsReplaced(step, student_output, teacher_output))
-
-
 #: The authors' settings for a wrapped loss built here by name (their ``tools/train.py`` with
 #: ``--logit-stand``: ``--base-temp 2 --kd-weight 9``; for DKD, alpha and beta times 9 and
 #: ``T = 2``). A name not listed is built with its own defaults.
@@ -515,10 +429,9 @@ class LogitStandardization(Loss):
         self.form = form
         self.inner = self._wrapped(loss, options)
         self.name = f"logit_std({self.inner.name})"
-        self.needs_input_grad = bool(getattr(self.inner, "needs_input_grad", False))
-        for flag in ("needs_embedding", "needs_classifier"):
-            if getattr(self.inner, flag, False):
-                setattr(self, flag, True)
+        self.needs_input_grad = self.inner.needs_input_grad
+        self.needs_embedding = self.inner.needs_embedding
+        self.needs_classifier = self.inner.needs_classifier
 
     @staticmethod
     def _wrapped(loss: Any, options: dict[str, Any]) -> Loss:
@@ -576,13 +489,9 @@ class LogitStandardization(Loss):
         return tuple(self.inner.captures())
 
     def setup(self, pairs: Sequence[tuple[str, str]]) -> None:
-        """Set up the wrapped loss for the layer pairs (where athooks' ``Loss`` has ``setup``)."""
-        base = getattr(super(), "setup", None)
-        if callable(base):
-            base(pairs)
-        inner_setup = getattr(self.inner, "setup", None)
-        if callable(inner_setup):
-            inner_setup(pairs)
+        """Set up the wrapped loss for the layer pairs."""
+        super().setup(pairs)
+        self.inner.setup(pairs)
 
     def forward(self, step: Step) -> Tensor:
         """The wrapped loss on the standardised logits."""
@@ -594,7 +503,11 @@ class LogitStandardization(Loss):
             )
         return cast(
             Tensor,
-            self.inner(_replace_outputs(step, self.standardize(z_s), self.standardize(z_t))),
+            self.inner(
+                step.replace(
+                    student_output=self.standardize(z_s), teacher_output=self.standardize(z_t)
+                )
+            ),
         )
 
     def extra_repr(self) -> str:

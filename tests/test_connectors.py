@@ -365,3 +365,26 @@ def test_step_replace_shares_the_captures():
     other = step.replace(student_output=torch.ones(2, 3), teacher_output=torch.ones(2, 3))
     assert other.features(f)[0][0] is t and step.student_output.sum() == 0
     assert other.student_output.sum() == 6 and other.teacher_output.sum() == 6
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_connectors_and_embedding_with_a_compiled_student(backend):
+    def run(compile_it):
+        torch.manual_seed(0)
+        teacher, student = tiny_pair(inplace=False)
+        d = Distiller(teacher, student, layers=["relu2", "relu3"], losses=[Hint(), EmbedGap()])
+        params = list(d.parameters())
+        with d:
+            call = torch.compile(student, backend=backend) if compile_it else student
+            call(X)
+            value = d.loss()
+            value.backward()
+        torch._dynamo.reset()
+        return value, [p.grad.clone() for p in params], student.conv1.weight.grad.clone()
+
+    want, want_grads, want_student = run(False)
+    got, got_grads, got_student = run(True)
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    for a, b in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(got_student, want_student, rtol=1e-4, atol=1e-6)

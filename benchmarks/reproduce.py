@@ -340,7 +340,8 @@ class Recipe:
             paraphraser).
         extras: What ``d.loss()`` is given besides the target: ``"index"`` (dataset indices).
         warmup: The fraction of the training steps over which the loss's weight rises
-            linearly from 0 (``athooks.schedules.warmup``; mdistiller's 20 of 240 epochs).
+            linearly from 0 (mdistiller's 20 of 240 epochs): the loss's own option
+            ``warmup_option`` (DKD's ``warmup_steps``), else ``athooks.schedules.warmup``.
         source: Where the recipe comes from.
     """
 
@@ -350,6 +351,7 @@ class Recipe:
     init: str | None = None
     extras: tuple[str, ...] = ()
     warmup: float = 0.0
+    warmup_option: str | None = None
     source: str = "RepDistiller (CRD benchmark): CE + beta * method, no KD"
 
 
@@ -380,12 +382,16 @@ RECIPES: dict[str, Recipe] = {
     "vid": Recipe(options={"on": "features"}, source=REPDISTILLER + "; a regressor per stage"),
     "crd": Recipe(options={"n_data": N_DATA}, extras=("index",)),
     "crd_inbatch": Recipe(source="CE + method (in-batch negatives: no memory bank)"),
-    "dkd": Recipe(warmup=20 / 240, source=MDISTILLER + ", weight warm-up 20 of 240 epochs"),
+    "dkd": Recipe(
+        warmup=20 / 240,
+        warmup_option="warmup_steps",
+        source=MDISTILLER + ", weight warm-up 20 of 240 epochs",
+    ),
     "dist": Recipe(source="DIST's CIFAR code: CE + method"),
     "logit_std": Recipe(
-        options={"loss": "kd", "weight": 9.0, "temperature": 2.0},
-        ce_weight=0.1,
-        source="logit-standardization-KD: 0.1 CE + 9 KD at base temperature 2",
+        options={"loss": "kd"},
+        source="logit-standardization-KD (mdistiller cfg): CE + KD on Z-scores, KD weight 9, "
+        "base temperature 2 (the loss's defaults for kd)",
     ),
 }
 
@@ -597,10 +603,14 @@ def run_zoo_task(seed: int, name: str) -> dict[str, Any]:
             if recipe.warmup:
                 import math
 
-                from athooks import schedules  # type: ignore[attr-defined]
-
                 steps = config.epochs * math.ceil(len(x) / config.batch)
-                options["schedule"] = schedules.warmup(max(1, round(recipe.warmup * steps)))
+                ramp = max(1, round(recipe.warmup * steps))
+                if recipe.warmup_option:
+                    options[recipe.warmup_option] = ramp
+                else:
+                    from athooks import schedules  # type: ignore[attr-defined]
+
+                    options["schedule"] = schedules.warmup(ramp)
             loss = athooks.loss(row.loss, **options)
             if recipe.layers == "auto":
                 d = Distiller(teacher, student, losses=loss, input_size=(1, *x.shape[2:]))

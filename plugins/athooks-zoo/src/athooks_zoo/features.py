@@ -14,6 +14,7 @@ level of ``athooks``).
 
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
 from collections.abc import Sequence
@@ -450,7 +451,7 @@ class FSP(Loss):
             ``len(maps) - 1`` matrices, ``G_ab = mean_s F_j[a](s) F_{j+1}[b](s)``.
         """
         out = []
-        for bottom, top in zip(maps[:-1], maps[1:], strict=True):
+        for bottom, top in itertools.pairwise(maps):
             size = _common_size(bottom, top)
             f1 = _f32(_pool(bottom, size)).flatten(2)
             f2 = _f32(_pool(top, size)).flatten(2)
@@ -470,16 +471,14 @@ class FSP(Loss):
             _need_setup(self.connectors, step, self.name)
         teacher, student = [], []
         for i, (t_name, s_name, t, s) in enumerate(found):
-            if t.shape[1] != s.shape[1]:
-                if self.connectors is None:
-                    raise CaptureError(
-                        f"fsp: pair (teacher {t_name!r}, student {s_name!r}) has teacher width "
-                        f"{t.shape[1]} and student width {s.shape[1]}; FSP matrices compare "
-                        "entry by entry, so every pair must have equal widths (RepDistiller "
-                        "refuses this too). Pair layers of equal width, or pass "
-                        "connector=True to map the student's maps to the teacher's widths "
-                        "with learned 1x1 convolutions"
-                    )
+            if t.shape[1] != s.shape[1] and self.connectors is None:
+                raise CaptureError(
+                    f"fsp: pair (teacher {t_name!r}, student {s_name!r}) has teacher width "
+                    f"{t.shape[1]} and student width {s.shape[1]}; FSP matrices compare entry "
+                    "by entry, so every pair must have equal widths (RepDistiller refuses this "
+                    "too). Pair layers of equal width, or pass connector=True to map the "
+                    "student's maps to the teacher's widths with learned 1x1 convolutions"
+                )
             if self.connectors is not None:
                 s = _connect(self.connectors[i], s, int(t.shape[1]))
             teacher.append(t.detach())
@@ -493,8 +492,7 @@ class FSP(Loss):
     def extra_repr(self) -> str:
         """The options, for ``repr``."""
         return (
-            f"beta={self.beta:g}, normalization={self.normalization!r}, "
-            f"connector={self.connector}"
+            f"beta={self.beta:g}, normalization={self.normalization!r}, connector={self.connector}"
         )
 
 
@@ -601,7 +599,7 @@ class AB(Loss):
 
 
 class CWD(Loss):
-    """Channel-wise distillation: each channel as a distribution over positions, KL to the teacher's.
+    """Channel-wise distillation: each channel a distribution over positions, KL to the teacher's.
 
     Shu, Liu, Gao, Yan and Shen, "Channel-wise Knowledge Distillation for Dense Prediction",
     ICCV 2021. Each channel ``c`` of a ``(B, C, *S)`` map becomes a distribution over its

@@ -311,17 +311,21 @@ def ref_ab(ts, rs, beta, margin, pair_weights):
     return beta * total
 
 
-@pytest.mark.parametrize(("margin", "pair_weights"), [(1.0, "code"), (0.5, "equal")])
-def test_ab_is_the_margin_boundary_loss_through_the_connector(margin, pair_weights):
+@pytest.mark.parametrize(
+    ("margin", "pair_weights", "connector"), [(1.0, "code", None), (0.5, "equal", True)]
+)
+def test_ab_is_the_margin_boundary_loss_through_the_connector(margin, pair_weights, connector):
     pairs = names(2)
     teachers = leaves((2, 4, 3, 3), (2, 3, 2, 2), seed=15)
-    students = leaves((2, 2, 3, 3), (2, 3, 2, 2), seed=16)
-    loss = AB(beta=1.5, margin=margin, pair_weights=pair_weights)
+    students = leaves((2, 2, 3, 3), (2, 3, 2, 2), seed=16)  # the second pair: equal widths
+    loss = AB(beta=1.5, margin=margin, pair_weights=pair_weights, connector=connector)
     build(loss, pairs, teachers, students)
-    conns = [known_connector(loss.connectors[i], seed=30 + i) for i in range(2)]
+    p0 = known_connector(loss.connectors[0], seed=30)
+    p1 = known_connector(loss.connectors[1], seed=31) if connector else None
+    assert loss.connectors[1].built == bool(connector)  # None: the identity at equal widths
 
     def reference(ts, ss):
-        rs = [ref_conv_bn(s, p) for s, p in zip(ss, conns, strict=True)]
+        rs = [ref_conv_bn(ss[0], p0), ss[1] if p1 is None else ref_conv_bn(ss[1], p1)]
         return ref_ab(ts, rs, 1.5, margin, pair_weights)
 
     check_value_and_grad(loss, pairs, teachers, students, reference)
@@ -401,6 +405,7 @@ def test_specs_name_every_method():
         (AB, {"margin": -1.0}, "ab: margin must be >= 0"),
         (AB, {"margin": float("nan")}, "ab: margin must be finite"),
         (AB, {"pair_weights": "paper"}, "ab: pair_weights must be one of 'code', 'equal'"),
+        (AB, {"connector": 1}, "ab: connector must be None"),
         (CWD, {"weight": -3.0}, "cwd: weight must be >= 0"),
         (CWD, {"tau": 0.0}, "cwd: tau must be > 0"),
         (CWD, {"tau": float("inf")}, "cwd: tau must be finite"),
@@ -466,8 +471,8 @@ def test_neuron_wise_losses_refuse_other_spatial_sizes(loss):
         loss(make_step(loss, names(1), t, s))
 
 
-def test_cwd_without_connector_refuses_other_widths():
-    loss = CWD(connector=False)
+@pytest.mark.parametrize("loss", [AB(connector=False), CWD(connector=False)], ids=["ab", "cwd"])
+def test_connector_false_refuses_other_widths(loss):
     t, s = [torch.randn(2, 4, 4, 4)], [torch.randn(2, 3, 4, 4)]
     with pytest.raises(CaptureError, match=r"teacher width 4 and student width 3.*connector=None"):
         loss(make_step(loss, names(1), t, s))

@@ -158,6 +158,47 @@ def _connect(connector: nn.Module, s: Tensor, width: int) -> Tensor:
     return connector(s, width)
 
 
+def _connector_option(value: Any, owner: str) -> bool | None:
+    """Check a ``connector`` option: ``None`` (where widths differ), ``True`` or ``False``."""
+    if value is not None and not isinstance(value, bool):
+        raise ConfigurationError(
+            f"{owner}: connector must be None (connect pairs of unequal widths), True or False, "
+            f"got {value!r}"
+        )
+    return value
+
+
+def _same_size(t: Tensor, s: Tensor, t_name: str, s_name: str, owner: str, what: str) -> None:
+    """Refuse a pair whose maps differ in spatial size, for losses that compare positions."""
+    if t.shape[2:] != s.shape[2:]:
+        raise CaptureError(
+            f"{owner} compares {what}, so the maps of a pair must have the same spatial size; "
+            f"pair (teacher {t_name!r}, student {s_name!r}) has teacher {tuple(t.shape[2:])} "
+            f"and student {tuple(s.shape[2:])}. Pair layers of the same stride "
+            '(layers="auto" does)'
+        )
+
+
+def _maybe_connect(
+    loss: AB | CWD, i: int, t: Tensor, s: Tensor, t_name: str, s_name: str
+) -> Tensor:
+    """The student's map of pair ``i``, through its connector where the option asks for one.
+
+    Raises:
+        CaptureError: If the widths differ and ``connector=False``.
+    """
+    if loss.connectors is not None and (loss.connector or t.shape[1] != s.shape[1]):
+        return _connect(loss.connectors[i], s, int(t.shape[1]))
+    if t.shape[1] != s.shape[1]:
+        raise CaptureError(
+            f"{loss.name} compares channels one to one; pair (teacher {t_name!r}, student "
+            f"{s_name!r}) has teacher width {t.shape[1]} and student width {s.shape[1]}, and "
+            "connector=False. Pass connector=None (or True) to map the student's maps to the "
+            "teacher's width with a learned 1x1 convolution, or pair layers of equal width"
+        )
+    return s
+
+
 class ConvReg(nn.Module):
     """FitNet's regressor at equal spatial size: RepDistiller's/mdistiller's ``ConvReg``.
 
@@ -504,38 +545,45 @@ class AB(Loss):
 
     Heo, Lee, Yun and Choi, "Knowledge Transfer via Distillation of Activation Boundaries Formed
     by Hidden Neurons", AAAI 2019. With ``r = c_j(F_S^j)`` the student's map through a learned
-    connector to the teacher's width (1x1 convolution without bias + batch norm, as the authors'
-    ``AB_distillation`` code) and ``t = F_T^j``, the piecewise (margin ``mu``) loss of each
-    neuron is
+    connector to the teacher's width and ``t = F_T^j`` the teacher's, the piecewise (margin
+    ``mu``) loss of each neuron is
 
     ``(r + mu)^2 [r > -mu and t <= 0] + (r - mu)^2 [r <= mu and t > 0]``
 
     (the paper's ``rho(t) max(mu - r, 0)^2 + (1 - rho(t)) max(mu + r, 0)^2``, ``rho(t) = [t >
-    0]``), summed over neurons. The authors' code (``AB_distillation``, copied by RepDistiller's
-    ``ABLoss``) then divides by the batch size, scales by ``3/1000`` and weights the pair ``j``
-    of ``n`` by ``2^(j - n + 1)`` (the last pair 1, each earlier one half the next):
-    ``pair_weights="code"``, the default; ``"equal"`` gives every pair weight 1 (still
-    ``/B * 3/1000``). The total is ``beta * sum_j w_j * L_j``.
+    0]``), summed over neurons. The authors' code (``bhheo/AB_distillation``, copied by
+    RepDistiller's ``ABLoss``) then divides by the batch size, scales by ``3/1000`` and weights
+    pair ``j`` (counted from 0) of ``n`` by ``2^(j - n + 1)``: the last pair 1, each earlier one
+    half the next (``pair_weights="code"``, the default; ``"equal"`` gives every pair weight 1,
+    still ``/B * 3/1000``). The total is ``beta * sum_j w_j * L_j``.
 
-    Pre-activations: the paper (and RepDistiller, ``preact=True``) transfers the boundaries of
-    the neurons *before* their ReLU. athooks taps what the named layers return: the outputs of
-    pre-activation WRN/ResNet stages are pre-ReLU (their next block starts with BN-ReLU), as
-    are the outputs of modules ending in a convolution or a batch norm; a layer ending in a
-    ReLU gives post-ReLU maps (never negative: the teacher's ``t <= 0`` then means ``t == 0``).
-    Tap the module before the ReLU to follow the paper. Maps of a pair must have the same
-    spatial size (neurons correspond one to one): pair layers of equal stride.
+    Connector: a 1x1 convolution without bias and a batch norm, as the authors' code, built from
+    the first step's widths. As there (and in RepDistiller), it is the identity for a pair whose
+    widths already agree (``connector=None``, the default); ``True`` builds one for every pair,
+    ``False`` none (unequal widths are then an error). The authors initialise it with
+    ``normal(0, sqrt(2 / out_channels))`` weights; athooks' connectors use PyTorch's default
+    initialisation. Maps of a pair must have the same spatial size (neurons correspond one to
+    one): pair layers of equal stride.
 
-    Defaults: ``margin = 1.0`` (RepDistiller's ``ABLoss``, the authors' code), ``beta = 1``
-    (RepDistiller's ``-b 1``; like the paper it uses AB in a first stage, ``init_epochs = 30``,
-    on the AB loss alone, then trains on the task loss: reproduce that with a first
-    Distiller phase on ``ab`` only). RepDistiller's connector is the identity where the
-    student's map already has the teacher's width and size; athooks always builds one, as
-    the authors' code does.
+    Pre-activations: the paper transfers the boundaries of the neurons *before* their ReLU. The
+    authors' code (and RepDistiller, ``preact=True``) takes, for a pre-activation WRN, the
+    output of the batch norm that precedes the next block's ReLU (``block2.layer[0].bn1``,
+    ``block3.layer[0].bn1``, the final ``bn1``). athooks taps what the named layers return: the
+    stage outputs of a pre-activation WRN/ResNet are pre-ReLU too (but before that batch norm),
+    and a layer ending in a ReLU gives maps that are never negative (the teacher's ``t <= 0``
+    then means ``t == 0``). Tap the batch norm before the ReLU to follow the authors exactly.
+
+    Defaults: ``margin = 1.0`` (the authors' code and RepDistiller), ``beta = 1``
+    (RepDistiller's ``-b 1``). Like the paper, both codes use AB in a first stage only, on the
+    AB loss alone (training the student and the connectors; RepDistiller: ``init_epochs =
+    30``), then train on the task loss (with KD in the authors' code): reproduce that with a
+    first Distiller phase on ``ab`` only.
 
     Args:
         beta: The weight: finite, ``>= 0``.
         margin: ``mu``: finite, ``>= 0``.
         pair_weights: ``"code"`` (``2^(j - n + 1)``) or ``"equal"``.
+        connector: ``None`` (connect pairs of unequal widths), ``True`` or ``False``.
 
     Example:
         ```python
@@ -552,7 +600,13 @@ class AB(Loss):
 
     name = "ab"
 
-    def __init__(self, beta: float = 1.0, margin: float = 1.0, pair_weights: str = "code") -> None:
+    def __init__(
+        self,
+        beta: float = 1.0,
+        margin: float = 1.0,
+        pair_weights: str = "code",
+        connector: bool | None = None,
+    ) -> None:
         super().__init__()
         self.beta = _real(beta, owner="ab", option="beta", why=_NEGATIVE)
         self.margin = _real(
@@ -561,8 +615,9 @@ class AB(Loss):
         self.pair_weights = _choice(
             pair_weights, owner="ab", option="pair_weights", allowed=("code", "equal")
         )
+        self.connector = _connector_option(connector, "ab")
         self.features = Features()
-        self.connectors = Connectors()
+        self.connectors = Connectors() if connector is not False else None
 
     def captures(self) -> tuple[Features, ...]:
         """AB keeps the feature maps whole."""
@@ -570,19 +625,14 @@ class AB(Loss):
 
     def forward(self, step: Step) -> Tensor:
         """The AB term of the step."""
-        _need_setup(self.connectors, step, self.name)
+        if self.connectors is not None:
+            _need_setup(self.connectors, step, self.name)
         found = _feature_pairs(step, self.features, self.name)
         n, m = len(found), self.margin
         terms = []
         for i, (t_name, s_name, t, s) in enumerate(found):
-            if t.shape[2:] != s.shape[2:]:
-                raise CaptureError(
-                    f"ab compares neurons one to one, so the maps of a pair must have the same "
-                    f"spatial size; pair (teacher {t_name!r}, student {s_name!r}) has teacher "
-                    f"{tuple(t.shape[2:])} and student {tuple(s.shape[2:])}. Pair layers of "
-                    'the same stride (layers="auto" does)'
-                )
-            r = _f32(_connect(self.connectors[i], s, int(t.shape[1])))
+            _same_size(t, s, t_name, s_name, self.name, "neurons one to one")
+            r = _f32(_maybe_connect(self, i, t, s, t_name, s_name))
             t = _f32(t.detach())
             on = t > 0
             loss = (r + m).pow(2) * ((r > -m) & ~on) + (r - m).pow(2) * ((r <= m) & on)
@@ -592,7 +642,10 @@ class AB(Loss):
 
     def extra_repr(self) -> str:
         """The options, for ``repr``."""
-        return f"beta={self.beta:g}, margin={self.margin:g}, pair_weights={self.pair_weights!r}"
+        return (
+            f"beta={self.beta:g}, margin={self.margin:g}, pair_weights={self.pair_weights!r}, "
+            f"connector={self.connector}"
+        )
 
 
 # --------------------------------------------------------------------------- CWD
@@ -651,12 +704,7 @@ class CWD(Loss):
             strict=True,
             why=" (the maps are divided by it; the authors use 4)",
         )
-        if connector is not None and not isinstance(connector, bool):
-            raise ConfigurationError(
-                f"cwd: connector must be None (connect pairs of unequal widths), True or False, "
-                f"got {connector!r}"
-            )
-        self.connector = connector
+        self.connector = _connector_option(connector, "cwd")
         self.features = Features()
         self.connectors = Connectors() if connector is not False else None
 
@@ -670,23 +718,10 @@ class CWD(Loss):
             _need_setup(self.connectors, step, self.name)
         terms = []
         for i, (t_name, s_name, t, s) in enumerate(_feature_pairs(step, self.features, self.name)):
-            where = f"pair (teacher {t_name!r}, student {s_name!r})"
-            if t.shape[2:] != s.shape[2:]:
-                raise CaptureError(
-                    f"cwd compares each channel's distribution over positions, so the maps of a "
-                    f"pair must have the same spatial size; {where} has teacher "
-                    f"{tuple(t.shape[2:])} and student {tuple(s.shape[2:])}. Pair layers of the "
-                    'same stride (layers="auto" does)'
-                )
-            if self.connectors is not None and (self.connector or t.shape[1] != s.shape[1]):
-                s = _connect(self.connectors[i], s, int(t.shape[1]))
-            elif t.shape[1] != s.shape[1]:
-                raise CaptureError(
-                    f"cwd compares channels one to one; {where} has teacher width {t.shape[1]} "
-                    f"and student width {s.shape[1]}, and connector=False. Pass connector=None "
-                    "(or True) to map the student's maps to the teacher's width with a learned "
-                    "1x1 convolution, or pair layers of equal width"
-                )
+            _same_size(
+                t, s, t_name, s_name, self.name, "each channel's distribution over positions"
+            )
+            s = _maybe_connect(self, i, t, s, t_name, s_name)
             b, c = t.shape[:2]
             log_p_t = F.log_softmax(_f32(t.detach()).flatten(2) / self.tau, dim=2)
             log_p_s = F.log_softmax(_f32(s).flatten(2) / self.tau, dim=2)

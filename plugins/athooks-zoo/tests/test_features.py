@@ -295,7 +295,7 @@ def test_fsp_with_connectors_maps_the_student_to_the_teachers_widths():
 # ------------------------------------------------------------------ AB
 
 
-def ref_ab(ts, rs, beta, margin, pair_weights):
+def ref_ab(ts, rs, beta, margin, layer_weights):
     n = len(ts)
     total = 0
     for j, (t, r) in enumerate(zip(ts, rs, strict=True)):
@@ -306,19 +306,19 @@ def ref_ab(ts, rs, beta, margin, pair_weights):
                 cost = cost + (torch.clamp(margin - rv, min=0) ** 2)
             else:  # inactive: keep r at least margin below 0
                 cost = cost + (torch.clamp(margin + rv, min=0) ** 2)
-        w = 2.0 ** (j - n + 1) if pair_weights == "code" else 1.0
+        w = 2.0 ** (j - n + 1) if layer_weights == "code" else 1.0
         total = total + w * cost / t.shape[0] * 3 / 1000
     return beta * total
 
 
 @pytest.mark.parametrize(
-    ("margin", "pair_weights", "connector"), [(1.0, "code", None), (0.5, "equal", True)]
+    ("margin", "layer_weights", "connector"), [(1.0, "code", None), (0.5, "equal", True)]
 )
-def test_ab_is_the_margin_boundary_loss_through_the_connector(margin, pair_weights, connector):
+def test_ab_is_the_margin_boundary_loss_through_the_connector(margin, layer_weights, connector):
     pairs = names(2)
     teachers = leaves((2, 4, 3, 3), (2, 3, 2, 2), seed=15)
     students = leaves((2, 2, 3, 3), (2, 3, 2, 2), seed=16)  # the second pair: equal widths
-    loss = AB(beta=1.5, margin=margin, pair_weights=pair_weights, connector=connector)
+    loss = AB(beta=1.5, margin=margin, layer_weights=layer_weights, connector=connector)
     build(loss, pairs, teachers, students)
     p0 = known_connector(loss.connectors[0], seed=30)
     p1 = known_connector(loss.connectors[1], seed=31) if connector else None
@@ -326,7 +326,7 @@ def test_ab_is_the_margin_boundary_loss_through_the_connector(margin, pair_weigh
 
     def reference(ts, ss):
         rs = [ref_conv_bn(ss[0], p0), ss[1] if p1 is None else ref_conv_bn(ss[1], p1)]
-        return ref_ab(ts, rs, 1.5, margin, pair_weights)
+        return ref_ab(ts, rs, 1.5, margin, layer_weights)
 
     check_value_and_grad(loss, pairs, teachers, students, reference)
 
@@ -404,7 +404,7 @@ def test_specs_name_every_method():
         (AB, {"beta": -1}, "ab: beta must be >= 0"),
         (AB, {"margin": -1.0}, "ab: margin must be >= 0"),
         (AB, {"margin": float("nan")}, "ab: margin must be finite"),
-        (AB, {"pair_weights": "paper"}, "ab: pair_weights must be one of 'code', 'equal'"),
+        (AB, {"layer_weights": "paper"}, "ab: layer_weights must be one of 'code', 'equal'"),
         (AB, {"connector": 1}, "ab: connector must be None"),
         (CWD, {"weight": -3.0}, "cwd: weight must be >= 0"),
         (CWD, {"tau": 0.0}, "cwd: tau must be > 0"),

@@ -130,11 +130,14 @@ def _need_setup(connectors: nn.ModuleList, step: Step, owner: str) -> None:
 
 def _pool(x: Tensor, size: Sequence[int]) -> Tensor:
     """Adaptive average pooling of ``(B, C, *S)`` to ``(B, C, *size)`` (unchanged if equal)."""
-    size = tuple(int(n) for n in size)
-    if tuple(x.shape[2:]) == size:
+    target = tuple(int(n) for n in size)
+    if tuple(x.shape[2:]) == target:
         return x
-    pool = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}
-    return pool[len(size)](x, size)  # type: ignore[operator]
+    if len(target) == 1:
+        return F.adaptive_avg_pool1d(x, target[0])
+    if len(target) == 2:
+        return F.adaptive_avg_pool2d(x, target)
+    return F.adaptive_avg_pool3d(x, (target[0], target[1], target[2]))
 
 
 def _common_size(a: Tensor, b: Tensor) -> tuple[int, ...]:
@@ -155,7 +158,8 @@ def _resample(x: Tensor, size: Sequence[int]) -> Tensor:
 
 def _connect(connector: nn.Module, s: Tensor, width: int) -> Tensor:
     """The student's features through a connector, to ``width`` channels."""
-    return connector(s, width)
+    out: Tensor = connector(s, width)
+    return out
 
 
 def _connector_option(value: Any, owner: str) -> bool | None:
@@ -230,7 +234,7 @@ class ConvReg(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``relu(bn(conv1x1(x)))``, of shape ``(B, out_channels, *S)``."""
-        y = self.bn(self.conv(x.flatten(2)))
+        y: Tensor = self.bn(self.conv(x.flatten(2)))
         if self.relu:
             y = F.relu(y)
         return y.reshape(x.shape[0], y.shape[1], *x.shape[2:])
@@ -287,7 +291,7 @@ class FitNet(Loss):
         t, s = torch.randn(2, 16, 4, 4), torch.randn(2, 8, 4, 4, requires_grad=True)
         value = loss(Step([("t", "s")], [{loss.features: t}], [{loss.features: s}]))
         value.backward()
-        print(float(value), s.grad.shape)
+        print(value.item(), s.grad.shape)
         ```
     """
 
@@ -314,7 +318,7 @@ class FitNet(Loss):
             s = _resample(s, t.shape[2:])
             guess = _connect(self.regressors[i], s, int(t.shape[1]))
             terms.append(F.mse_loss(_f32(guess), _f32(t.detach())))
-        return self.beta * torch.stack(terms).sum()
+        return self.beta * self.sum_pairs(terms)
 
     def extra_repr(self) -> str:
         """The options, for ``repr``."""
@@ -362,7 +366,7 @@ class NST(Loss):
         t, s = torch.randn(2, 16, 8, 8), torch.randn(2, 8, 4, 4, requires_grad=True)
         value = loss(Step([("t", "s")], [{loss.features: t}], [{loss.features: s}]))
         value.backward()
-        print(float(value))
+        print(value.item())
         ```
     """
 
@@ -371,7 +375,8 @@ class NST(Loss):
     def __init__(self, beta: float = 50.0, degree: int = 2, c: float = 0.0) -> None:
         super().__init__()
         self.beta = _real(beta, owner="nst", option="beta", why=_NEGATIVE)
-        if isinstance(degree, bool) or not isinstance(degree, numbers.Integral) or degree < 1:
+        given: Any = degree  # any integral number (a NumPy integer too), not a bool
+        if isinstance(given, bool) or not isinstance(given, numbers.Integral) or given < 1:
             raise ConfigurationError(
                 f"nst: degree must be a positive integer (the polynomial kernel's power; the "
                 f"paper uses 2), got {degree!r}"
@@ -385,7 +390,8 @@ class NST(Loss):
         return (self.features,)
 
     def _kernel_mean(self, a: Tensor, b: Tensor) -> Tensor:
-        return (torch.bmm(a, b.transpose(1, 2)) + self.c).pow(self.degree).mean()
+        gram = torch.bmm(a, b.transpose(1, 2))
+        return (gram + self.c).pow(self.degree).mean()
 
     def forward(self, step: Step) -> Tensor:
         """The NST term of the step."""
@@ -399,7 +405,7 @@ class NST(Loss):
                 + self._kernel_mean(f_s, f_s)
                 - 2 * self._kernel_mean(f_s, f_t)
             )
-        return self.beta * torch.stack(terms).sum()
+        return self.beta * self.sum_pairs(terms)
 
     def extra_repr(self) -> str:
         """The options, for ``repr``."""
@@ -423,7 +429,8 @@ class FSP(Loss):
     - ``normalization="paper"`` (the paper's ``1/N sum_x sum_j lambda_j ||G_T - G_S||_2^2``,
       equal ``lambda_j``): ``beta * sum_j mean_b sum_{a,c} (G_S^j - G_T^j)^2``.
 
-    ``n`` layer pairs give ``n - 1`` matrices (at least two pairs are needed). Where the two
+    ``n`` layer pairs give ``n - 1`` matrices (at least two pairs are needed; per-pair weights,
+    ``pair_weights``, do not apply). Where the two
     layers of one model differ in spatial size, the larger is adaptive-average-pooled to the
     smaller, as RepDistiller does.
 
@@ -457,7 +464,7 @@ class FSP(Loss):
         t = [torch.randn(2, 4, 8, 8), torch.randn(2, 6, 4, 4)]
         s = [x.clone().requires_grad_() for x in (torch.randn(2, 4, 8, 8), torch.randn(2, 6, 4, 4))]
         step = Step(pairs, [{loss.features: x} for x in t], [{loss.features: x} for x in s])
-        print(float(loss(step)))
+        print(loss(step).item())
         ```
     """
 
@@ -524,6 +531,12 @@ class FSP(Loss):
                 s = _connect(self.connectors[i], s, int(t.shape[1]))
             teacher.append(t.detach())
             student.append(s)
+        if self.pair_weights is not None:
+            raise ConfigurationError(
+                "fsp has one term per two consecutive layer pairs (n - 1 FSP matrices for n "
+                "pairs), so per-pair weights (pair_weights) do not apply to it; scale it with "
+                "beta instead"
+            )
         terms = []
         for g_t, g_s in zip(self.matrices(teacher), self.matrices(student), strict=True):
             sq = (g_s - g_t).pow(2)
@@ -554,7 +567,7 @@ class AB(Loss):
     0]``), summed over neurons. The authors' code (``bhheo/AB_distillation``, copied by
     RepDistiller's ``ABLoss``) then divides by the batch size, scales by ``3/1000`` and weights
     pair ``j`` (counted from 0) of ``n`` by ``2^(j - n + 1)``: the last pair 1, each earlier one
-    half the next (``pair_weights="code"``, the default; ``"equal"`` gives every pair weight 1,
+    half the next (``layer_weights="code"``, the default; ``"equal"`` gives every pair weight 1,
     still ``/B * 3/1000``). The total is ``beta * sum_j w_j * L_j``.
 
     Connector: a 1x1 convolution without bias and a batch norm, as the authors' code, built from
@@ -582,7 +595,7 @@ class AB(Loss):
     Args:
         beta: The weight: finite, ``>= 0``.
         margin: ``mu``: finite, ``>= 0``.
-        pair_weights: ``"code"`` (``2^(j - n + 1)``) or ``"equal"``.
+        layer_weights: ``"code"`` (``2^(j - n + 1)``) or ``"equal"``.
         connector: ``None`` (connect pairs of unequal widths), ``True`` or ``False``.
 
     Example:
@@ -594,7 +607,7 @@ class AB(Loss):
         loss = AB(margin=1.0)
         loss.setup([("t", "s")])
         t, s = torch.randn(2, 16, 4, 4), torch.randn(2, 8, 4, 4, requires_grad=True)
-        print(float(loss(Step([("t", "s")], [{loss.features: t}], [{loss.features: s}]))))
+        print(loss(Step([("t", "s")], [{loss.features: t}], [{loss.features: s}])).item())
         ```
     """
 
@@ -604,7 +617,7 @@ class AB(Loss):
         self,
         beta: float = 1.0,
         margin: float = 1.0,
-        pair_weights: str = "code",
+        layer_weights: str = "code",
         connector: bool | None = None,
     ) -> None:
         super().__init__()
@@ -612,8 +625,8 @@ class AB(Loss):
         self.margin = _real(
             margin, owner="ab", option="margin", why=" (the distance kept from the boundary)"
         )
-        self.pair_weights = _choice(
-            pair_weights, owner="ab", option="pair_weights", allowed=("code", "equal")
+        self.layer_weights = _choice(
+            layer_weights, owner="ab", option="layer_weights", allowed=("code", "equal")
         )
         self.connector = _connector_option(connector, "ab")
         self.features = Features()
@@ -636,14 +649,14 @@ class AB(Loss):
             t = _f32(t.detach())
             on = t > 0
             loss = (r + m).pow(2) * ((r > -m) & ~on) + (r - m).pow(2) * ((r <= m) & on)
-            w = 2.0 ** (i - n + 1) if self.pair_weights == "code" else 1.0
+            w = 2.0 ** (i - n + 1) if self.layer_weights == "code" else 1.0
             terms.append(w * loss.sum() / t.shape[0] / 1000 * 3)
-        return self.beta * torch.stack(terms).sum()
+        return self.beta * self.sum_pairs(terms)
 
     def extra_repr(self) -> str:
         """The options, for ``repr``."""
         return (
-            f"beta={self.beta:g}, margin={self.margin:g}, pair_weights={self.pair_weights!r}, "
+            f"beta={self.beta:g}, margin={self.margin:g}, layer_weights={self.layer_weights!r}, "
             f"connector={self.connector}"
         )
 
@@ -686,7 +699,7 @@ class CWD(Loss):
         loss = CWD(tau=4.0)
         loss.setup([("t", "s")])
         t, s = torch.randn(2, 8, 4, 4), torch.randn(2, 8, 4, 4, requires_grad=True)
-        print(float(loss(Step([("t", "s")], [{loss.features: t}], [{loss.features: s}]))))
+        print(loss(Step([("t", "s")], [{loss.features: t}], [{loss.features: s}])).item())
         ```
     """
 
@@ -727,7 +740,7 @@ class CWD(Loss):
             log_p_s = F.log_softmax(_f32(s).flatten(2) / self.tau, dim=2)
             kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum()
             terms.append(kl * self.tau**2 / (b * c))
-        return self.weight * torch.stack(terms).sum()
+        return self.weight * self.sum_pairs(terms)
 
     def extra_repr(self) -> str:
         """The options, for ``repr``."""

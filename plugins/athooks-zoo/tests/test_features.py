@@ -560,3 +560,45 @@ def test_fsp_through_the_distiller_on_models_of_equal_widths():
         value = d.loss()
         value.backward()
     assert torch.isfinite(value) and student.b1[0].weight.grad.abs().sum() > 0
+
+
+@pytest.mark.skipif(
+    not _HAS_CONNECTORS,
+    reason="needs the core's Connectors and Loss.setup (the lead's plugin API, not on main yet)",
+)
+@pytest.mark.parametrize("make", [FitNet, AB, CWD], ids=["fitnet", "ab", "cwd"])
+def test_learned_parts_round_trip_through_the_distillers_state_dict(make):
+    torch.manual_seed(0)
+    teacher, student = TinyNet(16), TinyNet(8)
+    x = torch.randn(4, 3, 8, 8)
+    layers = [("b1", "b1"), ("b2", "b2")]
+    with athooks.Distiller(teacher, student, layers=layers, losses=make()) as d:
+        list(d.parameters())  # what an optimiser would be given
+        student(x)
+        before = d.loss().detach()
+        state = d.state_dict()
+    with athooks.Distiller(teacher, student, layers=layers, losses=make()) as d:
+        d.load_state_dict(state)  # builds the connectors from the checkpoint
+        list(d.parameters())
+        student(x)
+        close(d.loss(), before)
+
+
+@pytest.mark.skipif(
+    not _HAS_CONNECTORS,
+    reason="needs the core's Connectors and Loss.setup (the lead's plugin API, not on main yet)",
+)
+def test_an_unused_connector_placeholder_does_not_trouble_the_optimiser():
+    torch.manual_seed(0)
+    teacher, student = TinyNet(8), TinyNet(8)  # equal widths: AB's connectors stay unbuilt
+    loss = AB()
+    with athooks.Distiller(teacher, student, layers=[("b1", "b1"), ("b2", "b2")], losses=loss) as d:
+        opt = torch.optim.SGD([*student.parameters(), *d.parameters()], lr=0.1, momentum=0.9)
+        for _ in range(2):
+            student(torch.randn(4, 3, 8, 8))
+            value = d.loss()
+            opt.zero_grad()
+            value.backward()
+            opt.step()
+        assert torch.isfinite(value)
+        assert not any(c.built for c in loss.connectors)

@@ -346,8 +346,8 @@ class NST(Loss):
 
     Defaults follow RepDistiller's ``NSTLoss`` (``full_loss=True``: the teacher-teacher term is
     kept, as a constant) with the paper's polynomial kernel ``d = 2, c = 0``, and
-    ``beta = 50`` (``scripts/run_cifar_distill.sh``, ``-b 50``; the middle stages
-    ``feat[1:-1]`` are tapped there). The paper writes the term as ``lambda/2 * MMD^2``;
+    ``beta = 50`` (``scripts/run_cifar_distill.sh``, ``-b 50``, on the middle stages
+    ``feat[1:-1]``; mdistiller's ``NST.LOSS.FEAT_WEIGHT = 50`` too). The paper writes the term as ``lambda/2 * MMD^2``;
     here ``beta`` multiplies ``MMD^2`` directly, as RepDistiller does, so ``beta = lambda/2``.
     The paper's linear and Gaussian kernels are not offered.
 
@@ -682,8 +682,10 @@ class CWD(Loss):
     unequal widths are an error). The maps of a pair must have the same spatial size, as the
     authors' code requires: pair layers of equal stride.
 
-    Defaults: ``tau = 4`` (the authors' segmentation setting, ``temperature=4``), ``weight =
-    3`` (the paper's loss weight for segmentation logit maps; mmrazor's ``loss_weight=3``).
+    Defaults: ``tau = 4`` and ``weight = 3``, the paper's and the authors' setting for
+    segmentation logit maps (``temperature=4``). mmrazor's re-implementation
+    (``ChannelWiseDivergence``) uses other values in its configs (``tau=1``, ``loss_weight``
+    3 to 10): pass them to reproduce those.
 
     Args:
         weight: The loss weight: finite, ``>= 0``.

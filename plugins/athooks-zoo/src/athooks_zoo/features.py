@@ -347,8 +347,9 @@ class NST(Loss):
     Defaults follow RepDistiller's ``NSTLoss`` (``full_loss=True``: the teacher-teacher term is
     kept, as a constant) with the paper's polynomial kernel ``d = 2, c = 0``, and
     ``beta = 50`` (``scripts/run_cifar_distill.sh``, ``-b 50``, on the middle stages
-    ``feat[1:-1]``; mdistiller's ``NST.LOSS.FEAT_WEIGHT = 50`` too). The paper writes the term as ``lambda/2 * MMD^2``;
-    here ``beta`` multiplies ``MMD^2`` directly, as RepDistiller does, so ``beta = lambda/2``.
+    ``feat[1:-1]``; mdistiller's ``NST.LOSS.FEAT_WEIGHT = 50`` too). The paper writes the
+    term as ``lambda/2 * MMD^2``; here ``beta`` multiplies ``MMD^2`` directly, as RepDistiller
+    does, so ``beta = lambda/2``.
     The paper's linear and Gaussian kernels are not offered.
 
     Args:

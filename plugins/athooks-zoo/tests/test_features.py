@@ -602,3 +602,21 @@ def test_an_unused_connector_placeholder_does_not_trouble_the_optimiser():
             opt.step()
         assert torch.isfinite(value)
         assert not any(c.built for c in loss.connectors)
+
+
+def test_per_pair_weights_of_the_core_apply_and_fsp_refuses_them():
+    pairs = names(2)
+    t = [torch.randn(2, 4, 4, 4), torch.randn(2, 3, 2, 2)]
+    s = [torch.randn(2, 2, 4, 4), torch.randn(2, 5, 2, 2)]
+    loss = NST()
+    whole = loss(make_step(loss, pairs, t, s))
+    loss.pair_weights = [1.0, 0.0]
+    first = loss(make_step(loss, pairs, t, s))
+    loss.pair_weights = [0.0, 2.0]
+    second = loss(make_step(loss, pairs, t, s))
+    close(first + second / 2, whole)
+    fsp = FSP()
+    fsp.pair_weights = [1.0, 1.0]
+    same = [x.clone() for x in t]
+    with pytest.raises(ConfigurationError, match="per-pair weights .* do not apply"):
+        fsp(make_step(fsp, pairs, t, same))

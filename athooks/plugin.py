@@ -28,9 +28,23 @@ Example:
     ```
 """
 
+from athooks.connectors import Connector, Connectors
 from athooks.hookspecs import hookimpl, hookspec
-from athooks.losses.base import Loss, Step
-from athooks.mappings import Mapping
+from athooks.losses.base import Loss, Step, logits_of, resize_map
+from athooks.mappings import Features, Mapping
 from athooks.specs import LossSpec, MappingSpec
 
-__all__ = ["Loss", "LossSpec", "Mapping", "MappingSpec", "Step", "hookimpl", "hookspec"]
+__all__ = [
+    "Connector",
+    "Connectors",
+    "Features",
+    "Loss",
+    "LossSpec",
+    "Mapping",
+    "MappingSpec",
+    "Step",
+    "hookimpl",
+    "hookspec",
+    "logits_of",
+    "resize_map",
+]

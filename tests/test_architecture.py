@@ -20,7 +20,14 @@ PACKAGE = Path(__file__).resolve().parents[1] / "athooks"
 
 LAYERS: list[tuple[str, ...]] = [
     ("athooks.errors", "athooks.version"),
-    ("athooks.checks", "athooks.specs", "athooks.tensors", "athooks.context", "athooks._compile"),
+    (
+        "athooks.checks",
+        "athooks.specs",
+        "athooks.tensors",
+        "athooks.context",
+        "athooks._compile",
+        "athooks.connectors",
+    ),
     ("athooks.layers", "athooks.models"),
     ("athooks.geometry",),
     ("athooks.hookspecs",),

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping as MappingABC
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
+from athooks.connectors import Connectors
 from athooks.errors import CaptureError, ConfigurationError, PluginError
 from athooks.mappings import Mapping
 from athooks.registry import build
 
 __all__ = ["Loss", "Step", "StepRunner", "logits_of", "loss", "resize_map"]
+
+#: "Not given" for :meth:`Step.replace` and :meth:`Step.extra`.
+_KEEP: Any = object()
 
 
 #: The interpolation of an upsampled map, by the number of its spatial dimensions.
@@ -174,6 +180,9 @@ class Step:
         target: Tensor | None = None,
         resize: str = "student",
         runner: StepRunner | None = None,
+        embeddings: Sequence[tuple[Tensor, Tensor]] | None = None,
+        classifiers: tuple[nn.Module | None, nn.Module | None] | None = None,
+        extras: MappingABC[str, Any] | None = None,
     ) -> None:
         self.pairs = list(pairs)
         self.resize = resize
@@ -183,7 +192,119 @@ class Step:
         self._student_values = list(student_values)
         self._student_output = student_output
         self._teacher_output = teacher_output
+        self._embeddings = None if embeddings is None else list(embeddings)
+        self._classifiers = classifiers
+        self._extras = dict(extras or {})
         self.target = target
+
+    def replace(self, *, student_output: Any = _KEEP, teacher_output: Any = _KEEP) -> Step:
+        """The same step with other model outputs, for modifiers of logit losses.
+
+        The captures (maps, features, embeddings) are shared, not copied.
+
+        Args:
+            student_output: The student's output to use instead (default: unchanged).
+            teacher_output: The teacher's output to use instead (default: unchanged).
+
+        Returns:
+            A new :class:`Step`.
+
+        Example:
+            ```python
+            import torch
+            from athooks.plugin import Step
+
+            step = Step([], [], [], student_output=torch.zeros(2, 3))
+            assert step.replace(student_output=torch.ones(2, 3)).student_output.sum() == 6
+            ```
+        """
+        other = copy.copy(self)
+        other.cache = {}
+        if student_output is not _KEEP:
+            other._student_output = student_output
+        if teacher_output is not _KEEP:
+            other._teacher_output = teacher_output
+        return other
+
+    def embedding(self) -> tuple[Tensor, Tensor]:
+        """The teacher's and the student's pre-logit vectors ``(B, D_t)``, ``(B, D_s)``.
+
+        Captured for losses that set ``needs_embedding = True``: the input of each model's
+        classifier (``Distiller(..., embedding=...)`` names another layer). The teacher's carries
+        no gradient.
+
+        Returns:
+            ``(teacher, student)``.
+
+        Raises:
+            CaptureError: If no embedding was captured (the loss did not declare
+                ``needs_embedding``).
+        """
+        if not self._embeddings:
+            raise CaptureError(
+                "this step has no embedding (the pre-logit vectors): a loss that reads it must "
+                "set needs_embedding = True, so that the Distiller taps each model's classifier "
+                "input (or the layer given with Distiller(..., embedding=...))"
+            )
+        return self._embeddings[0]
+
+    def classifier(self, side: str) -> nn.Module:
+        """A model's classifier: the layer whose input is the pre-logit vector.
+
+        Given to losses that set ``needs_classifier = True`` (class activation maps read its
+        weight, ``(classes, D)`` for an ``nn.Linear``).
+
+        Args:
+            side: ``"teacher"`` or ``"student"``.
+
+        Returns:
+            The module.
+
+        Raises:
+            CaptureError: If the classifiers were not given (the loss did not declare
+                ``needs_classifier``) or ``side`` is neither name.
+        """
+        if side not in ("teacher", "student"):
+            raise CaptureError(
+                f"step.classifier: side must be 'teacher' or 'student', got {side!r}"
+            )
+        found = None if self._classifiers is None else self._classifiers[side == "student"]
+        if found is None:
+            raise CaptureError(
+                f"this step has no {side} classifier: a loss that reads it must set "
+                "needs_classifier = True, so that the Distiller finds each model's classifier"
+            )
+        return found
+
+    def extra(self, name: str, default: Any = _KEEP) -> Any:
+        """What the user passed to ``Distiller.loss(target, **extras)`` under ``name``.
+
+        Args:
+            name: The keyword, e.g. ``"index"`` (the samples' dataset indices).
+            default: Returned when it was not passed; without one, that is an error.
+
+        Returns:
+            The value.
+
+        Raises:
+            CaptureError: If it was not passed and no default is given.
+
+        Example:
+            ```python
+            import torch
+            from athooks.plugin import Step
+
+            step = Step([], [], [], extras={"index": torch.arange(4)})
+            assert step.extra("index").tolist() == [0, 1, 2, 3] and step.extra("x", None) is None
+            ```
+        """
+        if name in self._extras:
+            return self._extras[name]
+        if default is not _KEEP:
+            return default
+        raise CaptureError(
+            f"this loss needs {name!r}: pass it to the loss call, d.loss(target=y, {name}=...)"
+        )
 
     def maps(self, mapping: Mapping) -> list[tuple[Tensor, Tensor]]:
         """The ``(teacher_map, student_map)`` of every pair for ``mapping``, each ``(B, *S)``.
@@ -343,6 +464,48 @@ class Loss(nn.Module):
     name: str = "loss"
     needs_teacher_output: bool = False
     needs_input_grad: bool = False
+    needs_embedding: bool = False
+    needs_classifier: bool = False
+    #: Weights of the layer pairs' terms in :meth:`sum_pairs` (``None``: all 1).
+    pair_weights: Sequence[float] | MappingABC[str, float] | None = None
+
+    def setup(self, pairs: Sequence[tuple[str, str]]) -> None:
+        """Prepare for these layer pairs; called once they are known, before the first step.
+
+        The Distiller calls it when the layers are resolved (at construction for named layers,
+        on the student's first call for ``"auto"``). The default sizes every
+        :class:`athooks.plugin.Connectors` of the loss to one connector per pair. A loss that
+        overrides it calls ``super().setup(pairs)``.
+
+        Args:
+            pairs: The ``(teacher_name, student_name)`` pairs, in order.
+        """
+        for module in self.modules():
+            if isinstance(module, Connectors):
+                module.resize(len(pairs))
+
+    def sum_pairs(self, terms: Sequence[Tensor]) -> Tensor:
+        """The sum of per-pair terms, weighted by :attr:`pair_weights` when they are set.
+
+        Args:
+            terms: One scalar per layer pair, in the order of ``step.pairs``.
+
+        Returns:
+            The (weighted) sum.
+
+        Raises:
+            CaptureError: If there are no terms.
+        """
+        if not terms:
+            raise CaptureError(
+                f"loss {self.name!r} has no layer pair to sum over: the Distiller tapped no "
+                "layer (check layers=...)"
+            )
+        weights = self.pair_weights
+        if weights is None:
+            return torch.stack(list(terms)).sum()
+        values = list(weights.values()) if isinstance(weights, MappingABC) else list(weights)
+        return torch.stack([w * t for w, t in zip(values, terms, strict=True)]).sum()
 
     def captures(self) -> tuple[Mapping, ...]:
         """The mappings to compute at every tapped layer, on both models.

@@ -376,7 +376,7 @@ class SP(Loss):
             _sp_term(*_check_pair(t.detach(), s, self.name, "feature map"))
             for t, s in step.features(self.features)
         ]
-        return self.beta * torch.stack(terms).sum()
+        return self.beta * self.sum_pairs(terms)
 
     def extra_repr(self) -> str:
         """The options, for ``repr``."""
@@ -675,7 +675,7 @@ class VID(Loss):
                 )
             t, s = _pool_to_common(t, s, self.name)
             terms.append(self._nll(conn, t, s))
-        return self.beta * torch.stack(terms).sum()
+        return self.beta * self.sum_pairs(terms)
 
     def extra_repr(self) -> str:
         """The options, for ``repr``."""
@@ -740,7 +740,8 @@ class CRD(_Embedded):
     random ones (RepDistiller's CIFAR loader draws the negatives from other classes this way).
 
     Args:
-        n_data: The dataset size, rows of each bank (required): an integer ``>= 1``.
+        n_data: The dataset size, rows of each bank (required, no default): an integer
+            ``>= 1``.
         beta: The weight (RepDistiller's ``-b 0.8`` for CRD): finite, ``>= 0``.
         feat_dim: The heads' width, 128 as the authors: an integer ``>= 1``.
         nce_k: The negatives per sample ``K``, 16384 as the authors: an integer ``>= 1``.
@@ -765,7 +766,7 @@ class CRD(_Embedded):
 
     def __init__(
         self,
-        n_data: int,
+        n_data: int | None = None,
         beta: float = 0.8,
         feat_dim: int = 128,
         nce_k: int = 16384,
@@ -773,6 +774,12 @@ class CRD(_Embedded):
         nce_m: float = 0.5,
     ) -> None:
         super().__init__(beta, feat_dim, nce_t, "crd")
+        if n_data is None:
+            raise athooks.ConfigurationError(
+                "crd: n_data is required: the dataset size, the rows of each memory bank (e.g. "
+                "athooks.loss('crd', n_data=len(train_set))); or use 'crd_inbatch', which needs "
+                "no bank"
+            )
         self.n_data = _integer(
             n_data, owner="crd", option="n_data", minimum=1, why=" (the dataset size)"
         )

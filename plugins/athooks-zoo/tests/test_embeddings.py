@@ -13,11 +13,11 @@ import math
 
 import pytest
 import torch
+from athooks_zoo.embeddings import CC, CRD, PKT, RKD, SP, VID, CRDInBatch
 from torch import nn
 
 import athooks
 from athooks.plugin import Step
-from athooks_zoo.embeddings import CC, CRD, PKT, RKD, SP, VID, CRDInBatch
 
 F64 = torch.float64
 TOL = {"rtol": 1e-6, "atol": 1e-9}
@@ -165,7 +165,9 @@ def ref_sp(t, s):
 
     def gram(q):
         g = [[dot(q[i], q[j]) for j in range(b)] for i in range(b)]
-        return [[g[i][j] / torch.sqrt(sum(v * v for v in g[i])) for j in range(b)] for i in range(b)]
+        return [
+            [g[i][j] / torch.sqrt(sum(v * v for v in g[i])) for j in range(b)] for i in range(b)
+        ]
 
     gt, gs = gram(qt), gram(qs)
     return sum((gt[i][j] - gs[i][j]) ** 2 for i in range(b) for j in range(b)) / (b * b)
@@ -180,8 +182,14 @@ def test_sp_on_embeddings_matches_the_paper():
 
 def test_sp_on_features_sums_every_pair():
     g = torch.Generator().manual_seed(1)
-    t1, t2 = torch.randn(4, 6, 3, 3, generator=g, dtype=F64), torch.randn(4, 5, 2, 2, generator=g, dtype=F64)
-    s1, s2 = torch.randn(4, 3, 5, 5, generator=g, dtype=F64), torch.randn(4, 2, 2, 2, generator=g, dtype=F64)
+    t1, t2 = (
+        torch.randn(4, 6, 3, 3, generator=g, dtype=F64),
+        torch.randn(4, 5, 2, 2, generator=g, dtype=F64),
+    )
+    s1, s2 = (
+        torch.randn(4, 3, 5, 5, generator=g, dtype=F64),
+        torch.randn(4, 2, 2, 2, generator=g, dtype=F64),
+    )
     loss = SP(on="features")
     assert not loss.needs_embedding and loss.captures() == (loss.features,)
     f = loss.features
@@ -354,10 +362,16 @@ def ref_crd(t, s, heads, mem_s, mem_t, contrast, n_data, temp=0.07, z=None):
     fs, ft = unit_rows(s @ ws.t() + bs), unit_rows(t @ wt.t() + bt)
     b, k1 = contrast.shape
     out_s = torch.stack(
-        [torch.stack([torch.exp(dot(mem_t[contrast[i, j]], fs[i]) / temp) for j in range(k1)]) for i in range(b)]
+        [
+            torch.stack([torch.exp(dot(mem_t[contrast[i, j]], fs[i]) / temp) for j in range(k1)])
+            for i in range(b)
+        ]
     )
     out_t = torch.stack(
-        [torch.stack([torch.exp(dot(mem_s[contrast[i, j]], ft[i]) / temp) for j in range(k1)]) for i in range(b)]
+        [
+            torch.stack([torch.exp(dot(mem_s[contrast[i, j]], ft[i]) / temp) for j in range(k1)])
+            for i in range(b)
+        ]
     )
     if z is None:
         z = (out_s.detach().mean() * n_data, out_t.detach().mean() * n_data)
@@ -428,7 +442,9 @@ def test_crd_draws_negatives_uniformly_over_all_rows():
     torch.manual_seed(123)
     contrast = torch.randint(20, (5, 5))  # torch.randint == AliasMethod over uniform weights
     contrast[:, 0] = idx
-    torch.testing.assert_close(got, 0.8 * ref_crd(t, s, heads, mem_s, mem_t, contrast, 20)[0], **TOL)
+    torch.testing.assert_close(
+        got, 0.8 * ref_crd(t, s, heads, mem_s, mem_t, contrast, 20)[0], **TOL
+    )
 
 
 def test_crd_banks_are_buffers_in_the_state_dict():
@@ -475,9 +491,12 @@ def test_crd_inbatch_matches_the_symmetric_infonce():
         b = 5
         sim = [[dot(fs[i], ft[j]) / 0.07 for j in range(b)] for i in range(b)]
         s2t = -sum(sim[i][i] - torch.log(sum(torch.exp(v) for v in sim[i])) for i in range(b)) / b
-        t2s = -sum(
-            sim[j][j] - torch.log(sum(torch.exp(sim[i][j]) for i in range(b))) for j in range(b)
-        ) / b
+        t2s = (
+            -sum(
+                sim[j][j] - torch.log(sum(torch.exp(sim[i][j]) for i in range(b))) for j in range(b)
+            )
+            / b
+        )
         return 0.5 * (s2t + t2s)
 
     check(lambda x: loss(step_of(t, x)), ref, s)
@@ -585,15 +604,24 @@ def test_through_a_distiller(which):
     teacher, student = TinyNet(16), TinyNet(8)
     loss = DISTILLED[which]()
     x, y, idx = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3]), torch.tensor([1, 5, 9, 15])
-    with athooks.Distiller(teacher, student, layers=[("b1", "b1"), ("b2", "b2")], losses=loss) as d:
-        student(x)
-        value = d.loss(target=y, index=idx)
-        assert torch.isfinite(value)
-        value.backward()
-        assert student.b1[0].weight.grad is not None
-        assert student.b1[0].weight.grad.abs().sum() > 0
-        learned = list(d.parameters())
+    layers = [("b1", "b1"), ("b2", "b2")]
+    with athooks.Distiller(teacher, student, layers=layers, losses=loss) as d:
+        learned = list(d.parameters())  # placeholders, before the first step
+        opt = torch.optim.SGD([*student.parameters(), *learned], lr=0.01)
+        for _ in range(2):
+            student(x)
+            value = d.loss(target=y, index=idx)
+            assert torch.isfinite(value)
+            opt.zero_grad()
+            value.backward()
+            assert student.b1[0].weight.grad is not None
+            assert student.b1[0].weight.grad.abs().sum() > 0
+            opt.step()
         if which in ("cc", "vid", "vid_features", "crd", "crd_inbatch"):
             assert learned and all(p.grad is not None for p in learned)
+        state = d.state_dict()
+        if which == "vid":  # the embedding tap found fc's inputs: 8 wide and 16 wide
+            assert (loss.regressor.in_channels, loss.regressor.out_channels) == (8, 16)
         if which == "crd":
-            assert "memory_s" in "".join(d.state_dict())
+            banks = [k for k in state if k.endswith(("memory_s", "memory_t"))]
+            assert len(banks) == 2 and all(state[k].shape == (16, 8) for k in banks)

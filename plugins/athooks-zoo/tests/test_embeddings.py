@@ -135,21 +135,27 @@ def ref_rkd(t, s, w_d=25.0, w_a=50.0, paper=False):
     return w_d * loss_d + w_a * loss_a
 
 
+def unit(x):
+    return torch.stack([x[i] / torch.sqrt((x[i] ** 2).sum()) for i in range(x.shape[0])])
+
+
 @pytest.mark.parametrize("form", ["code", "paper"])
-def test_rkd_matches_the_paper(form):
+@pytest.mark.parametrize("normalize", [True, False])
+def test_rkd_matches_the_paper(form, normalize):
     t, s = vectors()
-    loss = RKD(beta=0.5, w_d=25.0, w_a=50.0, form=form)
+    loss = RKD(beta=0.5, w_d=25.0, w_a=50.0, form=form, normalize=normalize)
+    prep = unit if normalize else (lambda x: x)
     check(
         lambda x: loss(step_of(t, x)),
-        lambda x: 0.5 * ref_rkd(t, x, paper=form == "paper"),
+        lambda x: 0.5 * ref_rkd(prep(t), prep(x), paper=form == "paper"),
         s,
     )
 
 
 def test_rkd_weights_are_separate_options():
     t, s = vectors()
-    only_d = RKD(w_d=1.0, w_a=0.0)(step_of(t, s))
-    only_a = RKD(w_d=0.0, w_a=1.0)(step_of(t, s))
+    only_d = RKD(w_d=1.0, w_a=0.0, normalize=False)(step_of(t, s))
+    only_a = RKD(w_d=0.0, w_a=1.0, normalize=False)(step_of(t, s))
     torch.testing.assert_close(only_d, ref_rkd(t, s, 1.0, 0.0), **TOL)
     torch.testing.assert_close(only_a, ref_rkd(t, s, 0.0, 1.0), **TOL)
     assert (RKD().w_d, RKD().w_a, RKD().beta) == (25.0, 50.0, 1.0)
@@ -521,6 +527,7 @@ def test_weights_must_be_finite_and_non_negative(make, bad):
         (lambda: PKT(form="x"), "form must be one of 'code', 'paper'"),
         (lambda: RKD(w_d=-1.0), "w_d must be >= 0"),
         (lambda: RKD(w_a=float("nan")), "w_a must be finite"),
+        (lambda: RKD(normalize="yes"), "normalize must be True or False"),
         (lambda: SP(on="maps"), "on must be one of 'embedding', 'features'"),
         (lambda: CC(gamma=0.0), "gamma must be > 0"),
         (lambda: CC(order=-1), "order must be an integer >= 0"),

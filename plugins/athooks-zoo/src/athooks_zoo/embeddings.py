@@ -145,7 +145,11 @@ def _unit(x: Tensor) -> Tensor:
     return x / x.pow(2).sum(1, keepdim=True).pow(0.5)
 
 
-_POOLS = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}
+_POOLS: dict[int, Any] = {
+    1: F.adaptive_avg_pool1d,
+    2: F.adaptive_avg_pool2d,
+    3: F.adaptive_avg_pool3d,
+}
 
 
 def _pool_to_common(t: Tensor, s: Tensor, owner: str) -> tuple[Tensor, Tensor]:
@@ -578,7 +582,8 @@ class VIDHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """The predicted teacher mean."""
-        return self.regressor(x)
+        mean: Tensor = self.regressor(x)
+        return mean
 
 
 def _vid_head_of(conn: nn.Module) -> VIDHead:
@@ -668,14 +673,14 @@ class VID(Loss):
 
     def _nll(self, conn: nn.Module, t: Tensor, s: Tensor) -> Tensor:
         """The mean Gaussian NLL of ``t`` given the head's prediction from ``s``."""
-        mean = conn(s, t)
+        mean: Tensor = conn(s, t)
         if mean.shape != t.shape:
             raise athooks.CaptureError(
                 f"vid: the regressor predicts {tuple(mean.shape)} but the teacher's tensor is "
                 f"{tuple(t.shape)}; a head is built for one teacher width: keep the same layers "
                 "(and widths) from step to step"
             )
-        alpha = _vid_head_of(conn).log_scale
+        alpha: Tensor = _vid_head_of(conn).log_scale
         var = (F.softplus(alpha) + self.eps).view(1, -1, *([1] * (t.dim() - 2)))
         return (0.5 * ((mean - t).pow(2) / var + torch.log(var))).mean()
 
@@ -789,6 +794,9 @@ class CRD(_Embedded):
     """
 
     name = "crd"
+    memory_s: Tensor
+    memory_t: Tensor
+    z: Tensor
 
     def __init__(
         self,

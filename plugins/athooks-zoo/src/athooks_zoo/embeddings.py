@@ -497,7 +497,8 @@ class CC(Loss):
         t, s = _vectors(step, self.name, min_batch=2)
         t, s = t.flatten(1), s.flatten(1)
         if self.embed:
-            s, t = self.embed_s(s, self.feat_dim), self.embed_t(t, self.feat_dim)
+            s = _at_least_float32(self.embed_s(s, self.feat_dim))
+            t = _at_least_float32(self.embed_t(t, self.feat_dim))
         elif t.shape[1] != s.shape[1]:
             raise athooks.CaptureError(
                 f"cc: with embed=False the vectors are compared as they are, but the teacher's "
@@ -673,7 +674,7 @@ class VID(Loss):
 
     def _nll(self, conn: nn.Module, t: Tensor, s: Tensor) -> Tensor:
         """The mean Gaussian NLL of ``t`` given the head's prediction from ``s``."""
-        mean: Tensor = conn(s, t)
+        mean: Tensor = _at_least_float32(conn(s, t))
         if mean.shape != t.shape:
             raise athooks.CaptureError(
                 f"vid: the regressor predicts {tuple(mean.shape)} but the teacher's tensor is "
@@ -681,7 +682,7 @@ class VID(Loss):
                 "(and widths) from step to step"
             )
         alpha: Tensor = _vid_head_of(conn).log_scale
-        var = (F.softplus(alpha) + self.eps).view(1, -1, *([1] * (t.dim() - 2)))
+        var = (F.softplus(_at_least_float32(alpha)) + self.eps).view(1, -1, *([1] * (t.dim() - 2)))
         return (0.5 * ((mean - t).pow(2) / var + torch.log(var))).mean()
 
     def forward(self, step: Step) -> Tensor:
@@ -741,8 +742,8 @@ class _Embedded(Loss):
     def _embedded(self, step: Step) -> tuple[Tensor, Tensor]:
         """The unit embeddings ``(f_t, f_s)``, ``(B, feat_dim)`` each."""
         t, s = _vectors(step, self.name)
-        f_s = _unit(self.embed_s(s.flatten(1), self.feat_dim))
-        f_t = _unit(self.embed_t(t.flatten(1), self.feat_dim))
+        f_s = _unit(_at_least_float32(self.embed_s(s.flatten(1), self.feat_dim)))
+        f_t = _unit(_at_least_float32(self.embed_t(t.flatten(1), self.feat_dim)))
         return f_t, f_s
 
 

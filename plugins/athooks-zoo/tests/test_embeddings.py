@@ -632,3 +632,15 @@ def test_through_a_distiller(which):
         if which == "crd":
             banks = [k for k in state if k.endswith(("memory_s", "memory_t"))]
             assert len(banks) == 2 and all(state[k].shape == (16, 8) for k in banks)
+
+
+@pytest.mark.parametrize("make", ALL)
+def test_losses_compute_in_float32_under_autocast(make):
+    t, s = vectors()
+    t, s = t.float(), s.float().requires_grad_(True)
+    loss = make()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        value = loss(step_of(t, s, index=torch.arange(5)))
+    assert value.dtype == torch.float32 and torch.isfinite(value)
+    if not isinstance(loss, CRD):  # (CRD's banks moved with that call)
+        torch.testing.assert_close(value, loss(step_of(t, s, index=torch.arange(5))))

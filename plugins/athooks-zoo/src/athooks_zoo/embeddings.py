@@ -13,9 +13,11 @@ Only the public plugin API is used (``athooks.plugin`` and ``athooks``' error cl
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
@@ -109,6 +111,27 @@ def _weight(value: Any, owner: str, option: str = "beta") -> float:
 def _at_least_float32(x: Tensor) -> Tensor:
     """Half-precision tensors as float32 (the relational terms need it); others as they are."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def _full_precision(forward: Callable[[Any, Step], Tensor]) -> Callable[[Any, Step], Tensor]:
+    """Run a loss's ``forward`` with autocast off, on float32 (or float64) inputs.
+
+    Gram matrices, kernels and ``exp(score / 0.07)`` lose too much (or overflow) in float16 and
+    bfloat16, so these losses compute in full precision whatever the surrounding autocast.
+    """
+
+    @functools.wraps(forward)
+    def wrapper(self: Any, step: Step) -> Tensor:
+        with contextlib.ExitStack() as stack:
+            for device in _AUTOCAST_DEVICES:
+                if torch.is_autocast_enabled(device):
+                    stack.enter_context(torch.autocast(device_type=device, enabled=False))
+            return forward(self, step)
+
+    return wrapper
+
+
+_AUTOCAST_DEVICES = ("cuda", "cpu", "xpu", "mps")
 
 
 def _vectors(step: Step, owner: str, *, min_batch: int = 1) -> tuple[Tensor, Tensor]:
@@ -229,6 +252,7 @@ class PKT(Loss):
         )
         self.form = _choice(form, owner="pkt", option="form", choices=("code", "paper"))
 
+    @_full_precision
     def forward(self, step: Step) -> Tensor:
         """The PKT term of the step."""
         t, s = _vectors(step, self.name, min_batch=2)
@@ -317,6 +341,7 @@ class RKD(Loss):
         self.w_a = _weight(w_a, "rkd", "w_a")
         self.form = _choice(form, owner="rkd", option="form", choices=("code", "paper"))
 
+    @_full_precision
     def forward(self, step: Step) -> Tensor:
         """The RKD term of the step."""
         t, s = _vectors(step, self.name, min_batch=2)
@@ -398,6 +423,7 @@ class SP(Loss):
         """The whole feature maps for ``on="features"``, nothing otherwise."""
         return (self.features,) if self.on == "features" else ()
 
+    @_full_precision
     def forward(self, step: Step) -> Tensor:
         """The SP term of the step, summed over pairs."""
         if self.on == "embedding":
@@ -492,6 +518,7 @@ class CC(Loss):
             self.embed_s = Connector(kind="linear")
             self.embed_t = Connector(kind="linear")
 
+    @_full_precision
     def forward(self, step: Step) -> Tensor:
         """The CC term of the step."""
         t, s = _vectors(step, self.name, min_batch=2)
@@ -685,6 +712,7 @@ class VID(Loss):
         var = (F.softplus(_at_least_float32(alpha)) + self.eps).view(1, -1, *([1] * (t.dim() - 2)))
         return (0.5 * ((mean - t).pow(2) / var + torch.log(var))).mean()
 
+    @_full_precision
     def forward(self, step: Step) -> Tensor:
         """The VID term of the step, summed over pairs."""
         if self.on == "embedding":
@@ -887,6 +915,7 @@ class CRD(_Embedded):
         log_d0 = torch.log(noise / (p[:, 1:] + noise + 1e-7))
         return -(log_d1.sum() + log_d0.sum()) / p.shape[0]
 
+    @_full_precision
     def forward(self, step: Step) -> Tensor:
         """The CRD term of the step; updates the banks (in training mode)."""
         f_t, f_s = self._embedded(step)
@@ -956,6 +985,7 @@ class CRDInBatch(_Embedded):
     def __init__(self, beta: float = 0.8, feat_dim: int = 128, temperature: float = 0.07) -> None:
         super().__init__(beta, feat_dim, temperature, "crd_inbatch")
 
+    @_full_precision
     def forward(self, step: Step) -> Tensor:
         """The in-batch CRD term of the step."""
         f_t, f_s = self._embedded(step)

@@ -644,3 +644,21 @@ def test_losses_compute_in_float32_under_autocast(make):
     assert value.dtype == torch.float32 and torch.isfinite(value)
     if not isinstance(loss, CRD):  # (CRD's banks moved with that call)
         torch.testing.assert_close(value, loss(step_of(t, s, index=torch.arange(5))))
+
+
+def test_checkpoints_restore_learned_heads_banks_and_normalisers():
+    t, s = vectors()
+    t, s = t.float(), s.float()
+    idx = torch.tensor([0, 1, 2, 3, 4])
+    for make in (VID, lambda: CC(feat_dim=3), lambda: CRD(n_data=8, nce_k=3, feat_dim=3)):
+        trained = make()
+        trained(step_of(t, s, index=idx))
+        fresh = make()
+        fresh.load_state_dict(trained.state_dict())
+        for a, b in zip(trained.state_dict().values(), fresh.state_dict().values(), strict=True):
+            assert torch.equal(a, b)
+        trained.eval()
+        fresh.eval()
+        contrast = torch.arange(20).reshape(5, 4) % 8
+        extras = {"index": idx, "contrast_index": contrast}
+        torch.testing.assert_close(fresh(step_of(t, s, **extras)), trained(step_of(t, s, **extras)))

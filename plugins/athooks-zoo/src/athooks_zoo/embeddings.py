@@ -135,7 +135,7 @@ _AUTOCAST_DEVICES = ("cuda", "cpu", "xpu", "mps")
 
 
 def _vectors(step: Step, owner: str, *, min_batch: int = 1) -> tuple[Tensor, Tensor]:
-    """The ``(teacher, student)`` embeddings of the step, flattened to ``(B, D)`` and checked."""
+    """The ``(teacher, student)`` embeddings of the step, checked (teacher detached)."""
     t, s = step.embedding()
     return _check_pair(t.detach(), s, owner, "embedding", min_batch=min_batch)
 
@@ -143,7 +143,7 @@ def _vectors(step: Step, owner: str, *, min_batch: int = 1) -> tuple[Tensor, Ten
 def _check_pair(
     t: Tensor, s: Tensor, owner: str, what: str, *, min_batch: int = 1
 ) -> tuple[Tensor, Tensor]:
-    """Batch sizes equal and at least ``min_batch``; vectors flattened to ``(B, D)`` if 2-D."""
+    """Batch sizes equal and at least ``min_batch``; half precision made float32."""
     if t.dim() == 0 or s.dim() == 0:
         raise athooks.CaptureError(
             f"{owner}: the {what}s must have a batch axis, got shapes teacher {tuple(t.shape)} "
@@ -305,8 +305,10 @@ class RKD(Loss):
 
     Args:
         beta: The overall weight (RepDistiller's ``-b 1`` for RKD): finite, ``>= 0``.
-        w_d: The distance-wise weight, 25 (the paper's and RepDistiller's): finite, ``>= 0``.
-        w_a: The angle-wise weight, 50 (the paper's and RepDistiller's): finite, ``>= 0``.
+        w_d: The distance-wise weight, 25 (the authors' CIFAR script's and RepDistiller's):
+            finite, ``>= 0``.
+        w_a: The angle-wise weight, 50 (the authors' CIFAR script's and RepDistiller's):
+            finite, ``>= 0``.
         form: ``"code"`` (means) or ``"paper"`` (sums).
         normalize: Whether to L2-normalise the vectors first (the authors' script: True;
             RepDistiller: False).
@@ -459,7 +461,8 @@ class CC(Loss):
     The paper's code is not public; RepDistiller's ``Correlation`` (credited to the authors'
     shared code) computes ``mean_i sum_d |f_s - f_t|_id |f_s - f_t|_(i+1)d`` on the embedded
     vectors instead, available as ``kernel="repdistiller"`` (there the embeds are not normalised
-    unless ``normalize=True``).
+    unless ``normalize=True``). RepDistiller's weight 0.02 was tuned for that form; the paper's
+    kernels give a much smaller term at the same ``beta``: tune it when you use them.
 
     Args:
         beta: The weight (RepDistiller's ``-b 0.02`` for CC): finite, ``>= 0``.

@@ -361,6 +361,7 @@ RECIPES: dict[str, Recipe] = {
     "fitnet": Recipe(layers=("layer2",), source=REPDISTILLER + "; hint layer 2"),
     "nst": Recipe(),
     "fsp": Recipe(
+        options={"connector": True},  # WRN-16-2 and WRN-16-1 differ in width (RepDistiller: equal)
         layers=("conv1", "layer1", "layer2", "layer3"),
         init="student",
         source="RepDistiller: FSP alone in the init stage, then CE alone",
@@ -484,7 +485,7 @@ def describe(row: ZooRow) -> str:
     ce = "CE" if r.ce_weight == 1 else f"{r.ce_weight:g} CE"
     text = f"{ce} + {row.loss}({opts})"
     if r.init == "student":
-        text = f"init: {row.loss} alone; then CE alone"
+        text = f"init: {row.loss}({opts}) alone; then CE alone"
     elif r.init == "loss":
         text += "; init: its modules first"
     if r.layers != "auto":

@@ -102,6 +102,14 @@ def layers_on(recipe: Any, model: nn.Module) -> list[str]:
     return [wrn_last.get(n, n) for n in recipe.layers]
 
 
+def reads(row: Any) -> str:
+    """What the row's loss reads when it taps no feature map: the embedding or the logits."""
+    loss = athooks.loss(row.loss, **loss_options(row))
+    if loss.captures():
+        return ""
+    return "embedding" if getattr(loss, "needs_embedding", False) else "logits"
+
+
 def loss_options(row: Any) -> dict[str, Any]:
     opts = dict(row.recipe.options)
     return {k: (N_DATA if v == reproduce.N_DATA else v) for k, v in opts.items()}
@@ -143,7 +151,7 @@ def athooks_variant(
 ) -> tuple[Step, Callable[..., Tensor]]:
     """``Distiller`` with the recipe's loss and layers, attached once; its step and transfer."""
     prepare(teacher, student)
-    names = layers_on(row.recipe, student)
+    names = [] if reads(row) else layers_on(row.recipe, student)
     d = athooks.Distiller(
         teacher,
         student,
@@ -213,10 +221,13 @@ def torchdistill_variant(
         hook("fc", inputs=True)
         if method == "pkt":
             criterion = td.PKTLoss("fc", "input", "fc", "input")
-        else:
-            criterion = td.RKDLoss(
-                "fc", "fc", dist_factor=25.0, angle_factor=50.0, reduction="mean"
-            )
+        else:  # RKDLoss reads a module's output: the embedding is the classifier's input
+            rkd = td.RKDLoss("fc", "fc", dist_factor=25.0, angle_factor=50.0, reduction="mean")
+
+            def criterion(s_io: dict[str, Any], t_io: dict[str, Any]) -> Tensor:
+                as_output = {"fc": {"output": s_io["fc"]["input"]}}
+                out: Tensor = rkd(as_output, {"fc": {"output": t_io["fc"]["input"]}})
+                return out
     elif method == "sp":
         hook(names[-1])
         criterion = td.SPKDLoss(names[-1], names[-1], reduction="batchmean")
@@ -496,7 +507,9 @@ def write_tables(
             note = fails.get(a, "")
             if has_td and td in fails:
                 note = (note + "; " if note else "") + f"torchdistill: {fails[td]}"
-            layers = ", ".join(layers_on(row.recipe, overhead.build_model(setting.student)))
+            layers = reads(row) or ", ".join(
+                layers_on(row.recipe, overhead.build_model(setting.student))
+            )
             table.append(
                 (
                     name,

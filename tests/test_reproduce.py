@@ -230,7 +230,7 @@ def test_zoo_smoke(fake_zoo, tmp_path, monkeypatch):
         assert 0 <= float(row["mean"]) <= 100 and row["seeds"] == "1"
     text = (out / "zoo.md").read_text()
     assert text.startswith("digits (smoke): teacher wrn16_2")
-    assert "| teacher | wrn16_2" in text and "init: fake_hint alone; then CE alone" in text
+    assert "| teacher | wrn16_2" in text and "init: fake_hint() alone; then CE alone" in text
     with open(out / "zoo-runs.csv") as fh:
         assert len(list(csv.DictReader(fh))) == 3
     # --resume keeps the finished runs and trains nothing more

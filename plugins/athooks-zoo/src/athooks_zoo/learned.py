@@ -117,12 +117,12 @@ def _feature_pairs(
 
 def _pool_to(x: Tensor, size: Sequence[int]) -> Tensor:
     """Average-pool ``(B, C, H, W)`` to ``size`` (shrinking), or bilinear (growing)."""
-    size = tuple(int(n) for n in size)
-    if tuple(x.shape[-2:]) == size:
+    h, w = int(size[0]), int(size[1])
+    if tuple(x.shape[-2:]) == (h, w):
         return x
-    if all(t <= n for t, n in zip(size, x.shape[-2:], strict=True)):
-        return F.adaptive_avg_pool2d(x, size)
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    if h <= x.shape[-2] and w <= x.shape[-1]:
+        return F.adaptive_avg_pool2d(x, (h, w))
+    return F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -288,7 +288,7 @@ class FT(Loss):
         return F.normalize(f.flatten(1), dim=1)
 
     def _reconstruction(self, i: int, t: Tensor, factor: Tensor) -> Tensor:
-        rec = self.decoders[i](factor, t.shape[1])
+        rec: Tensor = self.decoders[i](factor, t.shape[1])
         if self.reconstruction == "l1":
             return (rec - t).abs().mean()
         return (rec - t).pow(2).mean()
@@ -606,9 +606,13 @@ class OFD(Loss):
         """The current margins of every pair, ``(C_t,)`` float64 (empty ones before any step)."""
         if self._given:
             return [getattr(self, f"margin{i}") for i in range(self._given)]
-        return [
-            ofd_margin(mom.mean, mom.std()) if mom.channels else mom.mean for mom in self.moments
-        ]
+        moments = [self._moments(j) for j in range(len(self.moments))]
+        return [ofd_margin(mom.mean, mom.std()) if mom.channels else mom.mean for mom in moments]
+
+    def _moments(self, j: int) -> _Moments:
+        found = self.moments[j]
+        assert isinstance(found, _Moments)
+        return found
 
     def forward(self, step: Step) -> Tensor:
         """The OFD term of the step."""
@@ -623,7 +627,7 @@ class OFD(Loss):
         for j, (t_name, _, t, s) in enumerate(pairs):
             t = t.detach()
             if not self._given:
-                mom = self.moments[j]
+                mom = self._moments(j)
                 if mom.channels not in (0, t.shape[1]):
                     raise CaptureError(
                         f"ofd: the teacher's layer {t_name!r} has {t.shape[1]} channels, but "
@@ -847,7 +851,9 @@ class CATKD(Loss):
     CAT-KD reads the **last** tapped pair only: tap the feature map the classifier reads after
     global pooling (e.g. ``("layer4", "layer4")`` on a torchvision ResNet), which must have the
     classifier's input width. The classifiers are the ones the Distiller gives the step
-    (``needs_classifier``: the layer whose input is each model's pre-logit vector); the
+    (``needs_classifier``: the layer whose input is each model's pre-logit vector, found by
+    ``athooks.layers.find_classifier``: a timm model's ``get_classifier()``, torchvision's
+    ``fc``/``classifier``/``heads``/``head``, else the last ``nn.Linear``); the
     teacher's weights are constants, the student's receive gradient (the authors train the
     student's 1x1 head through this loss too). Teacher and student need the same classes.
 
@@ -921,9 +927,9 @@ class CATKD(Loss):
         r = self.resolution
         cam_t = F.adaptive_avg_pool2d(torch.einsum("kc,bchw->bkhw", w_t, t.detach()), (r, r))
         cam_s = F.adaptive_avg_pool2d(torch.einsum("kc,bchw->bkhw", w_s.to(s.dtype), s), (r, r))
-        if self.normalize:
-            cam_t = F.normalize(cam_t, dim=(2, 3))
-            cam_s = F.normalize(cam_s, dim=(2, 3))
+        if self.normalize:  # F.normalize over the r x r cells of each class map
+            cam_t = cam_t / cam_t.flatten(2).norm(dim=2).clamp_min(1e-12)[..., None, None]
+            cam_s = cam_s / cam_s.flatten(2).norm(dim=2).clamp_min(1e-12)[..., None, None]
         return self.weight * F.mse_loss(cam_s, cam_t.to(cam_s.dtype))
 
     def extra_repr(self) -> str:

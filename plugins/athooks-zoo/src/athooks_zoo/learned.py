@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
@@ -82,6 +83,11 @@ def _choice(value: Any, owner: str, option: str, choices: dict[str, str]) -> str
         listed = "; ".join(f"{name!r}: {meaning}" for name, meaning in choices.items())
         raise ConfigurationError(f"{owner}: {option} must be one of {listed}; got {value!r}")
     return value
+
+
+def _distributed() -> bool:
+    """Whether several processes of ``torch.distributed`` run together."""
+    return bool(dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)
 
 
 def _float(x: Tensor) -> Tensor:
@@ -387,7 +393,9 @@ class _Moments(nn.Module):
     """The running per-channel mean and variance of every feature map it is shown (float64).
 
     Merged batch by batch (Chan et al.'s parallel update), over the batch and spatial positions;
-    its buffers are sized on the first update and restored from a checkpoint whatever their size.
+    under ``torch.distributed`` each update merges the batch of every rank (two all-reduces of
+    ``C`` values), so the estimate is the same everywhere. Its buffers are sized on the first
+    update and restored from a checkpoint whatever their size.
     """
 
     count: Tensor
@@ -413,9 +421,14 @@ class _Moments(nn.Module):
         if self.channels == 0:
             self.mean = torch.zeros(c, dtype=torch.float64, device=x.device)
             self.m2 = torch.zeros(c, dtype=torch.float64, device=x.device)
-        n_b = float(flat.shape[1])
-        mean_b = flat.mean(1)
+        head = torch.cat([flat.new_tensor([flat.shape[1]]), flat.sum(1)])
+        if _distributed():  # the statistics of the whole (global) batch, on every rank
+            dist.all_reduce(head)
+        n_b = float(head[0])
+        mean_b = head[1:] / n_b
         m2_b = (flat - mean_b[:, None]).pow(2).sum(1)
+        if _distributed():
+            dist.all_reduce(m2_b)
         n = float(self.count)
         total = n + n_b
         delta = mean_b - self.mean
@@ -488,10 +501,10 @@ class OFD(Loss):
     ``|weight|``: ``m = E[x | x < 0]`` (:func:`ofd_margin`). Through hooks athooks sees the
     teacher's features, not that batch norm, so by default it estimates each channel's mean and
     standard deviation from the teacher's tapped features themselves (over batch and positions,
-    accumulated over every training call into a buffer saved in ``d.state_dict()``; frozen in
-    ``eval()`` mode) and applies the same Gaussian formula to them. Without augmentation drift
-    that estimate equals the BN's in expectation when the tap is the BN's output (for a BN that
-    normalises well). To use the authors' exact margins, pass
+    accumulated over every training call into a buffer saved in ``d.state_dict()``, merged over
+    the ranks under ``torch.distributed``; frozen in ``eval()`` mode) and applies the same
+    Gaussian formula to them. That estimate matches the authors' in expectation when the tap is
+    that BN's output and the BN normalises its input well. To use the authors' exact margins, pass
     ``stats=[(bn.bias, bn.weight.abs()), ...]`` (one per pair, from the teacher's BN before
     each tapped ReLU), or the margins themselves, ``margins=[m, ...]``.
 

@@ -21,7 +21,6 @@ from torch import nn
 import athooks
 from athooks.plugin import Step
 
-torch.set_default_dtype(torch.float32)
 D = torch.float64
 
 
@@ -290,7 +289,9 @@ def test_ofd_estimates_the_margins_from_the_teachers_features_and_saves_them():
     again.setup([("t", "s")])
     again.load_state_dict(ofd.state_dict())
     close(again.margins()[0], margin_reference(mean, std))
-    assert again.connectors[0].built
+    assert again.connectors[0].built and int(again.moments[0].count) == 3 * 4 * 25
+    again.float().train()  # a dtype cast (as the Distiller's) keeps the count exact
+    assert again.moments[0].count.dtype == torch.long
 
 
 # ------------------------------------------------------------------------------- ReviewKD

@@ -404,7 +404,7 @@ class _Moments(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("count", torch.zeros((), dtype=torch.long))  # not cast by .to()
         self.register_buffer("mean", torch.zeros(0, dtype=torch.float64))
         self.register_buffer("m2", torch.zeros(0, dtype=torch.float64))
 
@@ -424,21 +424,23 @@ class _Moments(nn.Module):
         head = torch.cat([flat.new_tensor([flat.shape[1]]), flat.sum(1)])
         if _distributed():  # the statistics of the whole (global) batch, on every rank
             dist.all_reduce(head)
-        n_b = float(head[0])
+        n_b = round(float(head[0]))
         mean_b = head[1:] / n_b
         m2_b = (flat - mean_b[:, None]).pow(2).sum(1)
         if _distributed():
             dist.all_reduce(m2_b)
-        n = float(self.count)
+        n = int(self.count)
         total = n + n_b
-        delta = mean_b - self.mean
-        self.mean += delta * (n_b / total)
-        self.m2 += m2_b + delta.pow(2) * (n * n_b / total)
+        mean, m2 = self.mean.to(torch.float64), self.m2.to(torch.float64)
+        delta = mean_b - mean
+        # float64 arithmetic even if the Distiller cast the loss's buffers to the student's dtype
+        self.mean.copy_(mean + delta * (n_b / total))
+        self.m2.copy_(m2 + m2_b + delta.pow(2) * (n * n_b / total))
         self.count += n_b
 
     def std(self) -> Tensor:
         """The running standard deviation (biased, as a batch norm's)."""
-        return (self.m2 / self.count.clamp_min(1.0)).clamp_min(0.0).sqrt()
+        return (self.m2.to(torch.float64) / max(int(self.count), 1)).clamp_min(0.0).sqrt()
 
     def _load_from_state_dict(
         self,

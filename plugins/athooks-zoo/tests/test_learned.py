@@ -595,3 +595,25 @@ def test_through_the_distiller(make):
             not isinstance(p, nn.parameter.UninitializedParameter) for p in learned
         )
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in learned)
+
+
+@pytest.mark.parametrize("make", [FT, OFD, ReviewKD], ids=lambda c: c.name)
+def test_distiller_checkpoint_restores_the_learned_parts(make):
+    if not SUPPORT["setup"]:
+        pytest.skip("the core's Distiller does not call Loss.setup(pairs) yet (plugin API spec)")
+    torch.manual_seed(9)
+    teacher, student = cnn(16), cnn(8)
+    layers = [("0", "0"), ("1", "1")]
+    first, second = make(), make()
+    with athooks.Distiller(teacher, student, layers=layers, losses=first) as d:
+        list(d.parameters())
+        student(torch.randn(4, 3, 8, 8))
+        d.loss()
+        saved = d.state_dict()
+    with athooks.Distiller(teacher, student, layers=layers, losses=second) as d2:
+        list(d2.parameters())
+        d2.load_state_dict(saved)
+    want, got = first.state_dict(), second.state_dict()
+    assert sorted(want) == sorted(got) and len(want) > 3
+    for name, value in want.items():
+        assert torch.equal(value, got[name]), name

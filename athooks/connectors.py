@@ -303,7 +303,7 @@ class Connector(nn.Module):
         """The state-dict keys (below this module) it has once built, built or not."""
         return [f"body.{name}" for name in _named_tensors(self.body)]
 
-    def state_dict(  # type: ignore[override]
+    def state_dict(
         self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False
     ) -> Any:
         """As for a module, but empty until built (loading a built one's state builds it)."""

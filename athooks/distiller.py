@@ -305,7 +305,12 @@ class Distiller:
         if self._handed_out:
             return
         self._handed_out = True  # warn once
-        if any(p.requires_grad for p in self._losses.modules.parameters()):
+        built = (
+            p
+            for p in self._losses.modules.parameters()
+            if not isinstance(p, nn.parameter.UninitializedParameter)  # a connector left unused
+        )
+        if any(p.requires_grad for p in built):
             warnings.warn(
                 f"the losses of this Distiller ({', '.join(self._losses.labels)}) have "
                 "trainable parameters (connectors, learnable mappings), but d.parameters() was "
@@ -429,9 +434,9 @@ class Distiller:
                 classifiers=self._classifiers,
                 extras=extras,
             )
-            self._check_handed_out()
             self._losses.replicate()
             total, terms = self._losses.evaluate(step)
+            self._check_handed_out()
             self._terms = {k: v.detach() for k, v in terms.items()}
             return total
         finally:

@@ -393,7 +393,17 @@ class Connectors(nn.ModuleList):
 
         Args:
             count: The number of layer pairs.
+
+        Raises:
+            ConfigurationError: If they are already sized to another number of pairs.
         """
+        if self.sized and len(self) != count:
+            raise ConfigurationError(
+                f"these connectors already hold {len(self)}, one per layer pair of an earlier "
+                f"set-up (another Distiller given the same loss object, or a loaded state "
+                f"dict), and are now asked for {count}. Give each Distiller its own loss "
+                "object (athooks.loss(...) again), built with the layers it was saved with"
+            )
         while len(self) < count:
             self.append(Connector(**self._options))
         while len(self) > count:

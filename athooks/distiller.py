@@ -435,7 +435,17 @@ class Distiller:
                 extras=extras,
             )
             self._losses.replicate()
-            total, terms = self._losses.evaluate(step)
+            if record.grad_enabled:
+                total, terms = self._losses.evaluate(step)
+            else:  # a validation step: no running statistic or memory bank learns from it
+                modules = list(self._losses.modules.modules())
+                modes = [m.training for m in modules]
+                self._losses.modules.eval()
+                try:
+                    total, terms = self._losses.evaluate(step)
+                finally:
+                    for module, mode in zip(modules, modes, strict=True):
+                        module.training = mode
             self._check_handed_out()
             self._terms = {k: v.detach() for k, v in terms.items()}
             return total

@@ -104,19 +104,11 @@ class LossSet:
         """Tell every loss the layer pairs (:meth:`athooks.plugin.Loss.setup`), once.
 
         Raises:
-            ConfigurationError: If a loaded state dict held connectors for another number of
-                pairs.
+            ConfigurationError: If a loss's connectors already hold another number of pairs
+                (a loaded state dict, or the loss object given to another Distiller).
         """
         if self.pairs is not None:
             return
-        for name, connectors in self.connector_lists():
-            if connectors.sized and len(connectors) != len(pairs):
-                raise ConfigurationError(
-                    f"the state dict loaded into this Distiller holds {len(connectors)} "
-                    f"connectors for losses.{name}, but its layers resolved to {len(pairs)} "
-                    f"pairs ({', '.join(s for _, s in pairs)}); build the Distiller with the "
-                    "layers it was saved with"
-                )
         self.pairs = list(pairs)
         for item in self:
             item.setup(list(pairs))

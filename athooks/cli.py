@@ -341,8 +341,17 @@ def _cmd_list(args: argparse.Namespace) -> int:
     print("mappings: " + ", ".join(list_mappings()))
     print("losses:   " + ", ".join(list_losses()))
     providers_of: dict[tuple[str, str], list[str]] = {}
+    by_provider: dict[str, dict[str, list[str]]] = {}
     for kind, name, provider, _ in registered():  # one row per claim
         providers_of.setdefault((kind, name), []).append(provider)
+        by_provider.setdefault(provider, {}).setdefault(kind, []).append(name)
+    print("provided by:")
+    for provider, kinds in by_provider.items():
+        plural = {"mapping": "mappings", "loss": "losses"}
+        parts = [
+            f"{plural.get(kind, kind)} {', '.join(sorted(names))}" for kind, names in kinds.items()
+        ]
+        print(f"  {provider}: {'; '.join(parts)}")
     for (kind, name), providers in providers_of.items():
         if len(providers) < 2:
             continue

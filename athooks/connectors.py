@@ -19,6 +19,7 @@ its gradients are averaged over the ranks as they are accumulated, as DDP does f
 from __future__ import annotations
 
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -77,7 +78,7 @@ def replicate(module: nn.Module) -> None:
                 continue
             dist.broadcast(tensor.data if isinstance(tensor, nn.Parameter) else tensor, src=0)
             if isinstance(tensor, nn.Parameter) and tensor.requires_grad:
-                tensor.register_post_accumulate_grad_hook(_average_gradient)
+                tensor.register_post_accumulate_grad_hook(_average_gradient)  # type: ignore[no-untyped-call]
             _REPLICATED.add(tensor)
 
 
@@ -110,7 +111,8 @@ class ConvBN(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Map ``(B, in_channels, *S)`` to ``(B, out_channels, *S)``."""
-        return self.bn(self.conv(x))
+        out: Tensor = self.bn(self.conv(x))
+        return out
 
 
 def _named_tensors(module: nn.Module) -> dict[str, Tensor]:
@@ -294,16 +296,22 @@ class Connector(nn.Module):
         weight = next(iter(self.body.parameters()), None)
         if weight is not None and x.dtype != weight.dtype and not torch.is_autocast_enabled():
             x = x.to(weight.dtype)
-        return self.body(x)
+        mapped: Tensor = self.body(x)
+        return mapped
 
     def state_keys(self) -> list[str]:
         """The state-dict keys (below this module) it has once built, built or not."""
         return [f"body.{name}" for name in _named_tensors(self.body)]
 
-    def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
-        # An unbuilt connector has nothing to save; loading a built one's state builds it.
-        if self.built:
-            super()._save_to_state_dict(destination, prefix, keep_vars)
+    def state_dict(
+        self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False
+    ) -> Any:
+        """As for a module, but empty until built (loading a built one's state builds it)."""
+        if not self.built:
+            return OrderedDict() if destination is None else destination
+        return super().state_dict(
+            *args, destination=destination, prefix=prefix, keep_vars=keep_vars
+        )
 
     def _load_from_state_dict(
         self,

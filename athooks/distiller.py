@@ -8,6 +8,7 @@ teacher's freeze and the step lifecycle), :mod:`athooks.losses` (the losses of a
 from __future__ import annotations
 
 import functools
+import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
@@ -18,6 +19,7 @@ from torch import Tensor, nn
 from athooks.checks import check_choice
 from athooks.discovery import Pairing
 from athooks.errors import CaptureError, ConfigurationError
+from athooks.layers import find_classifier
 from athooks.losses.base import Loss, Step
 from athooks.losses.lossset import LossSet
 from athooks.plan import LayerPlan
@@ -79,6 +81,11 @@ class Distiller:
             ``torch.inference_mode()`` runs as if no Distiller were there (a validation loop
             costs nothing); ``"capture"``: the teacher runs there too and :meth:`loss` returns
             the transfer loss, without gradient.
+        embedding: For losses on embeddings (``needs_embedding``, e.g. CRD, RKD): the layer
+            whose output is each model's pre-logit vector ``(B, D)``. ``"auto"`` (default): the
+            input of each model's classifier (:meth:`athooks.Layer.pre_logits`); else a name, a
+            :class:`athooks.Layer` (``Layer("head.fc", of="input")``), a module, or a
+            ``(teacher, student)`` tuple of them.
 
     Example:
         ```python
@@ -112,6 +119,7 @@ class Distiller:
         copy_outputs: CopyPolicy = "auto",
         check_finite: bool = False,
         no_grad: NoGradPolicy = "skip",
+        embedding: Any = "auto",
     ) -> None:
         check_pair(teacher, student)
         if teacher_input is not None and not callable(teacher_input):
@@ -132,6 +140,20 @@ class Distiller:
         self.teacher, self.student = teacher, student
         self.teacher_input, self.resize, self.check_finite = teacher_input, resize, check_finite
         self._losses = LossSet(losses)
+        if not self._losses.needs_embedding and not (
+            isinstance(embedding, str) and embedding == "auto"
+        ):
+            raise ConfigurationError(
+                f"embedding={embedding!r} is given, but none of the losses "
+                f"({', '.join(self._losses.labels)}) reads embeddings; drop it, or add a loss "
+                "on embeddings (e.g. 'rkd', 'crd' from athooks-zoo)"
+            )
+        self._classifiers = (
+            (find_classifier(teacher, "teacher")[1], find_classifier(student, "student")[1])
+            if self._losses.needs_classifier
+            else None
+        )
+        self._handed_out = False
         self._runner = TeacherRunner(teacher, teacher_input)
         self._recorder = StepRecorder(
             student,
@@ -154,6 +176,7 @@ class Distiller:
             copy_outputs,
             input_size=input_size,
             teacher_input=teacher_input,
+            embedding=embedding if self._losses.needs_embedding else None,
         )
         use_taps = weakref.WeakMethod(self._use_taps)  # no reference cycle through the plan
 
@@ -170,7 +193,8 @@ class Distiller:
 
     def _use_taps(self, taps: PairedTaps) -> None:
         self._recorder.prepare = None
-        if taps.pairs:
+        self._losses.setup(taps.pairs)
+        if taps.pairs or taps.embedding_pair is not None:
             self._runner.taps, self._recorder.student_taps = taps.teacher, taps.student
             if self._hold is not None:
                 self._hold.handles += taps.attach()
@@ -228,18 +252,41 @@ class Distiller:
         follow the student's device and dtype. A learnable mapping is applied to the teacher's
         features too, but without gradient: it learns from the student's side only.
 
+        Connectors (the adapters of losses such as FitNet) are in it before the first step, as
+        placeholders that the first step builds in place; one connector per layer pair needs
+        the pairs, so with ``layers="auto"`` call this after the student's first call inside the
+        block, or give ``input_size``.
+
         Args:
             recurse: As for :meth:`torch.nn.Module.parameters`.
 
         Returns:
             An iterator over the parameters (empty for the built-ins).
+
+        Raises:
+            ConfigurationError: If a loss has one connector per pair and the pairs are not
+                known yet.
         """
-        self._losses.follow(self.student)
+        self._hand_out()
         return self._losses.modules.parameters(recurse)
+
+    def _hand_out(self) -> None:
+        if not self._losses.sized:
+            indices = dict.fromkeys(int(n.split(".")[0]) for n, _ in self._losses.connector_lists())
+            labels = ", ".join(repr(self._losses.labels[i]) for i in indices)
+            raise ConfigurationError(
+                f"loss {labels} has one connector per layer pair, and "
+                f"layers={self._plan.layers!r} is resolved on the student's first call, so its "
+                "parameters do not exist yet. Pass input_size=(C, H, W) to resolve the layers "
+                "now, or make the optimiser after the first step inside the block (the first "
+                "d.loss() builds the connectors), or name the layers"
+            )
+        self._losses.follow(self.student)
+        self._handed_out = True
 
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """Like :meth:`parameters`, with names such as ``"0.mapping.weight"`` (loss index first)."""
-        self._losses.follow(self.student)
+        self._hand_out()
         return self._losses.modules.named_parameters()
 
     def state_dict(self) -> dict[str, Any]:
@@ -294,6 +341,24 @@ class Distiller:
         if step is not None:
             self._step = step
 
+    def _check_handed_out(self) -> None:
+        if self._handed_out:
+            return
+        self._handed_out = True  # warn once
+        built = (
+            p
+            for p in self._losses.modules.parameters()
+            if not isinstance(p, nn.parameter.UninitializedParameter)  # a connector left unused
+        )
+        if any(p.requires_grad for p in built):
+            warnings.warn(
+                f"the losses of this Distiller ({', '.join(self._losses.labels)}) have "
+                "trainable parameters (connectors, learnable mappings), but d.parameters() was "
+                "never called, so no optimiser trains them. Give them to yours: "
+                "SGD([*student.parameters(), *d.parameters()], ...)",
+                stacklevel=3,
+            )
+
     # ------------------------------------------------------------------ lifecycle
 
     @property
@@ -346,13 +411,15 @@ class Distiller:
     def __exit__(self, *exc: object) -> None:
         self.detach()
 
-    def loss(self, target: Tensor | None = None) -> Tensor:
+    def loss(self, target: Tensor | None = None, **extras: Any) -> Tensor:
         """The transfer loss of this thread's last student forward: the sum of all loss terms.
 
         Captured data is released once used: call the student again before the next ``loss()``.
 
         Args:
             target: The batch's labels, for losses that need them.
+            **extras: What other losses need of the batch, by name: ``index=`` (the samples'
+                dataset indices) for a contrastive memory bank (``crd``).
 
         Returns:
             A scalar tensor (with gradient towards the student when the forward had one).
@@ -401,8 +468,15 @@ class Distiller:
                 target=target,
                 resize=self.resize,
                 runner=ModelRunner(record, self.student, self._runner),
+                embeddings=taps.embeddings(
+                    record.teacher, record.student, grad_enabled=record.grad_enabled
+                ),
+                classifiers=self._classifiers,
+                extras=extras,
             )
+            self._losses.replicate()
             total, terms = self._losses.evaluate(step, at=self._step)
+            self._check_handed_out()
             self._terms = {k: v.detach() for k, v in terms.items()}
             if record.grad_enabled:  # a training step: the schedules move on
                 self._step += 1

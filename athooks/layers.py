@@ -36,6 +36,8 @@ from athooks.errors import ConfigurationError, LayerResolutionError
 
 __all__ = [
     "ALL_TENSORS",
+    "PRE_LOGITS",
+    "find_classifier",
     "Layer",
     "ResolvedPair",
     "layer_label",
@@ -48,6 +50,9 @@ __all__ = [
     "resolve_pairs",
     "unwrap",
 ]
+
+#: The pattern of :meth:`Layer.pre_logits`: the classifier's input, found on each model.
+PRE_LOGITS = "<pre_logits>"
 
 #: The name prefixes wrappers add: DataParallel and DistributedDataParallel, torch.compile.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -75,6 +80,10 @@ class Layer:
         transform: A callable applied to the selected tensor before any mapping, for example to
             turn tokens ``(B, N, C)`` into a feature map ``(B, C, H, W)``. With several keys it
             is applied to each of them.
+        of: ``"output"`` (default): read what the module returns; ``"input"``: read what it is
+            called with (its positional arguments, ``select`` choosing among them; the first
+            tensor by default), e.g. the pre-logit vector that a classifier receives.
+            :meth:`pre_logits` names that input on any model.
 
     Example:
         ```python
@@ -92,8 +101,39 @@ class Layer:
     pattern: str
     select: int | str | tuple[int | str, ...] | Callable[[Any], Tensor] | None = None
     transform: Callable[[Tensor], Tensor] | None = None
+    of: str = "output"
+
+    @classmethod
+    def pre_logits(cls) -> Layer:
+        """The pre-logit features: the input of the model's classifier, found by name.
+
+        The classifier is what timm's ``get_classifier()`` returns, else the ``fc``,
+        ``classifier``, ``heads`` or ``head`` of torchvision's models (the last linear layer
+        inside), else the model's last ``nn.Linear`` (:func:`find_classifier`). On another model,
+        name the classifier yourself: ``Layer("head.proj", of="input")``.
+
+        Returns:
+            The layer spec.
+
+        Example:
+            ```python
+            import torch
+            import torchvision
+            from athooks import Distiller, Layer
+
+            t, s = torchvision.models.resnet34(), torchvision.models.resnet18()
+            d = Distiller(t, s, layers=Layer.pre_logits(), losses="fact")
+            print(d.pairs)  # [('fc:input', 'fc:input')]
+            ```
+        """
+        return cls(PRE_LOGITS, of="input")
 
     def __post_init__(self) -> None:
+        if self.of not in ("output", "input"):
+            raise ConfigurationError(
+                f"Layer({self.pattern!r}, of={self.of!r}): of must be 'output' (what the module "
+                "returns) or 'input' (what it is called with)"
+            )
         if not isinstance(self.pattern, str):
             raise ConfigurationError(
                 f"Layer pattern must be a string, got {type(self.pattern).__name__}: "
@@ -149,7 +189,7 @@ class Layer:
             chosen = keys
         else:
             return [self]
-        return [Layer(self.pattern, key, self.transform) for key in chosen]
+        return [Layer(self.pattern, key, self.transform, self.of) for key in chosen]
 
 
 def layer_label(name: str, layer: Layer) -> str:
@@ -171,12 +211,14 @@ def layer_label(name: str, layer: Layer) -> str:
         assert layer_label("backbone", Layer("backbone", select="0")) == "backbone['0']"
         assert layer_label("lstm", Layer("lstm", select=0)) == "lstm[0]"
         assert layer_label("layer3", Layer("layer3")) == "layer3"
+        assert layer_label("fc", Layer("fc", of="input")) == "fc:input"
         ```
     """
     select = layer.select
+    suffix = ":input" if layer.of == "input" else ""
     if isinstance(select, (int, str)) and not isinstance(select, bool):
-        return f"{name}[{select!r}]"
-    return name
+        return f"{name}{suffix}[{select!r}]"
+    return name + suffix
 
 
 LayerSpec: TypeAlias = "str | Layer | nn.Module"
@@ -221,6 +263,78 @@ def unwrap(model: nn.Module) -> tuple[nn.Module, tuple[str, ...]]:
             prefixes.append("module.")
             continue
         return model, tuple(prefixes)
+
+
+#: Where torchvision's models (and athooks.models) keep their classifier.
+_CLASSIFIER_NAMES = ("fc", "classifier", "heads", "head", "last_linear")
+
+
+def _last_linear(module: nn.Module, prefix: str) -> tuple[str, nn.Module] | None:
+    if isinstance(module, nn.Linear):
+        return prefix, module
+    found = None
+    for name, sub in module.named_modules():
+        if isinstance(sub, nn.Linear):
+            found = (f"{prefix}.{name}" if name and prefix else name or prefix, sub)
+    return found
+
+
+def find_classifier(model: nn.Module, side: str = "model") -> tuple[str, nn.Module]:
+    """A model's classifier: the layer whose input is the pre-logit vector.
+
+    timm models say it (``get_classifier()``); torchvision's keep it as ``fc``, ``classifier``
+    (a linear layer, or a ``Sequential`` ending in one), ``heads`` or ``head``; otherwise the
+    model's last ``nn.Linear`` in module order is taken. Wrappers (DDP, ``torch.compile``) are
+    looked through; names are those of the model as given.
+
+    Args:
+        model: The model.
+        side: ``"teacher"``, ``"student"`` or ``"model"``, for the message.
+
+    Returns:
+        The classifier's name and module.
+
+    Raises:
+        LayerResolutionError: If the model has no linear layer, naming how to give the layer.
+
+    Example:
+        ```python
+        import torchvision
+        from athooks.layers import find_classifier
+
+        assert find_classifier(torchvision.models.resnet18())[0] == "fc"
+        assert find_classifier(torchvision.models.mobilenet_v3_small())[0] == "classifier.3"
+        ```
+    """
+    inner, prefixes = unwrap(model)
+    prefix = "".join(prefixes)
+    names = {id(m): n for n, m in inner.named_modules()}
+    found: tuple[str, nn.Module] | None = None
+    get = getattr(inner, "get_classifier", None)
+    if callable(get):
+        try:
+            head = get()
+        except Exception:  # a model's own method: fall back to the names
+            head = None
+        if isinstance(head, nn.Module) and id(head) in names and names[id(head)]:
+            found = (names[id(head)], head)
+    for attr in _CLASSIFIER_NAMES if found is None else ():
+        sub = getattr(inner, attr, None)
+        if isinstance(sub, nn.Module) and id(sub) in names:
+            found = _last_linear(sub, names[id(sub)])
+            if found is not None:
+                break
+    if found is None:
+        found = _last_linear(inner, "")
+    if found is None or not found[0]:
+        raise LayerResolutionError(
+            f"the {side} ({type(inner).__name__}) has no classifier athooks can find (no "
+            "get_classifier(), fc, classifier or head, and no nn.Linear), so its pre-logit "
+            "features cannot be named for it; give the layer whose input (or output) they "
+            "are: Layer('head.proj', of='input'), or e.g. Layer('avgpool') (see `athooks layers "
+            "<model>`)"
+        )
+    return prefix + found[0], found[1]
 
 
 @functools.lru_cache(maxsize=512)
@@ -711,6 +825,9 @@ def _resolve_side(
 ) -> tuple[list[tuple[str, nn.Module]], Layer]:
     """The modules an entry names on one side, and the Layer that reads them."""
     spec = entry.teacher if side.side == "teacher" else entry.student
+    if isinstance(spec, Layer) and spec.pattern == PRE_LOGITS:
+        name, module = find_classifier(side.model, side.side)
+        return [(name, module)], Layer(name, spec.select, spec.transform, "input")
     if isinstance(spec, Layer):
         return match_modules(side.model, spec.pattern, side=side.side), spec
     where = entry.label

@@ -33,6 +33,7 @@ from athooks.errors import CaptureError, ConfigurationError, PluginError
 from athooks.registry import build
 
 __all__ = [
+    "Embedding",
     "Features",
     "FunctionMapping",
     "MaxP",
@@ -276,6 +277,38 @@ class Features(Mapping):
         return features
 
 
+class Embedding(Mapping):
+    """A vector per sample, ``(B, D)``: the pre-logit features (for losses on embeddings).
+
+    A ``(B, D)`` tensor is kept as it is, and a ``(B, C, 1, ..., 1)`` one (a pooled feature map)
+    flattened to ``(B, C)``; anything with a spatial extent is refused.
+
+    Example:
+        ```python
+        import torch
+        from athooks.mappings import Embedding
+
+        assert Embedding()(torch.randn(2, 8, 1, 1)).shape == (2, 8)
+        ```
+    """
+
+    name = "embedding"
+    is_attention_map = False
+
+    def forward(self, features: Tensor) -> Tensor:
+        """The ``(B, D)`` vector."""
+        if features.dim() == 2:
+            return features
+        if features.dim() > 2 and features.shape[2:].numel() == 1:
+            return features.flatten(1)
+        raise CaptureError(
+            f"the embedding layer gives a tensor of shape {tuple(features.shape)}, but losses on "
+            "embeddings need one vector per sample (B, D), the pre-logit features; name the "
+            "layer after the pooling (Distiller(..., embedding=Layer(name)), e.g. the "
+            "classifier's input: Layer('fc', of='input')), or give it a transform that pools"
+        )
+
+
 class FunctionMapping(Mapping):
     """Wraps a plain callable ``(B, C, *S) -> (B, *S)`` as a :class:`Mapping`.
 
@@ -384,6 +417,9 @@ def apply_mapping(mapping: Mapping, features: Tensor, where: str) -> Tensor:
         assert apply_mapping(sum_p, video, "layer 'x'").shape == (2, 4, 6, 6)
         ```
     """
+    if not mapping.is_attention_map and features.dim() >= 2:
+        kept: Tensor = mapping(features)
+        return kept
     if not 3 <= features.dim() <= 5:
         kind = (
             "a vector per sample, with no spatial dimension left (a pooled or linear output)"
@@ -397,9 +433,6 @@ def apply_mapping(mapping: Mapping, features: Tensor, where: str) -> Tensor:
             "athooks.Layer(name, transform=lambda t: ...) that returns one of these layouts"
         )
     out = mapping(features)
-    if not mapping.is_attention_map:
-        kept: Tensor = out
-        return kept
     expected = (features.shape[0], *features.shape[2:])
     if not isinstance(out, Tensor) or tuple(out.shape) != expected or not out.is_floating_point():
         got = (

@@ -22,12 +22,12 @@ from torch import nn
 from athooks.context import internal_run
 from athooks.discovery import AUTO_MODES, Pairing, auto_pairs
 from athooks.errors import ConfigurationError, PairingWarning
-from athooks.layers import ResolvedPair, expand_deferred, resolve_pairs, unwrap
-from athooks.mappings import Mapping
+from athooks.layers import Layer, ResolvedPair, expand_deferred, resolve_pairs, unwrap
+from athooks.mappings import Embedding, Mapping
 from athooks.taps import PairedTaps
 from athooks.tensors import adapted_input, first_tensor
 
-__all__ = ["LayerPlan"]
+__all__ = ["LayerPlan", "resolve_embedding"]
 
 
 def _warn(pairing: Pairing) -> None:
@@ -64,8 +64,14 @@ class LayerPlan:
         *,
         input_size: Sequence[int] | None = None,
         teacher_input: Callable[..., Any] | None = None,
+        embedding: Any = None,
     ) -> None:
         self.teacher, self.student, self.layers = teacher, student, layers
+        self.embedding: ResolvedPair | None = None
+        self.embedding_mapping: Mapping | None = None
+        if embedding is not None:
+            self.embedding = resolve_embedding(teacher, student, embedding)
+            self.embedding_mapping = Embedding()
         self.mappings, self.copy, self.teacher_input = list(mappings), copy, teacher_input
         self.pairing: Pairing | None = None
         self.taps: PairedTaps | None = None
@@ -123,7 +129,15 @@ class LayerPlan:
         return expand_deferred(self._deferred, t_keys, s_keys)
 
     def _use(self, resolved: Sequence[ResolvedPair]) -> PairedTaps:
-        taps = PairedTaps(self.teacher, self.student, resolved, self.mappings, self.copy)
+        taps = PairedTaps(
+            self.teacher,
+            self.student,
+            resolved,
+            self.mappings,
+            self.copy,
+            embedding=self.embedding,
+            embedding_mapping=self.embedding_mapping,
+        )
         copies, strict = self._pending
         unknown = taps.student.load_copy_state(copies)
         if strict and unknown:
@@ -180,6 +194,34 @@ class LayerPlan:
         else:
             unknown += [f"taps.{n}.copy" for n in self.taps.student.load_copy_state(copies)]
         return unknown
+
+
+def resolve_embedding(teacher: nn.Module, student: nn.Module, spec: Any) -> ResolvedPair:
+    """The one pair of layers whose outputs (or inputs) are the models' pre-logit vectors.
+
+    Args:
+        teacher: The teacher model.
+        student: The student model.
+        spec: ``"auto"`` (the classifiers' inputs, :meth:`athooks.Layer.pre_logits`), or a layer
+            for both models (a name, a :class:`athooks.Layer`, a module), or a ``(teacher,
+            student)`` tuple of them.
+
+    Returns:
+        The resolved pair.
+
+    Raises:
+        ConfigurationError: If ``spec`` names more than one pair.
+        LayerResolutionError: If a layer cannot be found.
+    """
+    chosen = Layer.pre_logits() if isinstance(spec, str) and spec == "auto" else spec
+    pairs = resolve_pairs(teacher, student, [chosen])
+    if len(pairs) != 1 or pairs[0].deferred or pairs[0].teacher_layer.multiple:
+        raise ConfigurationError(
+            f"embedding={spec!r} names {len(pairs)} layer pairs; the embedding is one layer per "
+            "model (its output, or with Layer(name, of='input') its input, one vector (B, D) "
+            "per sample); give one name, Layer, module or (teacher, student) tuple"
+        )
+    return pairs[0]
 
 
 def output_keys(

@@ -316,7 +316,10 @@ class _TapHook:
                 store.replicas.extend(tapset.taps[i].name for i in self._indices)
             return
         for index in self._indices:
-            store[index] = tapset.taps[index].capture(output, store.get(index))
+            tap = tapset.taps[index]
+            store[index] = tap.capture(
+                args if tap.layer.of == "input" else output, store.get(index)
+            )
 
     def __deepcopy__(self, memo: dict[int, Any]) -> _TapHook:
         return self
@@ -482,20 +485,33 @@ class TapSet:
         self.mappings = tuple(mappings)
         self.copy_policy = copy
         self.taps: list[Tap] = []
-        self._index: dict[tuple[int, Layer], int] = {}
+        self._index: dict[tuple[int, Layer, tuple[int, ...]], int] = {}
         self._handles: list[RemovableHandle] = []
         self._local = threading.local()
 
-    def add(self, name: str, module: nn.Module, layer: Layer) -> int:
+    def add(
+        self,
+        name: str,
+        module: nn.Module,
+        layer: Layer,
+        mappings: Sequence[AttentionMapping] | None = None,
+    ) -> int:
         """Add a tap on ``module`` (read as ``layer`` says), or find the same one.
+
+        Args:
+            name: The module's name.
+            module: The module.
+            layer: How to read it.
+            mappings: What this tap computes, if not the set's mappings (an embedding's).
 
         Returns:
             The tap's index, the key of its :class:`Capture` in a step's :class:`Captures`.
         """
-        key = (id(module), layer)
+        chosen = self.mappings if mappings is None else tuple(mappings)
+        key = (id(module), layer, tuple(id(m) for m in chosen))
         if key not in self._index:
             self._index[key] = len(self.taps)
-            tap = Tap(self.side, name, module, layer, self.mappings, copy=self.copy_policy)
+            tap = Tap(self.side, name, module, layer, chosen, copy=self.copy_policy)
             self.taps.append(tap)
         return self._index[key]
 
@@ -601,7 +617,8 @@ class TapSet:
             return
         # one tensor of a multi-output module (an FPN body's '0') may come from its frozen
         # part while later parts train: only a whole output with trainable parameters is wrong
-        if tap.layer.select is None and any(p.requires_grad for p in tap.module.parameters()):
+        reads_output = tap.layer.select is None and tap.layer.of == "output"
+        if reads_output and any(p.requires_grad for p in tap.module.parameters()):
             raise CaptureError(
                 f"the attention map of student layer {tap.name!r} carries no gradient "
                 "although the layer has trainable parameters; something detaches its output "
@@ -679,11 +696,15 @@ class PairedTaps:
         resolved: The layer pairs (:func:`athooks.layers.resolve_pairs`).
         mappings: The mappings every tap computes.
         copy: The student's ``copy_outputs`` policy.
+        embedding: The pair of layers that give the pre-logit vectors, for losses on
+            embeddings (tapped with ``embedding_mapping`` only), or ``None``.
+        embedding_mapping: What the embedding taps compute (an ``Embedding`` mapping).
 
     Attributes:
         teacher: The teacher's taps.
         student: The student's taps.
         pairs: The ``(teacher_name, student_name)`` pairs, in order.
+        embedding_pair: The embedding's ``(teacher_name, student_name)``, or ``None``.
     """
 
     def __init__(
@@ -693,6 +714,9 @@ class PairedTaps:
         resolved: Sequence[ResolvedPair],
         mappings: Sequence[AttentionMapping],
         copy: str = "auto",
+        *,
+        embedding: ResolvedPair | None = None,
+        embedding_mapping: AttentionMapping | None = None,
     ) -> None:
         self.teacher = TapSet("teacher", teacher, mappings)
         self.student = TapSet("student", student, mappings, copy=copy)
@@ -705,6 +729,20 @@ class PairedTaps:
             for p in resolved
         ]
         self._warned: set[int] = set()
+        self.embedding_pair: tuple[str, str] | None = None
+        self._embedding: tuple[int, int, AttentionMapping] | None = None
+        if embedding is not None and embedding_mapping is not None:
+            e = embedding
+            self.embedding_pair = (e.teacher_label, e.student_label)
+            self._embedding = (
+                self.teacher.add(
+                    e.teacher_name, e.teacher_module, e.teacher_layer, [embedding_mapping]
+                ),
+                self.student.add(
+                    e.student_name, e.student_module, e.student_layer, [embedding_mapping]
+                ),
+                embedding_mapping,
+            )
 
     def _warn_one_cell(
         self,
@@ -732,7 +770,35 @@ class PairedTaps:
 
     def attach(self) -> list[RemovableHandle]:
         """Put both sets' hooks in place; returns their handles."""
-        return self.teacher.attach() + self.student.attach() if self.pairs else []
+        if not self.pairs and self._embedding is None:
+            return []
+        return self.teacher.attach() + self.student.attach()
+
+    def embeddings(
+        self, teacher_store: Captures | None, student_store: Captures | None, *, grad_enabled: bool
+    ) -> list[tuple[Tensor, Tensor]] | None:
+        """The step's ``(teacher, student)`` pre-logit vectors, or ``None`` without an embedding.
+
+        Raises:
+            CaptureError: As :meth:`TapSet.collect`, or if the two batch sizes differ.
+        """
+        if self._embedding is None or teacher_store is None or student_store is None:
+            return None
+        t_index, s_index, mapping = self._embedding
+        t_vec = self.teacher.collect(teacher_store, [t_index])[0][mapping]
+        s_vec = self.student.collect(student_store, [s_index], grad_enabled=grad_enabled)[0][
+            mapping
+        ]
+        if t_vec.device != s_vec.device:
+            t_vec = t_vec.to(s_vec.device)
+        if t_vec.shape[0] != s_vec.shape[0]:
+            assert self.embedding_pair is not None
+            raise CaptureError(
+                f"the embeddings (teacher {self.embedding_pair[0]!r}, student "
+                f"{self.embedding_pair[1]!r}) differ in batch size: {t_vec.shape[0]} and "
+                f"{s_vec.shape[0]}; the teacher must see the same batch as the student"
+            )
+        return [(t_vec, s_vec)]
 
     def detach(self) -> None:
         """Remove both sets' hooks."""

@@ -95,7 +95,13 @@ def test_list_shows_registered_names():
     assert res.returncode == 0
     mappings = res.stdout.splitlines()[0].removeprefix("mappings: ").split(", ")
     assert {"max_p", "sum", "sum_p"} <= set(mappings) and mappings == sorted(mappings)
-    assert "losses:   at, fact, grad_at, input_grad_l2, kd, symmetry" in res.stdout
+    losses = res.stdout.splitlines()[1].removeprefix("losses:   ").split(", ")
+    assert {"at", "fact", "grad_at", "input_grad_l2", "kd", "symmetry"} <= set(losses)
+    providers = {
+        line.split(":")[0].strip(): line for line in res.stdout.splitlines() if line[:2] == "  "
+    }
+    built_in = next(line for name, line in providers.items() if "built-in" in name)
+    assert "losses at, fact, grad_at, input_grad_l2, kd, symmetry" in built_in
 
 
 def test_plugins_lists_providers():

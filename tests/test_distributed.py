@@ -23,6 +23,7 @@ from conftest import ref_at_loss_code, tiny_pair
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: N817
 
 from athooks import Distiller
+from athooks.plugin import Connectors, Features, Loss
 
 WORLD = 2
 X = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(3))
@@ -74,6 +75,71 @@ def run_variant(variant: str, rank: int) -> dict:
     return {"loss": at.item(), "grads": grads, "pairs": pairs}
 
 
+class Hint(Loss):
+    """FitNets' hint through one connector per pair (1x1 conv + BN built on the first step)."""
+
+    name = "hint"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = Features()
+        self.connectors = Connectors()
+
+    def captures(self):
+        return (self.features,)
+
+    def forward(self, step):
+        pairs = step.features(self.features)
+        return self.sum_pairs(
+            [(self.connectors[i](s, t) - t).pow(2).mean() for i, (t, s) in enumerate(pairs)]
+        )
+
+
+CONNECTOR_VARIANTS = ["ddp_connectors", "fsdp2_connectors"]
+
+
+def run_connectors(variant: str, rank: int) -> dict:
+    """A loss with connectors, whose random initial values differ per rank before the build."""
+    teacher, student = tiny_pair(inplace=False)
+    torch.manual_seed(100 + rank)  # each rank would initialise the connectors differently
+    if variant == "fsdp2_connectors":
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(teacher)
+        fully_shard(student)
+        call = given = student
+    else:
+        call = DDP(student)
+        given = call
+    d = Distiller(teacher, given, layers=["relu2", "relu3"], losses=[Hint(), "at"])
+    params = list(d.parameters())  # placeholders, before the first step
+    x, y = shard(rank)
+    with d:
+        out = call(x)
+        loss = d.loss()
+        initial = {k: v.clone() for k, v in d.state_dict().items() if k.startswith("losses.")}
+        (F.cross_entropy(out, y) + loss).backward()
+    names = [n for n, _ in d.named_parameters()]
+    return {
+        "initial": initial,
+        "grads": {n: p.grad.clone() for n, p in zip(names, params, strict=True)},
+        "loss": loss.item(),
+    }
+
+
+def single_connectors(rank: int, initial: dict) -> dict:
+    teacher, student = tiny_pair(inplace=False)
+    d = Distiller(teacher, student, layers=["relu2", "relu3"], losses=[Hint(), "at"])
+    d.load_state_dict(initial, strict=False)  # rank 0's connectors, built from the state
+    d.parameters()
+    x, y = shard(rank)
+    with d:
+        out = student(x)
+        loss = d.loss()
+        (F.cross_entropy(out, y) + loss).backward()
+    return {"grads": {n: p.grad.clone() for n, p in d.named_parameters()}, "loss": loss.item()}
+
+
 def worker(rank: int, store: str, out: str) -> None:
     # What the process prints, C++ included (gloo's "terminate called ..."), goes to a log that
     # the fixture shows when a rank dies: a crash in a child is otherwise only "SIGABRT".
@@ -87,6 +153,11 @@ def worker(rank: int, store: str, out: str) -> None:
         for variant in VARIANTS:
             try:
                 results[variant] = run_variant(variant, rank)
+            except Exception:
+                results[variant] = traceback.format_exc()
+        for variant in CONNECTOR_VARIANTS:
+            try:
+                results[variant] = run_connectors(variant, rank)
             except Exception:
                 results[variant] = traceback.format_exc()
         torch.save(results, f"{out}.{rank}")
@@ -178,3 +249,24 @@ def test_gradients_are_synchronised_across_ranks(ranks, variant):
         torch.testing.assert_close(
             g0[name], mean, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}"
         )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", CONNECTOR_VARIANTS)
+def test_connectors_are_replicated_and_their_gradients_averaged(ranks, variant):
+    got = [ranks[r][variant] for r in range(WORLD)]
+    for rank, result in enumerate(got):
+        assert isinstance(result, dict), f"rank {rank} failed:\n{result}"
+    # built identical on both ranks (rank 0's values), although each rank seeded differently
+    assert got[0]["initial"].keys() == got[1]["initial"].keys() and got[0]["initial"]
+    for key, value in got[0]["initial"].items():
+        if "running" in key or "num_batches" in key:
+            continue  # BatchNorm statistics are each rank's own batch's, as in DDP's forward
+        torch.testing.assert_close(value, got[1]["initial"][key], msg=key)
+    singles = [single_connectors(r, got[0]["initial"]) for r in range(WORLD)]
+    for rank in range(WORLD):
+        assert got[rank]["loss"] == pytest.approx(singles[rank]["loss"], rel=1e-5)
+    for name, grad in got[0]["grads"].items():
+        torch.testing.assert_close(grad, got[1]["grads"][name], msg=name)
+        mean = (singles[0]["grads"][name] + singles[1]["grads"][name]) / WORLD
+        torch.testing.assert_close(grad, mean, rtol=1e-4, atol=1e-6, msg=name)

@@ -744,6 +744,137 @@ def _state_dict_before_auto():
         student(X)
 
 
+class _FitLike(athooks.plugin.Loss):
+    """A loss with one connector per pair (as FitNet), for the connector errors."""
+
+    name = "fit_like"
+
+    def __init__(self, call_setup: bool = True):
+        super().__init__()
+        self.features = athooks.plugin.Features()
+        self.connectors = athooks.plugin.Connectors()
+        self.call_setup = call_setup
+
+    def setup(self, pairs):
+        if self.call_setup:
+            super().setup(pairs)
+
+    def captures(self):
+        return (self.features,)
+
+    def forward(self, step):
+        terms = [
+            (self.connectors[i](s, t) - t).pow(2).mean()
+            for i, (t, s) in enumerate(step.features(self.features))
+        ]
+        return self.sum_pairs(terms)
+
+
+class _EmbLike(athooks.plugin.Loss):
+    name = "emb_like"
+    needs_embedding = True
+
+    def forward(self, step):
+        t, s = step.embedding()
+        return (t.mean() - s.mean()) ** 2
+
+
+def _connector(kind: str):
+    from athooks.plugin import Connector
+
+    def run():
+        if kind == "kind":
+            Connector(kind="mlp")
+        elif kind == "builder":
+            Connector(builder=3)
+        elif kind == "builder_returns":
+            Connector(builder=lambda i, o: "not a module")
+        elif kind == "not_float":
+            Connector()(torch.ones(2, 3, 4, 4, dtype=torch.long), 4)
+        elif kind == "linear_shape":
+            Connector(kind="linear")(torch.randn(2, 3, 4, 4), 4)
+        elif kind == "conv_shape":
+            Connector()(torch.randn(2, 3), 4)
+        elif kind == "names_depend":
+
+            def build(i, o):
+                return nn.Sequential(*[nn.Linear(i, o) for _ in range(1 if o == 1 else 2)])
+
+            Connector(builder=build, kind="linear")(torch.randn(2, 3), 4)
+        elif kind == "widths_changed":
+            conn = Connector()
+            conn(torch.randn(2, 3, 4, 4), 4)
+            conn(torch.randn(2, 5, 4, 4), 4)
+        elif kind == "unsized":
+            athooks.plugin.Connectors()[0]
+
+    return run
+
+
+def _connector_distiller(kind: str):
+    def run():
+        teacher, student = _pair()
+        if kind == "before_auto":
+            Distiller(teacher, student, losses=_FitLike()).parameters()
+        elif kind == "embedding_unused":
+            Distiller(teacher, student, layers="relu?", embedding="head")
+        elif kind == "embedding_many":
+            Distiller(teacher, student, layers="relu?", losses=_EmbLike(), embedding="relu?")
+        elif kind == "embedding_spatial":
+            with Distiller(
+                teacher, student, layers="relu?", losses=_EmbLike(), embedding="relu3"
+            ) as d:
+                student(X)
+                d.loss()
+        elif kind == "state_pairs":
+            d = Distiller(teacher, student, layers="relu?", losses=_FitLike())
+            with d:
+                student(X)
+                d.loss()
+            saved = {k: v for k, v in d.state_dict().items() if k.startswith("losses.")}
+            other = Distiller(teacher, student, losses=_FitLike())
+            other.load_state_dict(saved)
+            with other:  # at 4x4 "auto" pairs two layers (relu3 is 1x1), the saved state three
+                student(torch.randn(2, 3, 4, 4))
+        elif kind == "embedding_batch":
+            d = Distiller(teacher, student, losses=_EmbLike(), teacher_input=lambda x: x[:2])
+            with d:
+                student(X)
+                d.loss()
+        elif kind == "no_classifier":
+
+            class Plain(nn.Module):
+                def __init__(self):
+                    super().__init__()
+                    self.conv = nn.Conv2d(3, 4, 3)
+
+                def forward(self, x):
+                    return self.conv(x)
+
+            Distiller(Plain(), Plain(), layers="conv", losses=_EmbLike())
+
+    return run
+
+
+def _step_errors(kind: str):
+    from athooks.plugin import Step
+
+    def run():
+        step = Step([], [], [])
+        if kind == "embedding":
+            step.embedding()
+        elif kind == "classifier_side":
+            step.classifier("both")
+        elif kind == "classifier":
+            step.classifier("teacher")
+        elif kind == "extra":
+            step.extra("index")
+        elif kind == "sum_pairs":
+            _FitLike().sum_pairs([])
+
+    return run
+
+
 class _Keys(nn.Module):
     def __init__(self, keys):
         super().__init__()
@@ -823,6 +954,38 @@ TRIGGERS = [
     t("edited_after_forward", CP, _edited_after_forward),
     t("state_dict_misfit", CE, _state_dict_misfit),
     t("state_dict_before_auto", CE, _state_dict_before_auto),
+    # connectors and embeddings (the plugin API of losses with learned adapters)
+    *[
+        t(f"connector_{kind}", cls, _connector(kind))
+        for kind, cls in [
+            ("kind", CE),
+            ("builder", CE),
+            ("builder_returns", CE),
+            ("not_float", CP),
+            ("linear_shape", CP),
+            ("conv_shape", CP),
+            ("names_depend", CE),
+            ("widths_changed", CP),
+            ("unsized", CP),
+        ]
+    ],
+    *[
+        t(f"connector_distiller_{kind}", cls, _connector_distiller(kind))
+        for kind, cls in [
+            ("before_auto", CE),
+            ("embedding_unused", CE),
+            ("embedding_many", CE),
+            ("embedding_spatial", CP),
+            ("state_pairs", CE),
+            ("embedding_batch", CP),
+            ("no_classifier", LR),
+        ]
+    ],
+    *[
+        t(f"step_{kind}", CP, _step_errors(kind))
+        for kind in ("embedding", "classifier_side", "classifier", "extra", "sum_pairs")
+    ],
+    t("layer_of", CE, lambda: Layer("fc", of="weights")),
     # what a step captured
     t("student_layer_not_fired", CP, _not_fired),
     t("teacher_layer_not_fired", CP, _teacher_not_fired),

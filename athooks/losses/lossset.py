@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from athooks.connectors import Connector, Connectors, replicate
 from athooks.errors import CaptureError, ConfigurationError
 from athooks.losses.base import Loss, Step, loss
 from athooks.mappings import Mapping
@@ -79,6 +80,10 @@ class LossSet:
                     self.mappings.append(mapping)
         self.needs_teacher_output = any(item.needs_teacher_output for item in items)
         self.needs_input_grad = any(item.needs_input_grad for item in items)
+        self.needs_embedding = any(item.needs_embedding for item in items)
+        self.needs_classifier = any(item.needs_classifier for item in items)
+        self.pairs: list[tuple[str, str]] | None = None
+        self._replicated = False
         self.has_state = any(True for _ in self.modules.parameters()) or any(
             True for _ in self.modules.buffers()
         )
@@ -86,6 +91,45 @@ class LossSet:
 
     def __iter__(self) -> Iterator[Loss]:
         return iter(self.modules)  # type: ignore[arg-type]
+
+    def connector_lists(self) -> list[tuple[str, Connectors]]:
+        """Every :class:`athooks.plugin.Connectors` of the losses, with its name."""
+        return [(n, m) for n, m in self.modules.named_modules() if isinstance(m, Connectors)]
+
+    @property
+    def sized(self) -> bool:
+        """Whether every per-pair connector list knows its number of pairs."""
+        return all(m.sized for _, m in self.connector_lists())
+
+    def setup(self, pairs: Sequence[tuple[str, str]]) -> None:
+        """Tell every loss the layer pairs (:meth:`athooks.plugin.Loss.setup`), once.
+
+        Raises:
+            ConfigurationError: If a loaded state dict held connectors for another number of
+                pairs.
+        """
+        if self.pairs is not None:
+            return
+        for name, connectors in self.connector_lists():
+            if connectors.sized and len(connectors) != len(pairs):
+                raise ConfigurationError(
+                    f"the state dict loaded into this Distiller holds {len(connectors)} "
+                    f"connectors for losses.{name}, but its layers resolved to {len(pairs)} "
+                    f"pairs ({', '.join(s for _, s in pairs)}); build the Distiller with the "
+                    "layers it was saved with"
+                )
+        self.pairs = list(pairs)
+        for item in self:
+            item.setup(list(pairs))
+
+    def replicate(self) -> None:
+        """Under ``torch.distributed``, make the losses' state the same on every rank (once).
+
+        Connectors built later replicate themselves when they are built.
+        """
+        if not self._replicated:
+            self._replicated = True
+            replicate(self.modules)
 
     def follow(self, model: nn.Module) -> None:
         """Move the losses' parameters and buffers to ``model``'s device and floating dtype."""
@@ -133,8 +177,33 @@ class LossSet:
         return total, terms
 
     def state_dict(self) -> dict[str, Any]:
-        """The losses' parameters and buffers, keyed as in their ``nn.ModuleList``."""
+        """The losses' parameters and buffers, keyed as in their ``nn.ModuleList``.
+
+        A connector that is not built yet has no entry; loading a built one's entries builds it.
+        """
         return dict(self.modules.state_dict())
+
+    def _optional_keys(self) -> set[str]:
+        """The keys of connectors not built yet: loaded if given (building them), else left."""
+        optional: set[str] = set()
+        for name, module in self.modules.named_modules():
+            if isinstance(module, Connector) and not module.built:
+                optional.update(f"{name}.{key}" for key in module.state_keys())
+        return optional
+
+    def _size_from(self, state: dict[str, Any]) -> None:
+        """Size per-pair connector lists not sized yet to the number a state dict holds."""
+        for name, connectors in self.connector_lists():
+            if connectors.sized:
+                continue
+            prefix = f"{name}."
+            indices = {
+                int(k[len(prefix) :].split(".", 1)[0])
+                for k in state
+                if k.startswith(prefix) and k[len(prefix) :].split(".", 1)[0].isdigit()
+            }
+            if indices:
+                connectors.resize(max(indices) + 1)
 
     def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
         """Restore :meth:`state_dict`.
@@ -146,10 +215,11 @@ class LossSet:
         Raises:
             ConfigurationError: With ``strict``, naming the missing and unexpected keys.
         """
+        self._size_from(state)
         if strict:
             expected = set(self.modules.state_dict())
             missing = sorted(expected - set(state))
-            unexpected = sorted(set(state) - expected)
+            unexpected = sorted(set(state) - expected - self._optional_keys())
             if missing or unexpected:
                 parts = []
                 if missing:

@@ -1108,7 +1108,6 @@ TRIGGERS = [
         CP,
         lambda: athooks.loss("at", pair_weights={"relu1": 2.0}).sum_pairs([torch.tensor(1.0)]),
     ),
-    t("sum_pairs_empty", CP, lambda: athooks.loss("at").sum_pairs([])),
     # registry and plugins
     t("name_not_string", CE, lambda: athooks.mapping(3)),
     t("unknown_mapping", UnknownNameError, lambda: athooks.mapping("sum_q")),

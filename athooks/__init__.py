@@ -19,6 +19,7 @@ Example:
 import importlib
 from typing import Any
 
+from athooks import schedules
 from athooks.discovery import describe
 from athooks.distiller import Distiller
 from athooks.errors import (
@@ -67,5 +68,6 @@ __all__ = [
     "list_mappings",
     "loss",
     "mapping",
+    "schedules",
     "viz",
 ]

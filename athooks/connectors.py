@@ -189,6 +189,8 @@ class Connector(nn.Module):
         self._builder = builder
         self.in_channels: int | None = None
         self.out_channels: int | None = None
+        # (in, out, spatial dims) once built, saved with the state so that loading builds to them
+        self.register_buffer("widths", torch.full((3,), -1, dtype=torch.long))
         self.body = self._make(1, 1, 2)
         for name, tensor in _named_tensors(self.body).items():
             placeholder: Tensor
@@ -264,6 +266,9 @@ class Connector(nn.Module):
                 _set_tensor(made, name, placeholder)
         self.body = made
         self.in_channels, self.out_channels = int(in_channels), int(out_channels)
+        self.widths = torch.tensor(
+            [in_channels, out_channels, spatial_dims], dtype=torch.long, device=device
+        )
         replicate(self)
 
     def forward(self, x: Tensor, out: int | Tensor) -> Tensor:
@@ -301,7 +306,7 @@ class Connector(nn.Module):
 
     def state_keys(self) -> list[str]:
         """The state-dict keys (below this module) it has once built, built or not."""
-        return [f"body.{name}" for name in _named_tensors(self.body)]
+        return ["widths", *(f"body.{name}" for name in _named_tensors(self.body))]
 
     def state_dict(
         self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False
@@ -325,7 +330,10 @@ class Connector(nn.Module):
     ) -> None:
         # A checkpoint of a built connector restores into an unbuilt one: build it to the saved
         # widths first (the weight's first two dimensions), then load as usual.
-        if not self.built:
+        saved = state_dict.get(prefix + "widths")
+        if not self.built and isinstance(saved, Tensor) and saved.numel() == 3 and saved[0] > 0:
+            self.build(int(saved[0]), int(saved[1]), int(saved[2]))
+        if not self.built:  # a state saved without its widths: read them off the first weight
             shapes = {
                 k[len(prefix) + len("body.") :]: v.shape
                 for k, v in state_dict.items()
@@ -385,7 +393,17 @@ class Connectors(nn.ModuleList):
 
         Args:
             count: The number of layer pairs.
+
+        Raises:
+            ConfigurationError: If they are already sized to another number of pairs.
         """
+        if self.sized and len(self) != count:
+            raise ConfigurationError(
+                f"these connectors already hold {len(self)}, one per layer pair of an earlier "
+                f"set-up (another Distiller given the same loss object, or a loaded state "
+                f"dict), and are now asked for {count}. Give each Distiller its own loss "
+                "object (athooks.loss(...) again), built with the layers it was saved with"
+            )
         while len(self) < count:
             self.append(Connector(**self._options))
         while len(self) > count:

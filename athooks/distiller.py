@@ -13,6 +13,7 @@ import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
+import torch
 from torch import Tensor, nn
 
 from athooks.checks import check_choice
@@ -22,6 +23,7 @@ from athooks.layers import find_classifier
 from athooks.losses.base import Loss, Step
 from athooks.losses.lossset import LossSet
 from athooks.plan import LayerPlan
+from athooks.schedules import check_steps
 from athooks.step import (
     Attachment,
     ModelRunner,
@@ -34,6 +36,9 @@ from athooks.step import (
 from athooks.taps import PairedTaps
 
 __all__ = ["Distiller"]
+
+#: The key of the step counter in the Distiller's state dict.
+_STEP_KEY = "schedule.step"
 
 CopyPolicy = Literal["auto", "always"]
 ResizePolicy = Literal["student", "teacher", "error"]
@@ -162,6 +167,7 @@ class Distiller:
         self._hold: Attachment | None = None
         self._finalizer: weakref.finalize[Any, Any] | None = None
         self._terms: dict[str, Tensor] = {}
+        self._step = 0
         self._plan = LayerPlan(
             teacher,
             student,
@@ -219,6 +225,26 @@ class Distiller:
         """Each loss term of the last successful :meth:`loss` call, detached, for logging."""
         return dict(self._terms)
 
+    @property
+    def step(self) -> int:
+        """The number of training steps so far: the schedules' step (0 before the first).
+
+        It counts the :meth:`loss` calls whose student forward had gradient enabled (a
+        validation forward under ``no_grad`` is not a step, also with ``no_grad="capture"``);
+        each loss's :attr:`~athooks.plugin.Loss.schedule` is read at it, then it goes up by
+        one. Under gradient accumulation every micro-batch's ``d.loss()`` counts. It is saved
+        in :meth:`state_dict`, so a resumed run continues its schedules; set it by hand
+        (``d.step = 1000``) to start a schedule elsewhere.
+
+        Raises:
+            ConfigurationError: When set to something other than a whole number ``>= 0``.
+        """
+        return self._step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self._step = check_steps(value, owner="Distiller", option="step", minimum=0)
+
     def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:
         """The parameters of learnable mappings and losses, for the optimizer.
 
@@ -269,13 +295,15 @@ class Distiller:
         Keys ``"losses.*"`` hold the parameters and buffers of the losses (and their mappings);
         keys ``"taps.<student layer>.copy"`` the decision of each student tap's first forward
         (copy the output or not, see ``copy_outputs``), so that a resumed run builds the same
-        autograd graph and continues bit for bit.
+        autograd graph and continues bit for bit; ``"schedule.step"`` the step counter
+        (:attr:`step`, an int64 scalar), so that the losses' schedules continue where they were.
 
         Returns:
             A dict of tensors (loadable with ``torch.load(..., weights_only=True)``).
         """
         state: dict[str, Any] = {f"losses.{k}": v for k, v in self._losses.state_dict().items()}
-        return {**state, **self._plan.state_dict()}
+        step = {_STEP_KEY: torch.tensor(self._step, dtype=torch.int64)}
+        return {**state, **self._plan.state_dict(), **step}
 
     def load_state_dict(self, state_dict: dict[str, Any], strict: bool = True) -> None:
         """Restore what :meth:`state_dict` returned.
@@ -284,12 +312,22 @@ class Distiller:
             state_dict: The saved state.
             strict: Whether the keys must match: every ``"losses.*"`` key of this Distiller
                 given, no other key, and tap keys only for its student layers.
+                ``"schedule.step"`` is optional (a state dict saved before it existed loads;
+                :attr:`step` is then left as it is).
 
         Raises:
-            ConfigurationError: With ``strict``, naming the missing or unexpected keys.
+            ConfigurationError: With ``strict``, naming the missing or unexpected keys; or if
+                ``"schedule.step"`` is not a whole number ``>= 0``.
         """
+        step = None  # checked first, so that a bad one loads nothing
+        if _STEP_KEY in state_dict:
+            saved = state_dict[_STEP_KEY]
+            number = saved.item() if isinstance(saved, Tensor) and saved.numel() == 1 else saved
+            step = check_steps(number, owner="Distiller state dict", option=_STEP_KEY, minimum=0)
         losses = {k[len("losses.") :]: v for k, v in state_dict.items() if k.startswith("losses.")}
-        rest = {k: v for k, v in state_dict.items() if not k.startswith("losses.")}
+        rest = {
+            k: v for k, v in state_dict.items() if not k.startswith("losses.") and k != _STEP_KEY
+        }
         other = self._plan.load_state_dict(rest, strict)
         if strict and other:
             taps = self._plan.taps
@@ -300,6 +338,8 @@ class Distiller:
                 f"'taps.<student layer>.copy' for layers {names}. Pass strict=False to ignore them"
             )
         self._losses.load_state_dict(losses, strict=strict)
+        if step is not None:
+            self._step = step
 
     def _check_handed_out(self) -> None:
         if self._handed_out:
@@ -435,9 +475,21 @@ class Distiller:
                 extras=extras,
             )
             self._losses.replicate()
-            total, terms = self._losses.evaluate(step)
+            if record.grad_enabled:
+                total, terms = self._losses.evaluate(step, at=self._step)
+            else:  # a validation step: no running statistic or memory bank learns from it
+                modules = list(self._losses.modules.modules())
+                modes = [m.training for m in modules]
+                self._losses.modules.eval()
+                try:
+                    total, terms = self._losses.evaluate(step, at=self._step)
+                finally:
+                    for module, mode in zip(modules, modes, strict=True):
+                        module.training = mode
             self._check_handed_out()
             self._terms = {k: v.detach() for k, v in terms.items()}
+            if record.grad_enabled:  # a training step: the schedules move on
+                self._step += 1
             return total
         finally:
             self._recorder.release(record)

@@ -2500,3 +2500,106 @@ def test_attention_maps_of_several_levels_of_one_module_are_all_returned():
     except AthooksError:
         return  # refusing, with a message, is not a silent wrong value either
     assert sorted(tuple(m.shape) for m in maps.values()) == [(2, 4, 4), (2, 8, 8)], maps.keys()
+
+
+# ---------------------------------------------------------------------------- connectors (issue 16)
+
+
+class _Hint(athooks.plugin.Loss):
+    """FitNets-style hint through per-pair connectors (1x1 conv + BN, built on the first step)."""
+
+    name = "hint"
+
+    def __init__(self):
+        super().__init__()
+        self.features = athooks.plugin.Features()
+        self.connectors = athooks.plugin.Connectors()
+
+    def captures(self):
+        return (self.features,)
+
+    def forward(self, step):
+        pairs = step.features(self.features)
+        return self.sum_pairs(
+            [(self.connectors[i](s, t) - t).pow(2).mean() for i, (t, s) in enumerate(pairs)]
+        )
+
+
+def test_one_loss_object_in_two_distillers_of_different_pair_counts_is_refused():
+    teacher, student = tiny_pair()
+    hint = _Hint()
+    Distiller(teacher, student, layers=["relu2", "relu3"], losses=hint)
+    with pytest.raises(athooks.ConfigurationError, match="its own loss object"):
+        Distiller(teacher, student, layers=["relu3"], losses=hint)
+
+
+def test_a_validation_step_with_no_grad_capture_leaves_the_connectors_statistics_alone():
+    teacher, student = tiny_pair()
+    d = Distiller(teacher, student, layers=["relu3"], losses=_Hint(), no_grad="capture")
+    opt = torch.optim.SGD([*student.parameters(), *d.parameters()], lr=0.1)
+    x = torch.randn(4, 3, 16, 16)
+    with d:
+        F.cross_entropy(student(x), torch.arange(4) % 5).add(d.loss()).backward()
+        opt.step()
+        bn = d.losses[0].connectors[0].body.bn
+        before = (bn.running_mean.clone(), bn.num_batches_tracked.clone())
+        with torch.no_grad():
+            student(torch.randn(4, 3, 16, 16) * 5)
+            value = d.loss()
+        assert not value.requires_grad
+        assert torch.equal(bn.running_mean, before[0])
+        assert torch.equal(bn.num_batches_tracked, before[1])
+        assert d.losses[0].training  # the mode is given back
+
+
+def test_connectors_follow_the_student_to_another_dtype_between_steps():
+    teacher, student = tiny_pair()
+    d = Distiller(teacher, student, layers=["relu3"], losses=_Hint())
+    params = list(d.parameters())
+    x = torch.randn(4, 3, 16, 16)
+    with d:
+        student(x)
+        d.loss().backward()
+        teacher.double(), student.double()
+        student(x.double())
+        value = d.loss()
+    assert value.dtype == torch.float64
+    assert all(p.dtype == torch.float64 for p in d.parameters())
+    assert [id(p) for p in d.parameters()] == [id(p) for p in params]  # the optimiser's objects
+
+
+def test_the_embedding_of_a_student_whose_classifier_input_is_edited_in_place():
+    """The classifier's input overwritten after the tap (``x.relu_()`` in the head): the vector is
+    copied on the first forward, so its value and gradient are those of the input as it was."""
+
+    class Edits(TinyCNN):
+        def forward(self, x):
+            c = self.features(x)[-1]
+            pooled = c.mean((2, 3))
+            out = self.head(pooled)
+            pooled.mul_(0)  # after the classifier read it
+            return out
+
+    class Gap(athooks.plugin.Loss):
+        name = "gap"
+        needs_embedding = True
+
+        def forward(self, step):
+            t, s = step.embedding()
+            return (s.sum(1) - t.sum(1)).pow(2).mean()
+
+    torch.manual_seed(0)
+    teacher, student = TinyCNN(8), Edits(8)
+    reference = TinyCNN(8)
+    reference.load_state_dict(student.state_dict())
+    with Distiller(teacher, student, losses=Gap()) as d:
+        student(X)
+        got = d.loss()
+        got.backward()
+    with torch.no_grad():
+        t = teacher.eval().features(X)[-1].mean((2, 3)).double()
+    s = reference.features(X)[-1].mean((2, 3))
+    want = (s.double().sum(1) - t.sum(1)).pow(2).mean()
+    want.backward()
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    torch.testing.assert_close(student.conv1.weight.grad, reference.conv1.weight.grad.float())

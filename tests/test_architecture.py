@@ -2,9 +2,9 @@
 
 The layers, bottom to top (a module may import its own layer and those below, never above):
 
-errors, version -> checks, specs, tensors, context, _compile -> layers, models -> hookspecs -> registry ->
-mappings -> losses -> builtins, plugin | taps | discovery -> step, plan -> distiller -> viz,
-lightning, demo -> cli -> athooks
+errors, version -> checks, specs, tensors, context, _compile -> layers, models, schedules ->
+hookspecs -> registry -> mappings -> losses -> builtins, plugin | taps | discovery -> step, plan ->
+distiller -> viz, lightning, demo -> cli -> athooks
 
 Every import statement counts, also one inside a function (a lazy import is still a
 dependency). The built-in plugin is loaded by the registry by name (``importlib``), so that the
@@ -28,7 +28,7 @@ LAYERS: list[tuple[str, ...]] = [
         "athooks._compile",
         "athooks.connectors",
     ),
-    ("athooks.layers", "athooks.models"),
+    ("athooks.layers", "athooks.models", "athooks.schedules"),
     ("athooks.geometry",),
     ("athooks.hookspecs",),
     ("athooks.registry",),

@@ -141,6 +141,21 @@ def test_state_dict_round_trip_builds_an_unbuilt_connector():
     torch.testing.assert_close(fresh(x, 6), conn(x, 6))
 
 
+def test_state_round_trip_of_a_builder_whose_first_weight_is_not_out_by_in():
+    def decoder(c_in, c_out):  # a transposed conv's weight is (in, out, k, k)
+        return nn.Sequential(
+            nn.ConvTranspose2d(c_in, c_out, 2, stride=2), nn.Conv2d(c_out, c_out, 1)
+        )
+
+    conn = Connector(builder=decoder)
+    conn(torch.randn(1, 3, 4, 4), 5)
+    fresh = Connector(builder=decoder)
+    fresh.load_state_dict(conn.state_dict())
+    assert (fresh.in_channels, fresh.out_channels) == (3, 5)
+    x = torch.randn(1, 3, 4, 4)
+    torch.testing.assert_close(fresh(x, 5), conn(x, 5))
+
+
 def test_connectors_are_sized_by_setup():
     loss = Hint()
     assert not loss.connectors.sized

@@ -321,6 +321,32 @@ class NeedsTarget(athooks.Loss):
         return step.require_target("needs_target").float().sum()
 
 
+class OneTermForAll(athooks.Loss):
+    """A per-pair loss that passes sum_pairs one term for all its pairs."""
+
+    def __init__(self):
+        super().__init__()
+        self.mapping = athooks.mapping("sum_p")
+
+    def captures(self):
+        return (self.mapping,)
+
+    def forward(self, step):
+        maps = step.maps(self.mapping)
+        return self.sum_pairs([maps[0][1].mean()], step.pairs)
+
+
+def _weighted(**options: Any) -> Callable[[], None]:
+    """A step of the relu1..relu3 pairs with an AT loss made with these options."""
+    return lambda: step(losses=athooks.loss("at", **options))()
+
+
+def _one_term_for_all():
+    loss = OneTermForAll()
+    loss.pair_weights = [1.0, 1.0, 1.0]
+    step(losses=loss)()
+
+
 def _grad_loss_without_input():
     class TakesKw(TinyCNN):
         def forward(self, x=None, *, idx):
@@ -1064,6 +1090,24 @@ TRIGGERS = [
     t("grad_no_graph", CP, _grad_loss_no_grad),
     t("grad_no_input", CP, _grad_loss_without_input),
     t("grad_target_size", CP, _grad_target_size),
+    # schedules and per-pair weights
+    t("schedule_steps", CE, lambda: athooks.schedules.warmup(0)),
+    t("distiller_step", CE, lambda: setattr(Distiller(*_pair(), layers="relu?"), "step", -1)),
+    t("schedule_type", CE, lambda: athooks.loss("at", schedule="cosine")),
+    t("schedule_value", CE, _weighted(schedule=lambda s: float("nan"))),
+    t("schedule_then_no_end", CE, lambda: athooks.schedules.constant(1).then(0.5)),
+    t("milestones_type", CE, lambda: athooks.schedules.step_decay(1.0, 60)),
+    t("milestones_order", CE, lambda: athooks.schedules.step_decay(1.0, (60, 30))),
+    t("pair_weights_type", CE, lambda: athooks.loss("at", pair_weights=torch.ones(3))),
+    t("pair_weights_count", CE, _weighted(pair_weights=[1.0, 2.0])),
+    t("pair_weights_names", CE, _weighted(pair_weights={"relu9": 2.0})),
+    t("pair_weights_ignored", CP, step(losses=athooks.loss("kd", pair_weights=[1.0]))),
+    t("sum_pairs_terms", CP, _one_term_for_all),
+    t(
+        "sum_pairs_no_names",
+        CP,
+        lambda: athooks.loss("at", pair_weights={"relu1": 2.0}).sum_pairs([torch.tensor(1.0)]),
+    ),
     # registry and plugins
     t("name_not_string", CE, lambda: athooks.mapping(3)),
     t("unknown_mapping", UnknownNameError, lambda: athooks.mapping("sum_q")),

@@ -72,7 +72,8 @@ def train(student, d, opt, steps):
 def test_parameters_of_learnable_mappings_and_losses_reach_the_optimizer():
     _, student, d, opt = make()
     names = [n for n, _ in d.named_parameters()]
-    assert set(d.state_dict()) == {f"losses.{n}" for n in names}  # no tap has run yet
+    # no tap has run yet; the step counter (schedule.step) is always there
+    assert set(d.state_dict()) == {f"losses.{n}" for n in names} | {"schedule.step"}
     assert names == [
         "0.mapping.smooth.weight",
         "0.mapping.smooth.bias",
@@ -134,7 +135,7 @@ def test_checkpoint_and_resume_is_bit_exact():
 def test_builtin_losses_have_no_parameters():
     teacher, student = TinyCNN(16), TinyCNN(8)
     d = Distiller(teacher, student, layers="relu?", losses=["at", "kd"])
-    assert list(d.parameters()) == [] and d.state_dict() == {}
+    assert list(d.parameters()) == [] and d.state_dict() == {"schedule.step": torch.tensor(0)}
 
 
 def test_state_dict_records_tap_modes_and_rejects_unknown_keys():

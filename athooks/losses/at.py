@@ -34,6 +34,9 @@ class AT(Loss):
 
     The two differ in scale by orders of magnitude: pick ``beta`` for the form you use.
 
+    With ``pair_weights`` (``athooks.loss("at", pair_weights=...)``) pair ``j``'s term is
+    multiplied by ``w_j`` in the sum (:meth:`athooks.plugin.Loss.sum_pairs`).
+
     A teacher map that is zero for some sample (its norm at most the eps) normalises to zero,
     which makes the pair's term a constant without gradient; AT warns about it on each pair's
     first step.
@@ -89,7 +92,7 @@ class AT(Loss):
         maps = step.maps(self.mapping)
         self._check_vanishing(step, maps)
         pair_losses = [self.pair_loss(qt, qs) for qt, qs in maps]
-        total = torch.stack(pair_losses).sum()
+        total = self.sum_pairs(pair_losses, step.pairs)
         scale = self.beta if self.distance == "code" else self.beta / 2
         return scale * total
 

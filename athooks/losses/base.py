@@ -11,10 +11,12 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
+from athooks.checks import NEGATIVE_WEIGHT, check_real
 from athooks.connectors import Connectors
 from athooks.errors import CaptureError, ConfigurationError, PluginError
 from athooks.mappings import Mapping
 from athooks.registry import build
+from athooks.schedules import Schedule, as_schedule
 
 __all__ = ["Loss", "Step", "StepRunner", "logits_of", "loss", "resize_map"]
 
@@ -431,6 +433,8 @@ class Loss(nn.Module):
         needs_teacher_output: Whether the Distiller must keep the teacher's output for this loss.
         needs_input_grad: Whether the student's tensor input must require grad before its
             forward (for losses built on the input gradient).
+        schedule: The term's weight over training steps (:attr:`schedule`; ``None``: 1).
+        pair_weights: Weights of the layer pairs in :meth:`sum_pairs` (:attr:`pair_weights`).
 
     Example:
         ```python
@@ -455,7 +459,7 @@ class Loss(nn.Module):
                     t = torch.nn.functional.normalize(t.flatten(1), dim=1)
                     s = torch.nn.functional.normalize(s.flatten(1), dim=1)
                     terms.append((s - t).abs().mean())
-                return self.weight * torch.stack(terms).sum()
+                return self.weight * self.sum_pairs(terms)  # so pair_weights work
 
         print(L1AT())
         ```
@@ -466,8 +470,42 @@ class Loss(nn.Module):
     needs_input_grad: bool = False
     needs_embedding: bool = False
     needs_classifier: bool = False
-    #: Weights of the layer pairs' terms in :meth:`sum_pairs` (``None``: all 1).
-    pair_weights: Sequence[float] | MappingABC[str, float] | None = None
+    _schedule: Schedule | None = None
+    _pair_weights: tuple[float, ...] | dict[str, float] | None = None
+    _step_pairs: list[tuple[str, str]] | None = None  # the pairs of the last step in term()
+    _sums: int = 0  # sum_pairs calls (term() checks that forward made one; only ever grows)
+
+    @property
+    def schedule(self) -> Schedule | None:
+        """The weight of the term over time: ``d.loss()`` multiplies the term by ``schedule(step)``.
+
+        ``None`` (default): no multiplier. Set it with ``athooks.loss(name, schedule=S)`` or
+        ``loss.schedule = S``: a preset of :mod:`athooks.schedules`, any callable of the
+        training step (0-based, ``Distiller.step``) that returns a finite number ``>= 0``, or a
+        number (a constant).
+        """
+        return self._schedule
+
+    @schedule.setter
+    def schedule(self, value: Schedule | float | None) -> None:
+        self._schedule = None if value is None else as_schedule(value, f"loss {self.name!r}")
+
+    @property
+    def pair_weights(self) -> tuple[float, ...] | dict[str, float] | None:
+        """Weights of the layer pairs' terms in :meth:`sum_pairs` (``None``: all 1).
+
+        A list gives one weight per pair, in the order of ``d.pairs``; a dict is keyed by the
+        *student* layer name (the second of each pair), and a pair it leaves out weighs 1.
+        Weights are finite and ``>= 0``. Set it with ``athooks.loss(name, pair_weights=W)`` or
+        ``loss.pair_weights = W``; the number of weights and the names are checked against the
+        pairs at the first step. Only losses whose forward sums per-pair terms with
+        :meth:`sum_pairs` take them: any other raises at its first step.
+        """
+        return self._pair_weights
+
+    @pair_weights.setter
+    def pair_weights(self, value: Sequence[float] | MappingABC[str, float] | None) -> None:
+        self._pair_weights = _check_pair_weights(value, self.name)
 
     def setup(self, pairs: Sequence[tuple[str, str]]) -> None:
         """Prepare for these layer pairs; called once they are known, before the first step.
@@ -484,28 +522,80 @@ class Loss(nn.Module):
             if isinstance(module, Connectors):
                 module.resize(len(pairs))
 
-    def sum_pairs(self, terms: Sequence[Tensor]) -> Tensor:
+    def sum_pairs(
+        self, terms: Sequence[Tensor], pairs: Sequence[tuple[str, str]] | None = None
+    ) -> Tensor:
         """The sum of per-pair terms, weighted by :attr:`pair_weights` when they are set.
+
+        A loss made of one term per layer pair returns ``self.sum_pairs(terms)`` (times its own
+        weight) from :meth:`forward`, so that ``pair_weights`` work for it.
 
         Args:
             terms: One scalar per layer pair, in the order of ``step.pairs``.
+            pairs: The step's pairs (``step.pairs``), for dict weights and messages; default:
+                those of the last step a Distiller evaluated this loss on (:meth:`term`).
 
         Returns:
-            The (weighted) sum.
+            The (weighted) sum: ``sum_j w_j * terms[j]``.
 
         Raises:
-            CaptureError: If there are no terms.
+            CaptureError: If there are no terms, or not one per pair.
+            ConfigurationError: If the weights do not fit the pairs (see :attr:`pair_weights`).
+
+        Example:
+            ```python
+            import torch
+            import athooks
+
+            at = athooks.loss("at", pair_weights={"layer3": 2.0})
+            pairs = [("layer2", "layer2"), ("layer3", "layer3")]
+            total = at.sum_pairs([torch.tensor(1.0), torch.tensor(3.0)], pairs)
+            assert total.item() == 1.0 + 2.0 * 3.0
+            ```
         """
+        self._sums += 1
         if not terms:
             raise CaptureError(
                 f"loss {self.name!r} has no layer pair to sum over: the Distiller tapped no "
                 "layer (check layers=...)"
             )
-        weights = self.pair_weights
+        weights = self._pair_weights
         if weights is None:
             return torch.stack(list(terms)).sum()
-        values = list(weights.values()) if isinstance(weights, MappingABC) else list(weights)
-        return torch.stack([w * t for w, t in zip(values, terms, strict=True)]).sum()
+        known = pairs if pairs is not None else self._step_pairs
+        factors = _pair_factors(weights, known, len(terms), self.name)
+        return torch.stack([t * w for t, w in zip(terms, factors, strict=True)]).sum()
+
+    def term(self, step: Step) -> Tensor:
+        """The loss's term of one step, as a Distiller computes it (before its :attr:`schedule`).
+
+        Calls :meth:`forward` and checks that a loss given :attr:`pair_weights` summed its pairs
+        with :meth:`sum_pairs` (so that no loss ignores them silently).
+
+        Args:
+            step: What the step captured.
+
+        Returns:
+            What :meth:`forward` returned.
+
+        Raises:
+            CaptureError: If the loss has ``pair_weights`` and its forward did not call
+                :meth:`sum_pairs`.
+        """
+        # A counter, not a flag: a step of another thread (steps are per thread) can only add
+        # to it, so it never makes this check fail; the pairs are the Distiller's, the same in
+        # every thread.
+        self._step_pairs, before = list(step.pairs), self._sums
+        value: Tensor = self(step)
+        if self._pair_weights is not None and self._sums == before:
+            raise CaptureError(
+                f"loss {self.name!r} was given pair_weights, but its forward() did not sum "
+                "per-pair terms with self.sum_pairs(terms), so the weights would be ignored. "
+                "A loss without layer pairs (on logits or input gradients) takes no "
+                "pair_weights: remove them; a loss of one term per pair returns "
+                "self.sum_pairs(terms) from forward()"
+            )
+        return value
 
     def captures(self) -> tuple[Mapping, ...]:
         """The mappings to compute at every tapped layer, on both models.
@@ -527,12 +617,83 @@ class Loss(nn.Module):
         raise NotImplementedError
 
 
+def _check_pair_weights(value: Any, loss_name: str) -> tuple[float, ...] | dict[str, float] | None:
+    """``pair_weights`` as a tuple of floats or a dict of floats, checked (finite, ``>= 0``)."""
+    if value is None:
+        return None
+    owner = f"loss {loss_name!r}"
+    if isinstance(value, MappingABC) and all(isinstance(k, str) for k in value):
+        return {
+            k: check_real(
+                w, owner=owner, option=f"pair_weights[{k!r}]", minimum=0.0, reason=NEGATIVE_WEIGHT
+            )
+            for k, w in value.items()
+        }
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes, MappingABC)):
+        return tuple(
+            check_real(
+                w, owner=owner, option=f"pair_weights[{i}]", minimum=0.0, reason=NEGATIVE_WEIGHT
+            )
+            for i, w in enumerate(value)
+        )
+    raise ConfigurationError(
+        f"{owner}: pair_weights must be a list of numbers (one per layer pair, in the order of "
+        "d.pairs) or a dict {student layer name: number} (pairs left out weigh 1), got "
+        f"{type(value).__name__} {value!r:.60}; for an array or a tensor, pass .tolist()"
+    )
+
+
+def _pair_factors(
+    weights: tuple[float, ...] | dict[str, float],
+    pairs: Sequence[tuple[str, str]] | None,
+    count: int,
+    loss_name: str,
+) -> list[float]:
+    """The weight of each of ``count`` per-pair terms, checked against the step's pairs."""
+    if pairs is not None and len(pairs) != count:
+        raise CaptureError(
+            f"loss {loss_name!r} passed {count} terms to sum_pairs for {len(pairs)} layer "
+            "pairs; give one term per pair, in the order of step.pairs"
+        )
+    listing = (
+        ", ".join(f"(teacher {t!r}, student {s!r})" for t, s in pairs)
+        if pairs is not None
+        else f"{count} pairs"
+    )
+    if isinstance(weights, tuple):
+        if len(weights) != count:
+            raise ConfigurationError(
+                f"loss {loss_name!r}: pair_weights has {len(weights)} weights for {count} layer "
+                f"pairs: {listing}; give one weight per pair, in this order, or a dict keyed by "
+                "student layer name (pairs left out weigh 1)"
+            )
+        return list(weights)
+    if pairs is None:
+        raise CaptureError(
+            f"loss {loss_name!r}: pair_weights keyed by layer name need the step's pairs; "
+            "call self.sum_pairs(terms, step.pairs) in forward()"
+        )
+    students = [s for _, s in pairs]
+    unknown = sorted(set(weights) - set(students))
+    if unknown:
+        raise ConfigurationError(
+            f"loss {loss_name!r}: pair_weights names {', '.join(map(repr, unknown))}, which "
+            f"{'is' if len(unknown) == 1 else 'are'} not the student layer of any pair: "
+            f"{listing}. Key pair_weights by the student layer name (the second of each pair); "
+            "pairs left out weigh 1"
+        )
+    return [weights.get(s, 1.0) for s in students]
+
+
 def loss(name: str, **options: Any) -> Loss:
     """A configured transfer loss, by registry name.
 
     Args:
         name: A registered loss name (``athooks.list_losses()``).
         **options: The loss's options, e.g. ``beta=1e3, mapping="max_p", p=4`` for ``"at"``.
+            Two are taken by athooks for every loss, whatever its plugin: ``schedule``
+            (:attr:`Loss.schedule`, the term's weight over training steps) and
+            ``pair_weights`` (:attr:`Loss.pair_weights`, for losses summed over layer pairs).
 
     Returns:
         An :class:`athooks.plugin.Loss` to pass to :class:`athooks.Distiller`.
@@ -547,9 +708,12 @@ def loss(name: str, **options: Any) -> Loss:
         import athooks
 
         at = athooks.loss("at", beta=1e3, mapping="max_p", p=4)
-        print(at)
+        kd = athooks.loss("kd", schedule=athooks.schedules.warmup(1000))  # 0 -> 1 in 1000 steps
+        deep = athooks.loss("at", pair_weights=[0.5, 1.0, 2.0])  # for three layer pairs
+        print(at, kd.schedule, deep.pair_weights)
         ```
     """
+    reserved = {k: options.pop(k) for k in ("schedule", "pair_weights") if k in options}
     obj, provider = build("loss", name, options)
     if not isinstance(obj, Loss):
         raise PluginError(
@@ -558,4 +722,6 @@ def loss(name: str, **options: Any) -> Loss:
         )
     if obj.name == Loss.name:
         obj.name = name
+    for key, value in reserved.items():  # checked by the properties' setters
+        setattr(obj, key, value)
     return obj

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from athooks.checks import NEGATIVE_WEIGHT, check_real
@@ -21,6 +20,8 @@ class FActT(Loss):
     attention maps, feature maps keep their channels, so each pair must have exactly the same
     shape (same width and resolution); attention transfer needs only the spatial sizes to agree
     because a mapping collapses the channels.
+
+    With ``pair_weights``, pair ``j``'s term is multiplied by ``w_j`` in the sum.
 
     Args:
         beta: The weight: a finite real number ``>= 0``.
@@ -62,7 +63,7 @@ class FActT(Loss):
                 )
             diff = (at_least_float32(a_s) - at_least_float32(a_t)).flatten(1)
             terms.append(diff.pow(2).sum(1).mean())
-        return self.beta / 2 * torch.stack(terms).sum()
+        return self.beta / 2 * self.sum_pairs(terms, step.pairs)
 
     def extra_repr(self) -> str:
         """The weight, for ``repr``."""

@@ -12,6 +12,7 @@ from athooks.connectors import Connector, Connectors, replicate
 from athooks.errors import CaptureError, ConfigurationError
 from athooks.losses.base import Loss, Step, loss
 from athooks.mappings import Mapping
+from athooks.schedules import value_at
 
 __all__ = ["LossSet"]
 
@@ -104,19 +105,11 @@ class LossSet:
         """Tell every loss the layer pairs (:meth:`athooks.plugin.Loss.setup`), once.
 
         Raises:
-            ConfigurationError: If a loaded state dict held connectors for another number of
-                pairs.
+            ConfigurationError: If a loss's connectors already hold another number of pairs
+                (a loaded state dict, or the loss object given to another Distiller).
         """
         if self.pairs is not None:
             return
-        for name, connectors in self.connector_lists():
-            if connectors.sized and len(connectors) != len(pairs):
-                raise ConfigurationError(
-                    f"the state dict loaded into this Distiller holds {len(connectors)} "
-                    f"connectors for losses.{name}, but its layers resolved to {len(pairs)} "
-                    f"pairs ({', '.join(s for _, s in pairs)}); build the Distiller with the "
-                    "layers it was saved with"
-                )
         self.pairs = list(pairs)
         for item in self:
             item.setup(list(pairs))
@@ -140,27 +133,34 @@ class LossSet:
             self.modules.to(device=ref.device, dtype=ref.dtype)
             self._where = where
 
-    def evaluate(self, step: Step) -> tuple[Tensor, dict[str, Tensor]]:
-        """Every loss on ``step``.
+    def evaluate(self, step: Step, at: int = 0) -> tuple[Tensor, dict[str, Tensor]]:
+        """Every loss on ``step``, each term multiplied by its loss's schedule at step ``at``.
 
         Args:
             step: What the step captured.
+            at: The training step (``Distiller.step``), for the losses' schedules.
 
         Returns:
-            The sum of the terms, and each term by label (scalars, with their graphs).
+            The sum of the terms, and each term by label (scalars, with their graphs; a term
+            with a :attr:`Loss.schedule` is ``schedule(at)`` times the loss's own value).
 
         Raises:
             CaptureError: If a loss returns something other than a scalar tensor.
+            ConfigurationError: If a schedule returns something other than a finite number
+                ``>= 0``.
         """
         terms: dict[str, Tensor] = {}
-        for label, loss_fn in zip(self.labels, self.modules, strict=True):
-            value = loss_fn(step)
+        for label, loss_fn in zip(self.labels, self, strict=True):
+            value = loss_fn.term(step)
             if not isinstance(value, Tensor) or value.numel() != 1:
                 shape = tuple(value.shape) if isinstance(value, Tensor) else ""
                 raise CaptureError(
                     f"loss {label!r} returned {type(value).__name__}{shape}; a loss must "
                     "return a scalar tensor"
                 )
+            schedule = loss_fn.schedule
+            if schedule is not None:
+                value = value * value_at(schedule, at, f"loss {label!r}")
             terms[label] = value.reshape(())
         values = list(terms.values())
         total = values[0]

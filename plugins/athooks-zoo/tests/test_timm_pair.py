@@ -20,6 +20,8 @@ OPTIONS: dict[str, dict] = {
     "crd": {"n_data": 64, "nce_k": 16},
     "fsp": {"connector": True},  # FSP compares width-by-width matrices: widths differ here
 }
+#: CAT-KD reads the map the classifier pools: layer4, 1x1 at 32 px, which "auto" never pairs.
+SIZES = {"catkd": 64}
 N_CLASSES = 5
 BATCH = 4
 
@@ -49,10 +51,11 @@ def pair():
 def test_method_trains_on_a_timm_pair_of_different_widths(pair, name):
     teacher, student = pair
     loss = athooks.loss(name, **OPTIONS.get(name, {}))
-    d = athooks.Distiller(teacher, student, layers="auto", losses=loss, input_size=(3, 32, 32))
+    size = SIZES.get(name, 32)
+    d = athooks.Distiller(teacher, student, layers="auto", losses=loss, input_size=(3, size, size))
     params = list(d.parameters())  # before the first step: connectors as placeholders
     opt = torch.optim.SGD([*student.parameters(), *params], lr=1e-3)
-    x = torch.randn(BATCH, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(BATCH, 3, size, size, generator=torch.Generator().manual_seed(1))
     y = torch.arange(BATCH) % N_CLASSES
     before = [p.detach().clone() for p in student.parameters()]
     with d:

@@ -321,6 +321,7 @@ PUBLISHED = {
     "ofd": "75.24?",
 }
 N_DATA = "<n_data>"  # an option value the harness replaces by the number of training images
+INIT_STEPS = "<init_steps>"  # replaced by the number of steps of the recipe's init stage
 INIT_FRACTION = 30 / 240  # RepDistiller's init stage: 30 epochs before the 240 of training
 
 
@@ -368,9 +369,10 @@ RECIPES: dict[str, Recipe] = {
     ),
     "ab": Recipe(init="student", source="RepDistiller: AB alone in the init stage, then CE alone"),
     "ft": Recipe(
+        options={"paraphraser_steps": INIT_STEPS},
         layers=("layer3",),
         init="loss",
-        source=REPDISTILLER + "; the paraphraser trains first (init stage)",
+        source=REPDISTILLER + "; the paraphraser trains alone first (init stage), then frozen",
     ),
     "ofd": Recipe(source=MDISTILLER),
     "cwd": Recipe(source="CE + method (the loss's defaults)"),
@@ -479,9 +481,8 @@ def describe(row: ZooRow) -> str:
     r = row.recipe
     if row.loss is None:
         return "CE"
-    opts = ", ".join(f"{k}={v}" for k, v in r.options.items() if v != N_DATA)
-    if N_DATA in r.options.values():
-        opts = ", ".join(x for x in (opts, "n_data=N") if x)
+    shown = {N_DATA: "N", INIT_STEPS: "init steps"}
+    opts = ", ".join(f"{k}={shown.get(v, v)}" for k, v in r.options.items())
     ce = "CE" if r.ce_weight == 1 else f"{r.ce_weight:g} CE"
     text = f"{ce} + {row.loss}({opts})"
     if r.init == "student":
@@ -582,6 +583,8 @@ def fit(
 
 def run_zoo_task(seed: int, name: str) -> dict[str, Any]:
     """Train one row's student for one seed; its test error (%) or why it was skipped."""
+    import math
+
     st = _STATE
     config: DemoConfig = st["config"]
     row: ZooRow = st["rows"][name]
@@ -600,10 +603,10 @@ def run_zoo_task(seed: int, name: str) -> dict[str, Any]:
         if row.loss is None:
             fit(student, x, y, epochs=config.epochs, config=cfg, params=list(student.parameters()))
         else:
-            options = {k: (len(x) if v == N_DATA else v) for k, v in recipe.options.items()}
+            init_steps = init_epochs * math.ceil(len(x) / config.batch)
+            given = {N_DATA: len(x), INIT_STEPS: init_steps}
+            options = {k: given.get(v, v) for k, v in recipe.options.items()}
             if recipe.warmup:
-                import math
-
                 steps = config.epochs * math.ceil(len(x) / config.batch)
                 ramp = max(1, round(recipe.warmup * steps))
                 if recipe.warmup_option:

@@ -671,19 +671,26 @@ def run_zoo_task(seed: int, name: str) -> dict[str, Any]:
 RUN_FIELDS = ["row", "seed", "error", "seconds", "init_epochs", "skipped"]
 
 
-def zoo_teacher(config: DemoConfig) -> tuple[torch.nn.Module, Path, float]:
-    """The demo's teacher: loaded from the demo's cache, else trained and cached; its time."""
+def zoo_teacher(
+    config: DemoConfig, images: int | None = None
+) -> tuple[torch.nn.Module, Path, float]:
+    """The demo's teacher: loaded from the demo's cache, else trained and cached; its time.
+
+    ``images`` trains it on the first images only (the smoke run's teacher, cached apart).
+    """
     from athooks.demo.data import cluttered_digits
     from athooks.demo.run import _teacher_key, cache_dir
 
     torch.manual_seed(TEACHER_SEED)
     teacher = create_model(config.teacher, num_classes=10, in_chans=1).to(config.device)
-    cached = cache_dir() / f"demo-teacher-{config.teacher}-{_teacher_key(config)}.pt"
+    part = f"-first{images}" if images else ""
+    cached = cache_dir() / f"demo-teacher-{config.teacher}-{_teacher_key(config)}{part}.pt"
     if cached.exists():
         teacher.load_state_dict(torch.load(cached, map_location=config.device, weights_only=True))
         print(f"teacher: loaded from {cached}", file=sys.stderr)
         return teacher, cached, 0.0
     x, y, _, _ = cluttered_digits(config.data_seed)
+    x, y = x[:images], y[:images]
     t_config = replace(config, seed=TEACHER_SEED, batch=TEACHER_BATCH, lr=TEACHER_LR)
     seconds = train(teacher, x, y, epochs=config.teacher_epochs, config=t_config, label="teacher")
     cached.parent.mkdir(parents=True, exist_ok=True)
@@ -704,7 +711,7 @@ def zoo_table(args: argparse.Namespace, config: DemoConfig, labels: int, out: Pa
         zoo = [r for r in all_rows if r.provider]
         all_rows = zoo[:3] if len(zoo) >= 3 else zoo_rows(config.beta, ["student", "AT", "KD"])
     names = [r.name for r in all_rows]
-    teacher, teacher_path, _ = zoo_teacher(config)
+    teacher, teacher_path, _ = zoo_teacher(config, labels if args.smoke else None)
     from athooks.demo.data import cluttered_digits
 
     _, _, xt, yt = cluttered_digits(config.data_seed)
@@ -813,9 +820,10 @@ def write_zoo(
     rank_pub = {n: i + 1 for i, (_, n) in enumerate(ranked_pub)}
     init_epochs = max(1, round(INIT_FRACTION * config.epochs))
     partial = any(len(stats[n]["errs"]) < args.seeds and not stats[n]["skipped"] for n in names)
+    teacher_note = ", trained on the first labels" if args.smoke else ""
     lines = [
         f"digits{' (smoke)' if args.smoke else ''}: teacher {config.teacher} "
-        f"({teacher_err:.2f}% error), students {config.student} on {labels} labels, "
+        f"({teacher_err:.2f}% error{teacher_note}), students {config.student} on {labels} labels, "
         f"{config.epochs} epochs (+{init_epochs} init-stage epochs where the recipe has one), "
         f"batch {config.batch}, lr {config.lr:g} cosine, {args.seeds} seeds, "
         f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime(started))} UTC, {machine()}, "

@@ -770,6 +770,29 @@ def zoo_table(args: argparse.Namespace, config: DemoConfig, labels: int, out: Pa
     write_zoo(done, names, all_rows, teacher_err, config, labels, args, out, started, jobs, threads)
 
 
+def commit() -> str:
+    """The checkout's commit (``+`` when athooks/ or plugins/ have uncommitted changes)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--", "athooks", "plugins"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.strip()
+    except OSError:
+        return "?"
+    return (head or "?") + ("+" if dirty else "")
+
+
 def machine() -> str:
     """``nproc``, the CPU model and torch's version, for the table's header."""
     import os
@@ -827,7 +850,7 @@ def write_zoo(
         f"{config.epochs} epochs (+{init_epochs} init-stage epochs where the recipe has one), "
         f"batch {config.batch}, lr {config.lr:g} cosine, {args.seeds} seeds, "
         f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime(started))} UTC, {machine()}, "
-        f"{jobs} process(es) x {threads} thread(s), "
+        f"{jobs} process(es) x {threads} thread(s), commit {commit()}, "
         f"{(time.time() - started) / 60:.1f} min"
         + ("; PARTIAL: some seeds missing" if partial else ""),
         "",

@@ -406,7 +406,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report(f"- date: {started:%Y-%m-%d %H:%M} UTC")
     report(f"- command: `{command.strip()}`")
     report(f"- machine: {reproduce.machine()}; {torch.get_num_threads()} torch thread(s)")
-    report(f"- {versions}, Python {platform.python_version()}")
+    report(f"- {versions}, Python {platform.python_version()}, commit {reproduce.commit()}")
     report(f"- load average at start (1, 5, 15 min): {overhead.load()}")
     report()
     t0 = time.perf_counter()

@@ -5,7 +5,8 @@ provider is athooks-zoo, with the recipe's layers, options and cross-entropy wei
 training step through ``athooks.Distiller`` (SGD over the student's and ``d.parameters()``),
 measured against the floor of ``benchmarks/overhead.py`` (the teacher's forward under
 ``no_grad``, then the student's cross-entropy step) and, where torchdistill has the same method
-as a loss module taking hooked tensors (AT, KD, PKT, RKD, SP, FSP, DIST, logit standardisation),
+as a loss module taking hooked tensors (AT, KD, PKT, RKD, SP, FSP, DIST, logit standardisation;
+and, with its own auxiliary modules built from its classes, AB, FT, VID, CC and CRD),
 torchdistill's implementation of it on the same layers, with its ``ForwardHookManager``.
 
 * Step time: one process, every variant once per round in an order rotated from round to round,
@@ -111,8 +112,9 @@ def reads(row: Any) -> str:
 
 
 def loss_options(row: Any) -> dict[str, Any]:
-    # CRD's bank holds N_DATA entries; FT trains its paraphraser jointly (the costlier step)
-    given = {reproduce.N_DATA: N_DATA, reproduce.INIT_STEPS: 0}
+    # CRD's bank holds N_DATA entries; FT's paraphraser trains for 1 step, then is frozen (the
+    # step measured is FT's after its init stage, as torchdistill's stage 2)
+    given = {reproduce.N_DATA: N_DATA, reproduce.INIT_STEPS: 1}
     return {k: given.get(v, v) for k, v in row.recipe.options.items()}
 
 
@@ -180,11 +182,35 @@ def athooks_variant(
 
 
 def torchdistill_methods() -> set[str]:
-    return {"at", "kd", "pkt", "rkd", "sp", "fsp", "dist", "logit_std"}
+    return {"at", "kd", "pkt", "rkd", "sp", "fsp", "dist", "logit_std", *TD_LEARNED}
+
+
+#: Methods whose torchdistill variant has learned modules of its own (built from
+#: torchdistill's classes, randomly initialised): their transfer losses are not compared.
+TD_LEARNED = {"ab", "ft", "vid", "cc", "crd"}
+
+
+def probe(model: nn.Module, names: Sequence[str], x: Tensor, inputs: bool = False) -> list[Any]:
+    """The shapes of the named modules' outputs (or first inputs) on ``x``."""
+    seen: dict[str, Any] = {}
+    handles = [
+        model.get_submodule(n).register_forward_hook(
+            lambda m, a, out, n=n: seen.__setitem__(n, (a[0] if inputs else out).shape)
+        )
+        for n in names
+    ]
+    with torch.no_grad():
+        was = model.training
+        model.eval()
+        model(x)
+        model.train(was)
+    for h in handles:
+        h.remove()
+    return [seen[n] for n in names]
 
 
 def torchdistill_variant(
-    row: Any, teacher: nn.Module, student: nn.Module, athooks_loss: Any
+    row: Any, teacher: nn.Module, student: nn.Module, athooks_loss: Any, x_probe: Tensor
 ) -> tuple[Step, Callable[..., Tensor]]:
     """torchdistill's loss module for the same method, on tensors its hook managers keep."""
     from torchdistill.core.forward_hook import ForwardHookManager
@@ -204,6 +230,7 @@ def torchdistill_variant(
 
     weight = TD_WEIGHTS.get(method, 1.0)
     uses_logits = False
+    extra_params: list[nn.Parameter] = []
     criterion: Callable[[dict[str, Any], dict[str, Any]], Tensor]
     if method == "at":
         for n in names:
@@ -268,10 +295,127 @@ def torchdistill_variant(
                 tau=tau,
             )
         criterion = kd
+    elif method in TD_LEARNED:
+        from torchdistill.models import wrapper as tdw
+
+        if method in ("cc", "crd"):
+            hook("fc", inputs=True)
+            (d_t,), (d_s,) = (
+                probe(teacher, ["fc"], x_probe, True),
+                probe(student, ["fc"], x_probe, True),
+            )
+            if method == "cc":
+                heads = nn.ModuleList([nn.Linear(d_s[1], 128), nn.Linear(d_t[1], 128)])
+                kernel = {"type": "gaussian", "gamma": 0.4, "max_p": 2}
+                cc = td.CCKDLoss("s", "t", kernel_config=kernel, reduction="batchmean")
+                weight = 0.02
+
+                def criterion(s_io: dict[str, Any], t_io: dict[str, Any]) -> Tensor:
+                    s_emb = heads[0](s_io["fc"]["input"].flatten(1))
+                    t_emb = heads[1](t_io["fc"]["input"].flatten(1))
+                    out: Tensor = cc({"s": {"output": s_emb}}, {"t": {"output": t_emb}})
+                    return out
+
+            else:
+                heads = nn.ModuleList(
+                    [
+                        tdw.Normalizer4CRD(nn.Linear(d_s[1], 128)),
+                        tdw.Normalizer4CRD(nn.Linear(d_t[1], 128)),
+                    ]
+                )
+                nce_k = 16384
+                crd = td.CRDLoss("s", "empty", "t", 128, N_DATA, nce_k, N_DATA, 0.07, 0.5)
+                heads.append(crd)  # its memory banks are buffers: counted in its memory
+                weight = 0.8
+
+                def criterion(s_io: dict[str, Any], t_io: dict[str, Any]) -> Tensor:
+                    s_emb = heads[0](s_io["fc"]["input"].flatten(1))
+                    t_emb = heads[1](t_io["fc"]["input"].flatten(1))
+                    b = s_emb.shape[0]
+                    pos = torch.arange(b) * 7 % N_DATA
+                    # torchdistill 1.1.5's own draw() reads a misspelt attribute: give it
+                    # RepDistiller's uniform draw (the positive first)
+                    contrast = torch.randint(0, N_DATA, (b, nce_k + 1))
+                    contrast[:, 0] = pos
+                    supp = {"pos_idx": pos, "contrast_idx": contrast}
+                    out: Tensor = crd(
+                        {"s": {"output": s_emb}, "empty": {"input": supp}}, {"t": {"output": t_emb}}
+                    )
+                    return out
+
+        else:
+            for n in names:
+                hook(n)
+            t_shapes, s_shapes = probe(teacher, names, x_probe), probe(student, names, x_probe)
+            if method == "vid":
+                heads = nn.ModuleList(
+                    [
+                        tdw.Regressor4VID(s[1], t[1], t[1], eps=1e-5, init_pred_var=5.0)
+                        for s, t in zip(s_shapes, t_shapes, strict=True)
+                    ]
+                )
+                vid = td.VIDLoss(
+                    {
+                        f"p{i}": {
+                            "teacher": {"io": "output", "path": n},
+                            "student": {"io": "output", "path": f"r{i}"},
+                        }
+                        for i, n in enumerate(names)
+                    }
+                )
+            elif method == "ab":
+                heads = nn.ModuleList(
+                    [
+                        nn.Sequential(nn.Conv2d(s[1], t[1], 1, bias=False), nn.BatchNorm2d(t[1]))
+                        for s, t in zip(s_shapes, t_shapes, strict=True)
+                    ]
+                )
+                vid = td.AltActTransferLoss(
+                    {
+                        f"p{i}": {
+                            "teacher": {"io": "output", "path": n},
+                            "student": {"io": "output", "path": f"r{i}"},
+                        }
+                        for i, n in enumerate(names)
+                    },
+                    margin=1.0,
+                    reduction="mean",
+                )
+            else:  # ft: a frozen paraphraser's encoder on the teacher, a translator on the student
+                (t_shape,), (s_shape,) = t_shapes[-1:], s_shapes[-1:]
+                paraphraser = tdw.Paraphraser4FactorTransfer(0.5, t_shape[1], uses_decoder=False)
+                for p in paraphraser.parameters():
+                    p.requires_grad_(False)
+                paraphraser.eval()
+                translator = tdw.Translator4FactorTransfer(s_shape[1], int(t_shape[1] * 0.5))
+                heads = nn.ModuleList([translator, paraphraser])
+                ft = td.FTLoss(p=1, reduction="mean")
+                weight = float(getattr(athooks_loss, "beta", 500.0))
+
+                def criterion(s_io: dict[str, Any], t_io: dict[str, Any]) -> Tensor:
+                    with torch.no_grad():
+                        factor_t = paraphraser(t_io[names[-1]]["output"])
+                    factor_s = translator(s_io[names[-1]]["output"])
+                    out: Tensor = ft(
+                        {"translator": {"output": factor_s}}, {"paraphraser": {"output": factor_t}}
+                    )
+                    return out
+
+            if method in ("vid", "ab"):
+
+                def criterion(s_io: dict[str, Any], t_io: dict[str, Any]) -> Tensor:
+                    mapped = {
+                        f"r{i}": {"output": head(s_io[n]["output"])}
+                        for i, (n, head) in enumerate(zip(names, heads, strict=True))
+                    }
+                    out: Tensor = vid(mapped, t_io)
+                    return out
+
+        extra_params = [p for p in heads.parameters() if p.requires_grad]
     else:
         raise ValueError(f"no torchdistill variant for {method!r}")
     ce_weight = row.recipe.ce_weight
-    update = update_fn(list(student.parameters()))
+    update = update_fn([*student.parameters(), *extra_params])
 
     def forward(x: Tensor) -> tuple[Tensor, Tensor]:
         with torch.no_grad():  # torchdistill runs a frozen teacher first, without grad
@@ -299,7 +443,7 @@ def variant_names(rows: Sequence[Any], with_td: bool) -> list[str]:
 
 
 def make(
-    variant: str, rows: dict[str, Any], teacher: nn.Module, student: nn.Module
+    variant: str, rows: dict[str, Any], teacher: nn.Module, student: nn.Module, x_probe: Tensor
 ) -> tuple[Step, Callable[..., Tensor]]:
     if variant in ("floor", CONTROL):
         return floor_variant(teacher, student)
@@ -307,7 +451,8 @@ def make(
     row = rows[name]
     if kind == "athooks":
         return athooks_variant(row, teacher, student)
-    return torchdistill_variant(row, teacher, student, athooks.loss(row.loss, **loss_options(row)))
+    athooks_loss = athooks.loss(row.loss, **loss_options(row))
+    return torchdistill_variant(row, teacher, student, athooks_loss, x_probe)
 
 
 def build_all(
@@ -321,7 +466,9 @@ def build_all(
     failed: dict[str, str] = {}
     for variant in [*variants, *([CONTROL] if control else [])]:
         try:
-            step, transfer = make(variant, rows, copy.deepcopy(teacher), copy.deepcopy(student))
+            step, transfer = make(
+                variant, rows, copy.deepcopy(teacher), copy.deepcopy(student), x[:2]
+            )
             value = float(transfer(x, y).detach())
             step(x, y)  # the first step builds connectors, probes in-place writes
         except Exception as err:
@@ -335,8 +482,8 @@ def build_all(
 def memory_child(setting: Any, variant: str, methods: list[str] | None) -> dict[str, Any]:
     rows = {r.name: r for r in cost_rows(methods)}
     teacher, student = overhead.fresh_pair(setting)
-    step, _ = make(variant, rows, teacher, student)
     x, y = overhead.Options(torch.device("cpu")).batch(setting)
+    step, _ = make(variant, rows, teacher, student, x[:2])
     before = overhead.current_rss()
     peak = overhead.peak_rss()
     for _ in range(MEMORY_STEPS):
@@ -503,7 +650,7 @@ def write_tables(
             a, td = f"athooks:{name}", f"torchdistill:{name}"
             has_td = td in variants
             ratio = ""
-            if a in values and td in values and values[td] != 0:
+            if a in values and td in values and values[td] != 0 and row.loss not in TD_LEARNED:
                 ratio = f"{values[a] / values[td]:.4f}"
             note = fails.get(a, "")
             if has_td and td in fails:

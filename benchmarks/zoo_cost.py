@@ -99,6 +99,8 @@ def layers_on(recipe: Any, model: nn.Module) -> list[str]:
     stages = overhead.tap_names(model, "stages")
     if recipe.layers == "auto":
         return stages
+    if {"layer1", "layer3"} <= set(recipe.layers):  # every stage (FSP): every stage here
+        return [n for n in recipe.layers if not n.startswith("layer")] + stages
     wrn_last = {"layer3": stages[-1], "relu": "relu" if hasattr(model, "relu") else stages[-1]}
     return [wrn_last.get(n, n) for n in recipe.layers]
 
@@ -188,6 +190,8 @@ def torchdistill_methods() -> set[str]:
 #: Methods whose torchdistill variant has learned modules of its own (built from
 #: torchdistill's classes, randomly initialised): their transfer losses are not compared.
 TD_LEARNED = {"ab", "ft", "vid", "cc", "crd"}
+#: ... and those whose athooks side has learned connectors in the recipe (FSP here).
+NO_RATIO = {*TD_LEARNED, "fsp"}
 
 
 def probe(model: nn.Module, names: Sequence[str], x: Tensor, inputs: bool = False) -> list[Any]:
@@ -650,7 +654,7 @@ def write_tables(
             a, td = f"athooks:{name}", f"torchdistill:{name}"
             has_td = td in variants
             ratio = ""
-            if a in values and td in values and values[td] != 0 and row.loss not in TD_LEARNED:
+            if a in values and td in values and values[td] != 0 and row.loss not in NO_RATIO:
                 ratio = f"{values[a] / values[td]:.4f}"
             note = fails.get(a, "")
             if has_td and td in fails:

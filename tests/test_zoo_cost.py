@@ -64,3 +64,9 @@ def test_smoke_mode_end_to_end(zoo_cost, tmp_path):
         cells = by_name[name]
         assert cells[3].strip()[0].isdigit(), cells  # a step-time ratio
         assert cells[5].strip()[0].isdigit(), cells  # a peak-memory ratio
+
+
+def test_every_stage_maps_to_every_stage(zoo_cost):
+    fsp = zoo_cost.reproduce.Recipe(layers=("conv1", "layer1", "layer2", "layer3"))
+    resnet = zoo_cost.overhead.build_model("timm:resnet18")
+    assert zoo_cost.layers_on(fsp, resnet) == ["conv1", "layer1", "layer2", "layer3", "layer4"]

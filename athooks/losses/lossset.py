@@ -110,9 +110,19 @@ class LossSet:
         """
         if self.pairs is not None:
             return
+        for label, item in zip(self.labels, self, strict=True):
+            before = item.set_up_for
+            if before is not None and before != len(pairs):
+                raise ConfigurationError(
+                    f"loss {label!r} was set up for {before} layer pairs by another Distiller "
+                    f"and is now given {len(pairs)}; a loss with per-pair state (connectors) "
+                    "belongs to one Distiller. Give each Distiller its own loss object "
+                    "(athooks.loss(...) again)"
+                )
         self.pairs = list(pairs)
         for item in self:
             item.setup(list(pairs))
+            item.set_up_for = len(pairs)
 
     def replicate(self) -> None:
         """Under ``torch.distributed``, make the losses' state the same on every rank (once).

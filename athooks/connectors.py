@@ -395,14 +395,13 @@ class Connectors(nn.ModuleList):
             count: The number of layer pairs.
 
         Raises:
-            ConfigurationError: If they are already sized to another number of pairs.
+            ConfigurationError: If that would drop a built connector.
         """
-        if self.sized and len(self) != count:
+        if any(c.built for c in list(self)[count:]):
             raise ConfigurationError(
-                f"these connectors already hold {len(self)}, one per layer pair of an earlier "
-                f"set-up (another Distiller given the same loss object, or a loaded state "
-                f"dict), and are now asked for {count}. Give each Distiller its own loss "
-                "object (athooks.loss(...) again), built with the layers it was saved with"
+                f"these connectors hold {len(self)} built ones (trained weights, e.g. from a "
+                f"loaded state dict), and are now asked for {count}, which would drop some. "
+                "Build the Distiller with the layers it was saved with"
             )
         while len(self) < count:
             self.append(Connector(**self._options))

@@ -8,7 +8,6 @@ teacher's freeze and the step lifecycle), :mod:`athooks.losses` (the losses of a
 from __future__ import annotations
 
 import functools
-import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
@@ -153,7 +152,6 @@ class Distiller:
             if self._losses.needs_classifier
             else None
         )
-        self._handed_out = False
         self._runner = TeacherRunner(teacher, teacher_input)
         self._recorder = StepRecorder(
             student,
@@ -271,18 +269,8 @@ class Distiller:
         return self._losses.modules.parameters(recurse)
 
     def _hand_out(self) -> None:
-        if not self._losses.sized:
-            indices = dict.fromkeys(int(n.split(".")[0]) for n, _ in self._losses.connector_lists())
-            labels = ", ".join(repr(self._losses.labels[i]) for i in indices)
-            raise ConfigurationError(
-                f"loss {labels} has one connector per layer pair, and "
-                f"layers={self._plan.layers!r} is resolved on the student's first call, so its "
-                "parameters do not exist yet. Pass input_size=(C, H, W) to resolve the layers "
-                "now, or make the optimiser after the first step inside the block (the first "
-                "d.loss() builds the connectors), or name the layers"
-            )
+        self._losses.hand_out(self._plan.layers)
         self._losses.follow(self.student)
-        self._handed_out = True
 
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """Like :meth:`parameters`, with names such as ``"0.mapping.weight"`` (loss index first)."""
@@ -340,24 +328,6 @@ class Distiller:
         self._losses.load_state_dict(losses, strict=strict)
         if step is not None:
             self._step = step
-
-    def _check_handed_out(self) -> None:
-        if self._handed_out:
-            return
-        self._handed_out = True  # warn once
-        built = (
-            p
-            for p in self._losses.modules.parameters()
-            if not isinstance(p, nn.parameter.UninitializedParameter)  # a connector left unused
-        )
-        if any(p.requires_grad for p in built):
-            warnings.warn(
-                f"the losses of this Distiller ({', '.join(self._losses.labels)}) have "
-                "trainable parameters (connectors, learnable mappings), but d.parameters() was "
-                "never called, so no optimiser trains them. Give them to yours: "
-                "SGD([*student.parameters(), *d.parameters()], ...)",
-                stacklevel=3,
-            )
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -475,18 +445,8 @@ class Distiller:
                 extras=extras,
             )
             self._losses.replicate()
-            if record.grad_enabled:
-                total, terms = self._losses.evaluate(step, at=self._step)
-            else:  # a validation step: no running statistic or memory bank learns from it
-                modules = list(self._losses.modules.modules())
-                modes = [m.training for m in modules]
-                self._losses.modules.eval()
-                try:
-                    total, terms = self._losses.evaluate(step, at=self._step)
-                finally:
-                    for module, mode in zip(modules, modes, strict=True):
-                        module.training = mode
-            self._check_handed_out()
+            total, terms = self._losses.evaluate(step, at=self._step, train=record.grad_enabled)
+            self._losses.warn_unused_parameters()
             self._terms = {k: v.detach() for k, v in terms.items()}
             if record.grad_enabled:  # a training step: the schedules move on
                 self._step += 1

@@ -836,6 +836,10 @@ def _connector_distiller(kind: str):
             other.load_state_dict(saved)
             with other:  # at 4x4 "auto" pairs two layers (relu3 is 1x1), the saved state three
                 student(torch.randn(2, 3, 4, 4))
+        elif kind == "reused":
+            hint = _FitLike()
+            Distiller(teacher, student, layers="relu?", losses=hint)
+            Distiller(teacher, student, layers="relu3", losses=hint)
         elif kind == "embedding_batch":
             d = Distiller(teacher, student, losses=_EmbLike(), teacher_input=lambda x: x[:2])
             with d:
@@ -978,6 +982,7 @@ TRIGGERS = [
             ("embedding_spatial", CP),
             ("state_pairs", CE),
             ("embedding_batch", CP),
+            ("reused", CE),
             ("no_classifier", LR),
         ]
     ],

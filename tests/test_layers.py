@@ -461,7 +461,7 @@ def test_distiller_on_every_level_of_an_ordered_dict_output(select):
     loss.backward()
     assert all(c.weight.grad.abs().sum() > 0 for c in student.neck.convs)
     state = d.state_dict()
-    assert sorted(state) == sorted(f"taps.{n}.copy" for n in names)
+    assert sorted(state) == sorted([*(f"taps.{n}.copy" for n in names), "schedule.step"])
     fresh = athooks.Distiller(teacher, student, layers=Layer("neck", select=select))
     fresh.load_state_dict(state)
     with fresh:

@@ -470,6 +470,8 @@ class Loss(nn.Module):
     needs_input_grad: bool = False
     needs_embedding: bool = False
     needs_classifier: bool = False
+    #: The number of layer pairs a Distiller set this loss up for (``None`` until then).
+    set_up_for: int | None = None
     _schedule: Schedule | None = None
     _pair_weights: tuple[float, ...] | dict[str, float] | None = None
     _step_pairs: list[tuple[str, str]] | None = None  # the pairs of the last step in term()

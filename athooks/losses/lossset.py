@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -83,6 +84,7 @@ class LossSet:
         self.needs_embedding = any(item.needs_embedding for item in items)
         self.needs_classifier = any(item.needs_classifier for item in items)
         self.pairs: list[tuple[str, str]] | None = None
+        self._handed_out = False
         self._replicated = False
         self.has_state = any(True for _ in self.modules.parameters()) or any(
             True for _ in self.modules.buffers()
@@ -110,9 +112,19 @@ class LossSet:
         """
         if self.pairs is not None:
             return
+        for label, item in zip(self.labels, self, strict=True):
+            before = item.set_up_for
+            if before is not None and before != len(pairs):
+                raise ConfigurationError(
+                    f"loss {label!r} was set up for {before} layer pairs by another Distiller "
+                    f"and is now given {len(pairs)}; a loss with per-pair state (connectors) "
+                    "belongs to one Distiller. Give each Distiller its own loss object "
+                    "(athooks.loss(...) again)"
+                )
         self.pairs = list(pairs)
         for item in self:
             item.setup(list(pairs))
+            item.set_up_for = len(pairs)
 
     def replicate(self) -> None:
         """Under ``torch.distributed``, make the losses' state the same on every rank (once).
@@ -133,12 +145,59 @@ class LossSet:
             self.modules.to(device=ref.device, dtype=ref.dtype)
             self._where = where
 
-    def evaluate(self, step: Step, at: int = 0) -> tuple[Tensor, dict[str, Tensor]]:
+    def hand_out(self, layers: Any) -> None:
+        """Note that the parameters are given to an optimiser, if they all exist yet.
+
+        Args:
+            layers: The Distiller's ``layers``, for the message.
+
+        Raises:
+            ConfigurationError: If a per-pair connector list is not sized yet (``"auto"``
+                before the first call).
+        """
+        if not self.sized:
+            indices = dict.fromkeys(int(n.split(".")[0]) for n, _ in self.connector_lists())
+            labels = ", ".join(repr(self.labels[i]) for i in indices)
+            raise ConfigurationError(
+                f"loss {labels} has one connector per layer pair, and "
+                f"layers={layers!r} is resolved on the student's first call, so its "
+                "parameters do not exist yet. Pass input_size=(C, H, W) to resolve the layers "
+                "now, or make the optimiser after the first step inside the block (the first "
+                "d.loss() builds the connectors), or name the layers"
+            )
+        self._handed_out = True
+
+    def warn_unused_parameters(self) -> None:
+        """Warn once if trainable parameters were built but never handed to an optimiser."""
+        if self._handed_out:
+            return
+        self._handed_out = True  # warn once
+        built = (
+            p
+            for p in self.modules.parameters()
+            if not isinstance(p, nn.parameter.UninitializedParameter)  # a connector left unused
+        )
+        if any(p.requires_grad for p in built):
+            warnings.warn(
+                f"the losses of this Distiller ({', '.join(self.labels)}) have "
+                "trainable parameters (connectors, learnable mappings), but d.parameters() was "
+                "never called, so no optimiser trains them. Give them to yours: "
+                "SGD([*student.parameters(), *d.parameters()], ...)",
+                stacklevel=4,
+            )
+
+    def evaluate(
+        self, step: Step, at: int = 0, *, train: bool = True
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """Every loss on ``step``, each term multiplied by its loss's schedule at step ``at``.
+
+        A validation step (``train=False``) runs the losses in eval mode, so that no running
+        statistic or memory bank learns from it, and gives their modes back.
 
         Args:
             step: What the step captured.
             at: The training step (``Distiller.step``), for the losses' schedules.
+            train: Whether it is a training step (the forward had gradient).
 
         Returns:
             The sum of the terms, and each term by label (scalars, with their graphs; a term
@@ -149,6 +208,18 @@ class LossSet:
             ConfigurationError: If a schedule returns something other than a finite number
                 ``>= 0``.
         """
+        if train:
+            return self._evaluate(step, at)
+        modules = list(self.modules.modules())
+        modes = [m.training for m in modules]
+        self.modules.eval()
+        try:
+            return self._evaluate(step, at)
+        finally:
+            for module, mode in zip(modules, modes, strict=True):
+                module.training = mode
+
+    def _evaluate(self, step: Step, at: int) -> tuple[Tensor, dict[str, Tensor]]:
         terms: dict[str, Tensor] = {}
         for label, loss_fn in zip(self.labels, self, strict=True):
             value = loss_fn.term(step)

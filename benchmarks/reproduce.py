@@ -545,8 +545,10 @@ def fit(
     ce_weight: float = 1.0,
     extras: tuple[str, ...] = (),
     order_seed: int | None = None,
-) -> None:
+) -> tuple[float, float]:
     """The demo's training loop (SGD momentum 0.9, cosine lr, random shifts, same batches).
+
+    Returns the last epoch's mean cross-entropy and mean transfer term (for the runs' log).
 
     ``ce_weight`` 0 trains on the transfer loss alone; ``extras`` names what ``d.loss()`` is
     given: ``"index"``, the batch's indices into ``x``.
@@ -564,21 +566,28 @@ def fit(
     seed = config.seed + 1 if order_seed is None else order_seed
     order = torch.Generator().manual_seed(seed)  # the demo's: the same batches for every row
     student.train()
+    ce_sum = transfer_sum = 0.0
     for _ in range(epochs):
         perm = torch.randperm(len(x), generator=order)
+        ce_sum = transfer_sum = 0.0
         for i in range(0, len(x), config.batch):
             idx = perm[i : i + config.batch]
             xb = random_shift(x[idx], config.shift, order, config.pad_mode, config.flip)
             xb, yb = xb.to(device), y[idx].to(device)
             out = student(xb)
-            loss = ce_weight * F.cross_entropy(out, yb) if ce_weight else 0.0
+            ce = F.cross_entropy(out, yb)
+            loss = ce_weight * ce if ce_weight else 0.0
+            ce_sum += float(ce.detach()) * len(idx)
             if distiller is not None:
                 given = {"index": idx.to(device)}
-                loss = loss + distiller.loss(target=yb, **{k: given[k] for k in extras})
+                transfer = distiller.loss(target=yb, **{k: given[k] for k in extras})
+                transfer_sum += float(transfer.detach()) * len(idx)
+                loss = loss + transfer
             opt.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[union-attr]
             opt.step()
             sched.step()
+    return ce_sum / len(x), transfer_sum / len(x)
 
 
 def run_zoo_task(seed: int, name: str) -> dict[str, Any]:
@@ -600,8 +609,11 @@ def run_zoo_task(seed: int, name: str) -> dict[str, Any]:
     init_epochs = max(1, round(INIT_FRACTION * config.epochs)) if recipe.init else 0
     result: dict[str, Any] = {"row": name, "seed": seed, "init_epochs": init_epochs}
     try:
+        last: tuple[float, float] = (float("nan"), float("nan"))
         if row.loss is None:
-            fit(student, x, y, epochs=config.epochs, config=cfg, params=list(student.parameters()))
+            last = fit(
+                student, x, y, epochs=config.epochs, config=cfg, params=list(student.parameters())
+            )
         else:
             init_steps = init_epochs * math.ceil(len(x) / config.batch)
             given = {N_DATA: len(x), INIT_STEPS: init_steps}
@@ -640,7 +652,7 @@ def run_zoo_task(seed: int, name: str) -> dict[str, Any]:
                         order_seed=order_seed,
                     )
                 if recipe.init != "student":
-                    fit(
+                    last = fit(
                         student,
                         x,
                         y,
@@ -652,7 +664,7 @@ def run_zoo_task(seed: int, name: str) -> dict[str, Any]:
                         extras=recipe.extras,
                     )
             if recipe.init == "student":  # then CE alone, as RepDistiller
-                fit(
+                last = fit(
                     student,
                     x,
                     y,
@@ -664,11 +676,24 @@ def run_zoo_task(seed: int, name: str) -> dict[str, Any]:
         result.update(error="", skipped=f"{type(err).__name__}: {str(err).splitlines()[0]}")
     else:
         result.update(error=100 * evaluate(student, st["xt"], st["yt"], config.device), skipped="")
+        result.update(last_ce=f"{last[0]:.4g}", last_transfer=f"{last[1]:.4g}")
     result["seconds"] = time.perf_counter() - start
     return result
 
 
-RUN_FIELDS = ["row", "seed", "error", "seconds", "init_epochs", "skipped"]
+#: One line per run; ``last_ce`` and ``last_transfer``: the last epoch's mean cross-entropy and
+#: transfer term (a term that grows, or a cross-entropy that stays high, shows a method that
+#: does not train well with its authors' weight on this data).
+RUN_FIELDS = [
+    "row",
+    "seed",
+    "error",
+    "seconds",
+    "init_epochs",
+    "skipped",
+    "last_ce",
+    "last_transfer",
+]
 
 
 def zoo_teacher(
@@ -722,6 +747,11 @@ def zoo_table(args: argparse.Namespace, config: DemoConfig, labels: int, out: Pa
         with open(runs_path) as fh:
             for r in csv.DictReader(fh):
                 done[(r["row"], int(r["seed"]))] = r
+        with open(runs_path, "w", newline="") as fh:  # the current columns, the runs kept
+            writer = csv.DictWriter(fh, RUN_FIELDS)
+            writer.writeheader()
+            for r in done.values():
+                writer.writerow({k: r.get(k) or "" for k in RUN_FIELDS})
     else:
         with open(runs_path, "w", newline="") as fh:
             csv.DictWriter(fh, RUN_FIELDS).writeheader()

@@ -166,11 +166,12 @@ class AttentionTransfer(pl.Callback):
         student = self._student_of(pl_module)
         self.teacher.to(pl_module.device)
         distiller = Distiller(self.teacher, student, **self.distiller_options)
-        if any(True for _ in distiller.parameters()):
+        if any(True for loss in distiller.losses for _ in loss.parameters()):
             raise ConfigurationError(
                 "the losses given to AttentionTransfer have learnable parameters, which must be "
-                "in the optimizer that configure_optimizers() makes; with learnable mappings, "
-                "create the Distiller in the LightningModule instead and add d.parameters() there"
+                "in the optimizer that configure_optimizers() makes; with learnable mappings or "
+                "connectors (e.g. the zoo's fitnet, crd), create the Distiller in the "
+                "LightningModule instead and add d.parameters() there"
             )
         if self._pending_state is not None:
             distiller.load_state_dict(self._pending_state, strict=False)

@@ -237,3 +237,15 @@ def test_zoo_smoke(fake_zoo, tmp_path, monkeypatch):
     assert fake_zoo.main([*argv, "--resume"]) == 0
     with open(out / "zoo-runs.csv") as fh:
         assert len(list(csv.DictReader(fh))) == 3
+
+
+def test_zoo_smoke_picks_three_zoo_methods(tmp_path, monkeypatch):
+    monkeypatch.setenv("ATHOOKS_CACHE", str(tmp_path / "cache"))
+    reproduce = load_reproduce()
+    zoo = [r.name for r in reproduce.zoo_rows(300.0) if r.provider]
+    out = tmp_path / "out"
+    assert reproduce.main(["--smoke", "--out", str(out)]) == 0
+    with open(out / "zoo.csv") as fh:
+        rows = [r["row"] for r in csv.DictReader(fh)]
+    # the first three athooks-zoo methods when the zoo is installed, else the reference rows
+    assert rows == (zoo[:3] if len(zoo) >= 3 else ["student", "AT", "KD"])

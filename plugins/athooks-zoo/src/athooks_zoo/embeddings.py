@@ -924,12 +924,8 @@ class CRD(_Embedded):
         f_t, f_s = self._embedded(step)
         idx, contrast = self._index(step, f_s.shape[0], f_s.device)
         mem_s, mem_t = self.memory_s.to(f_s.dtype), self.memory_t.to(f_s.dtype)
-        out_s = torch.exp(
-            torch.bmm(mem_t[contrast].detach(), f_s.unsqueeze(2)).squeeze(2) / self.temperature
-        )
-        out_t = torch.exp(
-            torch.bmm(mem_s[contrast].detach(), f_t.unsqueeze(2)).squeeze(2) / self.temperature
-        )
+        out_s = torch.exp(_bank_scores(mem_t, f_s, contrast) / self.temperature)
+        out_t = torch.exp(_bank_scores(mem_s, f_t, contrast) / self.temperature)
         with torch.no_grad():
             for k, out in ((0, out_s), (1, out_t)):
                 if self.z[k] < 0:
@@ -950,6 +946,16 @@ class CRD(_Embedded):
             f"n_data={self.n_data}, beta={self.beta:g}, feat_dim={self.feat_dim}, "
             f"nce_k={self.nce_k}, nce_t={self.temperature:g}, nce_m={self.nce_m:g}"
         )
+
+
+def _bank_scores(bank: Tensor, f: Tensor, rows: Tensor) -> Tensor:
+    """``<bank[rows[b, k]], f[b]>`` for every sample ``b`` and drawn row ``k``: ``(B, K + 1)``.
+
+    The drawn rows are gathered with ``index_select`` (as RepDistiller), a copy: the bank is
+    updated in place later in the same forward, and backward must see the rows as they were.
+    """
+    picked = torch.index_select(bank.detach(), 0, rows.reshape(-1)).view(*rows.shape, -1)
+    return torch.bmm(picked, f.unsqueeze(2)).squeeze(2)
 
 
 class CRDInBatch(_Embedded):

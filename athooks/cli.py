@@ -253,6 +253,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         "beta": args.beta,
         "labels": args.labels,
         "device": args.device,
+        "train_teacher": True if args.train_teacher else None,
     }
     config = replace(config, **{k: v for k, v in changes.items() if v is not None})
     print(
@@ -413,6 +414,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--out", default="athooks-demo", help="output folder (default athooks-demo)"
     )
     p_demo.add_argument("--device", help="cpu or cuda (default cpu)")
+    p_demo.add_argument(
+        "--train-teacher",
+        action="store_true",
+        help="train the teacher here (about 2 minutes) instead of loading the shipped weights",
+    )
     p_demo.set_defaults(func=_cmd_demo)
     p_show = sub.add_parser(
         "show",

@@ -6,7 +6,9 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
+import pytest
 import torch
 
 from athooks.demo import cluttered_digits
@@ -91,3 +93,23 @@ def test_the_teacher_does_not_depend_on_the_students_settings(tmp_path, monkeypa
     assert teachers[0].name == teachers[1].name  # the same key
     a, b = (torch.load(t, weights_only=True) for t in teachers)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_shipped_teacher_loads_safely_and_reaches_its_recorded_error():
+    """``athooks demo`` with defaults loads these weights instead of training its teacher."""
+    from athooks.demo.data import cluttered_digits
+    from athooks.demo.run import DemoConfig, evaluate, shipped_teacher
+    from athooks.models import create_model
+
+    config = DemoConfig()
+    found = shipped_teacher(config)
+    assert found is not None, "no shipped teacher fits the demo's default settings"
+    weights, record = found
+    teacher = create_model(config.teacher, num_classes=10, in_chans=1)
+    teacher.load_state_dict(torch.load(weights, weights_only=True))
+    _, _, x_test, y_test = cluttered_digits(config.data_seed)
+    with torch.no_grad():
+        error = evaluate(teacher, x_test, y_test)
+    assert error == pytest.approx(record["test_error"], abs=1.5 / len(y_test))  # one digit
+    assert error < 0.05 and record["settings"]["teacher_epochs"] == config.teacher_epochs
+    assert shipped_teacher(replace(config, teacher_epochs=2)) is None  # other settings: trained

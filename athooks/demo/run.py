@@ -30,7 +30,7 @@ from athooks.distiller import Distiller
 from athooks.losses.base import loss as make_loss
 from athooks.models import create_model
 
-__all__ = ["DemoConfig", "DemoResult", "run_demo", "train"]
+__all__ = ["DemoConfig", "DemoResult", "run_demo", "shipped_teacher", "train", "train_teacher"]
 
 TEACHER_SEED = 0
 TEACHER_BATCH = 32  # the teacher's recipe is fixed: the cache key below names it
@@ -66,6 +66,7 @@ class DemoConfig:
     pad_mode: str = "constant"  # "reflect" in the paper's CIFAR protocol
     schedule: str = "cosine"  # or "paper": lr x0.2 at 30%, 60% and 80% of the epochs
     device: str = "cpu"
+    train_teacher: bool = False  # train the teacher even where shipped weights fit the settings
 
 
 @dataclass
@@ -282,6 +283,57 @@ def _teacher_key(config: DemoConfig) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
+#: Where the package keeps the demo's default teacher (trained by
+#: ``benchmarks/train_demo_teacher.py``, with its settings and test error next to it).
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+
+
+def shipped_teacher(config: DemoConfig) -> tuple[Path, dict[str, Any]] | None:
+    """The shipped teacher weights that fit ``config``'s teacher settings, and their record.
+
+    Args:
+        config: The demo's settings.
+
+    Returns:
+        The weights file and its record (settings, test error, how it was trained), or ``None``
+        when none fits (another teacher model, epochs, data seed...).
+    """
+    stem = f"demo-teacher-{config.teacher}-{_teacher_key(config)}"
+    weights, record = WEIGHTS_DIR / f"{stem}.pt", WEIGHTS_DIR / f"{stem}.json"
+    if not weights.exists() or not record.exists():
+        return None
+    return weights, json.loads(record.read_text())
+
+
+def train_teacher(
+    config: DemoConfig, x: Tensor, y: Tensor, *, progress: bool = True
+) -> tuple[nn.Module, float]:
+    """Train the demo's teacher with its fixed recipe (seed, batch and lr of the cache key).
+
+    Args:
+        config: The demo's settings (its teacher, epochs, data and augmentation).
+        x: The training images.
+        y: Their labels.
+        progress: Show a progress line.
+
+    Returns:
+        The teacher and the seconds its training took.
+    """
+    torch.manual_seed(TEACHER_SEED)
+    teacher = create_model(config.teacher, num_classes=10, in_chans=1).to(config.device)
+    teacher_config = replace(config, seed=TEACHER_SEED, batch=TEACHER_BATCH, lr=TEACHER_LR)
+    seconds = train(
+        teacher,
+        x,
+        y,
+        epochs=config.teacher_epochs,
+        config=teacher_config,
+        label="teacher",
+        progress=progress,
+    )
+    return teacher, seconds
+
+
 def run_demo(
     config: DemoConfig | None = None,
     out: str | os.PathLike[str] = "athooks-demo",
@@ -309,23 +361,24 @@ def run_demo(
 
     torch.manual_seed(TEACHER_SEED)  # one teacher for every student seed (and one cache entry)
     teacher = create_model(config.teacher, num_classes=10, in_chans=1).to(device)
+    shipped = None if config.train_teacher else shipped_teacher(config)
     cached = cache_dir() / f"demo-teacher-{config.teacher}-{_teacher_key(config)}.pt"
-    if cached.exists():
+    if shipped is not None:
+        teacher.load_state_dict(torch.load(shipped[0], map_location=device, weights_only=True))
+        times["teacher"] = 0.0
+        if progress:
+            print(
+                f"teacher: the shipped weights ({100 * shipped[1]['test_error']:.2f}% test error; "
+                "--train-teacher trains it here)",
+                file=sys.stderr,
+            )
+    elif cached.exists() and not config.train_teacher:
         teacher.load_state_dict(torch.load(cached, map_location=device, weights_only=True))
         times["teacher"] = 0.0
         if progress:
             print(f"teacher: loaded from {cached}", file=sys.stderr)
     else:
-        teacher_config = replace(config, seed=TEACHER_SEED, batch=TEACHER_BATCH, lr=TEACHER_LR)
-        times["teacher"] = train(
-            teacher,
-            x,
-            y,
-            epochs=config.teacher_epochs,
-            config=teacher_config,
-            label="teacher",
-            progress=progress,
-        )
+        teacher, times["teacher"] = train_teacher(config, x, y, progress=progress)
         cached.parent.mkdir(parents=True, exist_ok=True)
         torch.save(teacher.state_dict(), cached)
     teacher_error = evaluate(teacher, x_test, y_test, config.device)

@@ -360,7 +360,7 @@ def run_demo(
     times: dict[str, float] = {}
 
     torch.manual_seed(TEACHER_SEED)  # one teacher for every student seed (and one cache entry)
-    teacher = create_model(config.teacher, num_classes=10, in_chans=1).to(device)
+    teacher: nn.Module = create_model(config.teacher, num_classes=10, in_chans=1).to(device)
     shipped = None if config.train_teacher else shipped_teacher(config)
     cached = cache_dir() / f"demo-teacher-{config.teacher}-{_teacher_key(config)}.pt"
     if shipped is not None:

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 import athooks
 from athooks.plugin import Connector, Connectors, Features, Loss, LossSpec, Step
+from athooks_zoo._checks import real as _real
 
 __all__ = ["CC", "CRD", "PKT", "RKD", "SP", "VID", "CRDInBatch", "SPECS"]
 
@@ -34,37 +35,6 @@ _NEGATIVE_WEIGHT = " (a negative weight would push the student away from the tea
 
 
 # --------------------------------------------------------------------------- option checks
-
-
-def _real(
-    value: Any,
-    *,
-    owner: str,
-    option: str,
-    minimum: float | None = 0.0,
-    strict: bool = False,
-    why: str = "",
-) -> float:
-    """``value`` as a finite float ``>= minimum`` (``>`` if ``strict``), or a clear error."""
-    op = ">" if strict else ">="
-    bound = f" {op} {minimum:g}" if minimum is not None else ""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise athooks.ConfigurationError(
-            f"{owner}: {option} must be a real number{bound}, got {type(value).__name__} "
-            f"{value!r:.60}; pass an int or a float"
-        )
-    try:
-        number = float(value)
-    except OverflowError:
-        number = math.inf
-    if not math.isfinite(number):
-        raise athooks.ConfigurationError(
-            f"{owner}: {option} must be finite, got {number}; a NaN or infinite {option} makes "
-            f"the loss NaN or infinite. Pass a finite number{bound}"
-        )
-    if minimum is not None and (number < minimum or (strict and number == minimum)):
-        raise athooks.ConfigurationError(f"{owner}: {option} must be{bound}, got {number:g}{why}")
-    return number
 
 
 def _integer(value: Any, *, owner: str, option: str, minimum: int, why: str = "") -> int:

@@ -15,7 +15,6 @@ level of ``athooks``).
 from __future__ import annotations
 
 import itertools
-import math
 import numbers
 from collections.abc import Sequence
 from functools import partial
@@ -27,6 +26,7 @@ from torch import Tensor, nn
 
 from athooks import CaptureError, ConfigurationError
 from athooks.plugin import Connectors, Features, Loss, LossSpec, Step
+from athooks_zoo._checks import real as _real
 
 __all__ = ["AB", "CWD", "FSP", "NST", "SPECS", "FitNet"]
 
@@ -34,38 +34,6 @@ _NEGATIVE = " (a negative weight would push the student away from the teacher)"
 
 
 # --------------------------------------------------------------------------- checks and helpers
-
-
-def _real(
-    value: Any,
-    *,
-    owner: str,
-    option: str,
-    minimum: float = 0.0,
-    strict: bool = False,
-    why: str = "",
-) -> float:
-    """A numeric option as a finite ``float`` at or above ``minimum`` (above it, if ``strict``).
-
-    Raises:
-        ConfigurationError: For a non-real value (``bool`` included), NaN or infinity, or a
-            value out of range, saying what was expected.
-    """
-    op = ">" if strict else ">="
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ConfigurationError(
-            f"{owner}: {option} must be a real number {op} {minimum:g}, got "
-            f"{type(value).__name__} {value!r}; pass an int or a float"
-        )
-    number = float(value)
-    if not math.isfinite(number):
-        raise ConfigurationError(
-            f"{owner}: {option} must be finite, got {number}; a NaN or infinite {option} makes "
-            f"the loss NaN or infinite. Pass a finite number {op} {minimum:g}"
-        )
-    if number < minimum or (strict and number == minimum):
-        raise ConfigurationError(f"{owner}: {option} must be {op} {minimum:g}{why}, got {number:g}")
-    return number
 
 
 def _choice(value: Any, *, owner: str, option: str, allowed: tuple[Any, ...]) -> Any:

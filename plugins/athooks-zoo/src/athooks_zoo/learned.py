@@ -29,7 +29,8 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
 from athooks import CaptureError, ConfigurationError
-from athooks.plugin import Connector, Connectors, Features, Loss, LossSpec, Mapping, Step
+from athooks.plugin import Connectors, Features, Loss, LossSpec, Mapping, Step
+from athooks_zoo._checks import real as _real
 
 __all__ = ["FT", "OFD", "SPECS", "CATKD", "ReviewKD", "ofd_margin"]
 
@@ -39,33 +40,6 @@ _NEGATIVE = " (a negative weight would push the student away from the teacher)"
 # --------------------------------------------------------------------------------------------
 # Option checks (the plugin's own: only the public plugin API is imported)
 # --------------------------------------------------------------------------------------------
-
-
-def _real(
-    value: Any,
-    owner: str,
-    option: str,
-    *,
-    minimum: float = 0.0,
-    strict: bool = False,
-    why: str = "",
-) -> float:
-    """A finite real option ``>= minimum`` (``> minimum`` when ``strict``), as a ``float``."""
-    op = ">" if strict else ">="
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ConfigurationError(
-            f"{owner}: {option} must be a real number {op} {minimum:g}, got "
-            f"{type(value).__name__} {value!r}; pass an int or a float"
-        )
-    number = float(value)
-    if not math.isfinite(number):
-        raise ConfigurationError(
-            f"{owner}: {option} must be finite, got {number}; a NaN or infinite {option} makes "
-            f"the loss NaN or infinite. Pass a finite number {op} {minimum:g}"
-        )
-    if number < minimum or (strict and number == minimum):
-        raise ConfigurationError(f"{owner}: {option} must be {op} {minimum:g}, got {number:g}{why}")
-    return number
 
 
 def _count(value: Any, owner: str, option: str, *, minimum: int = 0, why: str = "") -> int:

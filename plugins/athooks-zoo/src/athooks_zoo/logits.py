@@ -8,7 +8,6 @@ the same input. The logits are found as in athooks' ``kd``: a tensor as it is, a
 
 from __future__ import annotations
 
-import math
 import numbers
 import warnings
 from collections.abc import Sequence
@@ -20,6 +19,7 @@ from torch import Tensor
 
 import athooks
 from athooks.plugin import Loss, LossSpec, Step, logits_of
+from athooks_zoo._checks import real as _real
 
 __all__ = ["DIST", "DKD", "SPECS", "LogitStandardization"]
 
@@ -27,54 +27,6 @@ _NEGATIVE_WEIGHT = " (a negative weight would push the student away from the tea
 
 
 # -- small helpers (the zoo uses only athooks' public API, so it checks its options itself) ------
-
-
-def _real(
-    value: Any,
-    *,
-    owner: str,
-    option: str,
-    minimum: float = 0.0,
-    strict: bool = False,
-    reason: str = "",
-) -> float:
-    """``value`` as a finite float ``>= minimum`` (``> minimum`` with ``strict``), or a clear error.
-
-    Args:
-        value: What the user gave.
-        owner: The loss, for the message.
-        option: The option's name.
-        minimum: The lower bound.
-        strict: Whether the bound itself is refused.
-        reason: Why the bound holds, appended to the message.
-
-    Returns:
-        ``float(value)``.
-
-    Raises:
-        ConfigurationError: If ``value`` is not a real number, is NaN or infinite, or is too small.
-    """
-    op = ">" if strict else ">="
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        tip = f", e.g. {option}=t.item() for a tensor t" if isinstance(value, Tensor) else ""
-        raise athooks.ConfigurationError(
-            f"{owner}: {option} must be a real number {op} {minimum:g}, got "
-            f"{type(value).__name__} {value!r:.60}; pass an int or a float{tip}"
-        )
-    try:
-        number = float(value)
-    except OverflowError:  # an int too large for a float
-        number = math.inf
-    if not math.isfinite(number):
-        raise athooks.ConfigurationError(
-            f"{owner}: {option} must be finite, got {number}; a NaN or infinite {option} makes "
-            f"the loss NaN or infinite. Pass a finite number {op} {minimum:g}"
-        )
-    if number < minimum or (strict and number == minimum):
-        raise athooks.ConfigurationError(
-            f"{owner}: {option} must be {op} {minimum:g}{reason}, got {number:g}"
-        )
-    return number
 
 
 def _count(value: Any, *, owner: str, option: str) -> int:
@@ -178,14 +130,14 @@ class DKD(Loss):
         warmup_steps: int = 0,
     ) -> None:
         super().__init__()
-        self.alpha = _real(alpha, owner="dkd", option="alpha", reason=_NEGATIVE_WEIGHT)
-        self.beta = _real(beta, owner="dkd", option="beta", reason=_NEGATIVE_WEIGHT)
+        self.alpha = _real(alpha, owner="dkd", option="alpha", why=_NEGATIVE_WEIGHT)
+        self.beta = _real(beta, owner="dkd", option="beta", why=_NEGATIVE_WEIGHT)
         self.temperature = _real(
             temperature,
             owner="dkd",
             option="temperature",
             strict=True,
-            reason=" (the logits are divided by it; the authors use 4 on CIFAR-100)",
+            why=" (the logits are divided by it; the authors use 4 on CIFAR-100)",
         )
         self.warmup_steps = _count(warmup_steps, owner="dkd", option="warmup_steps")
         if self.warmup_steps:
@@ -316,17 +268,17 @@ class DIST(Loss):
         self, beta: float = 1.0, gamma: float = 1.0, tau: float = 1.0, eps: float = 1e-8
     ) -> None:
         super().__init__()
-        self.beta = _real(beta, owner="dist", option="beta", reason=_NEGATIVE_WEIGHT)
-        self.gamma = _real(gamma, owner="dist", option="gamma", reason=_NEGATIVE_WEIGHT)
+        self.beta = _real(beta, owner="dist", option="beta", why=_NEGATIVE_WEIGHT)
+        self.gamma = _real(gamma, owner="dist", option="gamma", why=_NEGATIVE_WEIGHT)
         self.tau = _real(
             tau,
             owner="dist",
             option="tau",
             strict=True,
-            reason=" (the logits are divided by it; the authors use 1 on ImageNet)",
+            why=" (the logits are divided by it; the authors use 1 on ImageNet)",
         )
         self.eps = _real(
-            eps, owner="dist", option="eps", reason=" (it keeps the Pearson denominator > 0)"
+            eps, owner="dist", option="eps", why=" (it keeps the Pearson denominator > 0)"
         )
         self._warned_single = False
 

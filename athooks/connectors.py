@@ -329,21 +329,10 @@ class Connector(nn.Module):
         error_msgs: list[str],
     ) -> None:
         # A checkpoint of a built connector restores into an unbuilt one: build it to the saved
-        # widths first (the weight's first two dimensions), then load as usual.
+        # widths first, then load as usual.
         saved = state_dict.get(prefix + "widths")
         if not self.built and isinstance(saved, Tensor) and saved.numel() == 3 and saved[0] > 0:
             self.build(int(saved[0]), int(saved[1]), int(saved[2]))
-        if not self.built:  # a state saved without its widths: read them off the first weight
-            shapes = {
-                k[len(prefix) + len("body.") :]: v.shape
-                for k, v in state_dict.items()
-                if k.startswith(prefix + "body.")
-            }
-            first = next(
-                (s for k, s in shapes.items() if k.endswith("weight") and len(s) >= 2), None
-            )
-            if first is not None:
-                self.build(int(first[1]), int(first[0]), max(len(first) - 2, 1))
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )

@@ -308,32 +308,6 @@ class FT(Loss):
             self.steps += 1
         return self.sum_pairs(terms)
 
-    def _load_from_state_dict(
-        self,
-        state_dict: dict[str, Any],
-        prefix: str,
-        local_metadata: dict[str, Any],
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
-        # A Connector infers its widths from its first weight as (out, in); the paraphraser's
-        # first layer is (C, C) and the decoder's are transposed convolutions, so build the
-        # unbuilt ones to the checkpoint's widths first: every block's first and last layers
-        # are square, giving in = first.shape[0] and out = last.shape[0].
-        for name in ("paraphrasers", "decoders", "translators"):
-            group: Connectors = getattr(self, name)
-            for i in range(len(group)):
-                conn: Connector = group[i]
-                first = state_dict.get(f"{prefix}{name}.{i}.body.0.weight")
-                last = state_dict.get(f"{prefix}{name}.{i}.body.4.weight")
-                if not conn.built and isinstance(first, Tensor) and isinstance(last, Tensor):
-                    conn.build(int(first.shape[0]), int(last.shape[0]))
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
-
     def extra_repr(self) -> str:
         """The options, for ``repr``."""
         return (

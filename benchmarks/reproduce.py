@@ -248,13 +248,15 @@ class Split:
     chans: int
 
 
-def split_data(args: argparse.Namespace, labels: int) -> Split:
+def split_data(args: argparse.Namespace, labels: int | None) -> Split:
     """Labelled images first, then unlabeled ones; the last ``--val`` training images validate.
 
-    The test images are never used to choose anything.
+    ``labels`` None: every training image but the validation ones has its label. The test
+    images are never used to choose anything.
     """
     x, y, xt, yt, chans = load_data(args)
     n_val = args.val
+    labels = len(x) - n_val if labels is None else labels
     if n_val >= len(x) or labels > len(x) - n_val:
         raise SystemExit(
             f"--val {n_val} and --labels {labels}: the {len(x)} training images cannot hold both"
@@ -556,7 +558,9 @@ class Plan:
         ]
 
 
-def paper_tables(args: argparse.Namespace, config: DemoConfig, labels: int, out: Path) -> None:
+def paper_tables(
+    args: argparse.Namespace, config: DemoConfig, labels: int | None, out: Path
+) -> None:
     """The paper's Tables 1-3, the other pairs and the unlabeled setting, over the seeds.
 
     With ``--tune``, every weight and temperature is first chosen on the validation images by
@@ -577,6 +581,7 @@ def paper_tables(args: argparse.Namespace, config: DemoConfig, labels: int, out:
         raise SystemExit(f"--pairs: unknown pair(s) {unknown}; the pairs are A, B, C")
     tables = [t for t in args.tables if t != "zoo"]
     split = split_data(args, labels)
+    labels = len(split.x)
     unlabeled_ok = len(split.x_unlabeled) > 0
     if "unlabeled" in tables and not unlabeled_ok:
         print("unlabeled table: skipped, every training image has a label", file=sys.stderr)
@@ -1019,8 +1024,7 @@ def main(argv: list[str] | None = None) -> int:
     if zoo:
         zoo_table(args, config, args.labels or config.labels, out)
     if tables:
-        default_labels = config.labels if digits else 50000 - args.val
-        paper_tables(args, config, args.labels or default_labels, out)
+        paper_tables(args, config, args.labels or (config.labels if digits else None), out)
     return 0
 
 

@@ -116,6 +116,30 @@ def flipped_student_logits(step: Step, target: Tensor, loss_name: str) -> Tensor
 
     Raises:
         CaptureError: As :func:`input_gradient`.
+
+    Example:
+        ```python
+        import torch
+        from athooks import Distiller
+        from athooks.losses.gradient import flipped_student_logits
+        from athooks.plugin import Loss
+
+        class FlipKL(Loss):  # a plugin loss on the flipped logits: no forward of its own
+            name = "flip_kl"
+            needs_input_grad = True
+
+            def forward(self, step):
+                z = step.student_output
+                z_flip = flipped_student_logits(step, step.target, self.name)
+                return torch.nn.functional.kl_div(
+                    z_flip.log_softmax(1), z.log_softmax(1), log_target=True, reduction="batchmean"
+                )
+
+        teacher, student = torch.nn.Linear(6, 3), torch.nn.Linear(6, 3)
+        with Distiller(teacher, student, losses=[FlipKL(), "symmetry"]) as d:
+            student(torch.randn(4, 6))
+            d.loss(target=torch.tensor([0, 1, 2, 0])).backward()  # one flipped forward for both
+        ```
     """
     input_gradient(step, "student", target, loss_name, flip=True)
     logits: Tensor = step.cache["student:flip:logits"]

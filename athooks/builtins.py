@@ -30,7 +30,11 @@ def athooks_losses() -> list[LossSpec]:
         LossSpec("kd", KD, "knowledge distillation on the outputs (Hinton et al.)"),
         LossSpec("fact", FActT, "full-activation transfer: L2 between whole feature maps"),
         LossSpec("grad_at", GradAT, "gradient-based attention transfer (needs target)"),
-        LossSpec("symmetry", Symmetry, "flip-symmetry norm of the input gradient (needs target)"),
+        LossSpec(
+            "symmetry",
+            Symmetry,
+            "flip-symmetry norm of the input gradient and the logits (needs target)",
+        ),
         LossSpec(
             "input_grad_l2", InputGradL2, "min-l2: squared input-gradient norm (needs target)"
         ),

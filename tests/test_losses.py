@@ -185,14 +185,167 @@ def test_grad_at_against_the_closed_form():
     assert got.item() == pytest.approx(want.item(), rel=1e-10)
 
 
-def test_symmetry_against_the_closed_form():
+@pytest.mark.parametrize("outputs", [True, False])
+def test_symmetry_against_the_closed_form(outputs):
     teacher, student = Linear(seed=1), Linear(seed=2)
-    got = run_grad_loss("symmetry", teacher, student)
+    with Distiller(
+        teacher, student, losses=athooks.loss("symmetry", beta=2.0, outputs=outputs)
+    ) as d:
+        student(LX)
+        got = d.loss(target=LY)
     with torch.no_grad():
         j = closed_form_input_grad(student, LX, LY)
         j_flip = closed_form_input_grad(student, LX.flip(-1), LY).flip(-1)
+        # z(x) - z(flip(x)) = W (vec x - vec flip(x)): the outputs are not flipped back
+        dz = (LX - LX.flip(-1)).flatten(1) @ student.weight.T
     want = 2.0 / 2 * (j - j_flip).flatten(1).norm(dim=1).mean()
+    if outputs:
+        want = want + 2.0 / 2 * dz.norm(dim=1).mean()
     assert got.item() == pytest.approx(want.item(), rel=1e-10)
+
+
+# The symmetry norm as the paper states it (issue 17): "we propagate horizontally flipped images
+# as well as originals, backpropagate and flip gradient attention maps back. We then add l2 losses
+# on the obtained attentions and outputs, and do second backpropagation".
+
+
+class Unsymmetric(nn.Module):
+    """conv, tanh, a linear head over every position: no mirror symmetry, smooth to second order."""
+
+    def __init__(self, seed: int, dtype=torch.float64):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv = nn.Conv2d(2, 3, 3, padding=1, dtype=dtype)
+        self.head = nn.Linear(3 * 4 * 5, 4, dtype=dtype)
+
+    def forward(self, x):
+        return self.head(self.conv(x).tanh().flatten(1))
+
+
+SX = torch.randn(3, 2, 4, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+SY = torch.tensor([2, 0, 3])
+
+
+def paper_symmetry(model, x, y, beta, output_beta, outputs):
+    """Eq. 6 and the paper's output term, by hand in float64: the loss and d loss / d weights.
+
+    J(x) = d sum_b CE(z(x)_b, y_b) / dx with a graph (double backpropagation); the attention
+    term beta/2 * mean_b ||J(x)_b - flip(J(flip(x)))_b||_2, the output term
+    output_beta/2 * mean_b ||z(x)_b - z(flip(x))_b||_2 (class scores are not flipped back).
+    """
+    model = copy.deepcopy(model).double()
+    params = {k: v.detach().clone().requires_grad_() for k, v in model.named_parameters()}
+
+    def logits_and_attention(inp):
+        inp = inp.detach().clone().requires_grad_()
+        z = functional_call(model, params, (inp,))
+        ce = -z.log_softmax(1).gather(1, y[:, None]).sum()
+        (j,) = torch.autograd.grad(ce, inp, create_graph=True)
+        return z, j
+
+    x = x.double()
+    z, j = logits_and_attention(x)
+    z_flip, j_flip = logits_and_attention(x.flip(-1))
+    attention = (j - j_flip.flip(-1)).flatten(1).pow(2).sum(1).sqrt().mean()
+    loss = beta / 2 * attention
+    if outputs:
+        loss = loss + output_beta / 2 * (z - z_flip).pow(2).sum(1).sqrt().mean()
+    grads = torch.autograd.grad(loss, list(params.values()))
+    return loss.detach(), dict(zip(params, grads, strict=True))
+
+
+SYMMETRY_CASES = [  # (beta, outputs, output_beta given, output_beta used by the reference)
+    (2.0, True, None, 2.0),  # the default: one weight, as in the paper
+    (2.0, False, None, 0.0),
+    (2.0, True, 0.5, 0.5),
+    (0.0, True, 3.0, 3.0),  # the output term alone still trains the student
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize(("beta", "outputs", "output_beta", "ref_output_beta"), SYMMETRY_CASES)
+def test_symmetry_value_and_gradient_against_the_paper(
+    beta, outputs, output_beta, ref_output_beta, dtype
+):
+    teacher, student = Unsymmetric(1, dtype), Unsymmetric(2, dtype)
+    want, want_grads = paper_symmetry(student, SX, SY, beta, ref_output_beta, outputs)
+    fn = athooks.loss("symmetry", beta=beta, outputs=outputs, output_beta=output_beta)
+    with Distiller(teacher, student, losses=fn) as d:
+        student(SX.to(dtype))
+        got = d.loss(target=SY)
+        names, params = zip(*student.named_parameters(), strict=True)
+        grads = dict(zip(names, torch.autograd.grad(got, params), strict=True))
+    exact = dtype == torch.float64
+    tol = {"rtol": 1e-10, "atol": 1e-12} if exact else {"rtol": 1e-4, "atol": 1e-6}
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.double(), want, **tol)
+    assert set(grads) == set(want_grads)
+    for name, g in grads.items():
+        torch.testing.assert_close(g.double(), want_grads[name], **tol, msg=name)
+    # the weights learn from every term (the head's bias cancels in z(x) - z(flip(x)))
+    assert grads["conv.weight"].abs().sum() > 0 and grads["head.weight"].abs().sum() > 0
+
+
+def test_symmetry_without_outputs_is_exactly_the_attention_term():
+    """outputs=False: the value of athooks' Eq. 6 before the output term, bit for bit."""
+
+    class AttentionOnly(athooks.plugin.Loss):  # the symmetry term as athooks computed it before
+        name = "attention_only"
+        needs_input_grad = True
+
+        def forward(self, step):
+            from athooks.losses.gradient import input_gradient
+
+            j = input_gradient(step, "student", step.target, self.name)
+            j_flip = input_gradient(step, "student", step.target, self.name, flip=True)
+            norms = torch.linalg.vector_norm((j - j_flip).flatten(1), ord=2, dim=1)
+            return 2.0 / 2 * norms.mean()
+
+    teacher, student = Unsymmetric(1, torch.float32), Unsymmetric(2, torch.float32)
+    losses = [athooks.loss("symmetry", beta=2.0, outputs=False), AttentionOnly()]
+    with Distiller(teacher, student, losses=losses) as d:
+        student(SX.float())
+        d.loss(target=SY)
+        terms = dict(d.terms)
+    assert torch.equal(terms["symmetry"], terms["attention_only"])
+    with Distiller(teacher, student, losses=athooks.loss("symmetry", beta=2.0)) as d:
+        student(SX.float())
+        with_outputs = d.loss(target=SY)
+    assert with_outputs.item() > terms["symmetry"].item()  # on by default
+
+
+def test_the_output_term_costs_no_forward():
+    """One flipped student forward gives both J(flip(x)) and z(flip(x))."""
+    calls = {"teacher": 0, "student": 0}
+    teacher, student = Unsymmetric(1), Unsymmetric(2)
+    for who, model in (("teacher", teacher), ("student", student)):
+        model.register_forward_pre_hook(lambda *_, who=who: calls.__setitem__(who, calls[who] + 1))
+    counts = {}
+    for outputs in (False, True):
+        calls.update(teacher=0, student=0)
+        with Distiller(teacher, student, losses=athooks.loss("symmetry", outputs=outputs)) as d:
+            for _ in range(2):
+                student(SX)
+                d.loss(target=SY).backward()
+        counts[outputs] = dict(calls)
+    assert counts[True] == counts[False]
+    assert counts[True]["student"] == 2 * 2  # per step: the training forward and the flipped one
+    # and with grad_at in the same step, still one flipped forward
+    calls.update(teacher=0, student=0)
+    with Distiller(teacher, student, losses=["grad_at", "symmetry", "input_grad_l2"]) as d:
+        student(SX)
+        d.loss(target=SY)
+    assert calls["student"] == 2
+
+
+def test_symmetry_options_are_shown_and_kept():
+    fn = athooks.loss("symmetry", beta=2.0)
+    assert (fn.outputs, fn.output_beta) == (True, None)
+    assert repr(fn) == "Symmetry(beta=2, outputs=True, output_beta=beta)"
+    fn = athooks.loss("symmetry", beta=2.0, output_beta=np.float32(0.5))
+    assert type(fn.output_beta) is float and fn.output_beta == 0.5
+    assert repr(fn) == "Symmetry(beta=2, outputs=True, output_beta=0.5)"
+    assert repr(athooks.loss("symmetry", outputs=False)) == "Symmetry(beta=1, outputs=False)"
 
 
 def test_input_grad_l2_against_the_closed_form():
@@ -351,6 +504,15 @@ GRAD_LOSSES = ("grad_at", "symmetry", "input_grad_l2")
         ("fact", "beta", "1e-3", "fact: beta must be a real number"),
         *[(g, "beta", v, f"{g}: beta must be finite") for g in GRAD_LOSSES for v in (NAN, INF)],
         *[(g, "beta", -1.0, f"{g}: beta must be >= 0") for g in GRAD_LOSSES],
+        *[
+            ("symmetry", "output_beta", v, "symmetry: output_beta must be finite")
+            for v in (NAN, INF)
+        ],
+        ("symmetry", "output_beta", -1.0, "symmetry: output_beta must be >= 0"),
+        ("symmetry", "output_beta", "1", "symmetry: output_beta must be a real number.*got str"),
+        ("symmetry", "output_beta", True, "symmetry: output_beta must be a real number.*got bool"),
+        ("symmetry", "outputs", 1, "symmetry: outputs must be True or False, got 1"),
+        ("symmetry", "outputs", "no", "symmetry: outputs must be True or False, got 'no'"),
     ],
     ids=lambda v: repr(v)[:20] if not isinstance(v, str) else None,
 )

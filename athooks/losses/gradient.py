@@ -7,10 +7,13 @@ not interact, e.g. BatchNorm in eval mode). Norms are taken per sample over all 
 averaged over the batch.
 
 * ``grad_at`` (Eq. 3-5): ``beta/2 * mean_b ||J_S - J_T||_2``;
-* ``symmetry`` (Eq. 6): ``beta/2 * mean_b ||J_S(x) - flip(J_S(flip(x)))||_2``, student only,
+* ``symmetry`` (Eq. 6 and the text around it): ``beta/2 * mean_b ||J_S(x) - flip(J_S(flip(x)))||_2
+  + output_beta/2 * mean_b ||z_S(x) - z_S(flip(x))||_2``, student only, ``z_S`` the student's
+  logits, ``output_beta`` equal to ``beta`` unless given (``outputs=False``: Eq. 6 alone), and
   ``flip`` mirroring the last dimension of the input: the width of an image ``(B, C, H, W)`` or
   of a video's frames ``(B, C, T, H, W)``, and the time axis of a 1-D signal ``(B, C, T)`` (a
-  time reversal, which is a symmetry of the task only for some signals);
+  time reversal, which is a symmetry of the task only for some signals). Both terms come from
+  one extra student forward, on the flipped input;
 * ``input_grad_l2`` ("min-l2", Drucker & LeCun 1992): ``beta * mean_b ||J_S||_2^2``.
 
 None of them reads attention maps: they work on any input a model takes as one tensor (1-D
@@ -26,12 +29,12 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor
 
-from athooks.checks import NEGATIVE_WEIGHT, check_real
+from athooks.checks import NEGATIVE_WEIGHT, check_choice, check_real
 from athooks.errors import CaptureError
 from athooks.losses.base import Loss, Step, logits_of
 from athooks.mappings import at_least_float32
 
-__all__ = ["GradAT", "InputGradL2", "Symmetry", "input_gradient"]
+__all__ = ["GradAT", "InputGradL2", "Symmetry", "flipped_student_logits", "input_gradient"]
 
 
 def input_gradient(
@@ -39,7 +42,9 @@ def input_gradient(
 ) -> Tensor:
     """``d CE_sum(model(x), y) / dx`` for the student (with a graph) or the teacher (without).
 
-    Results are cached on the step, so several losses share one computation.
+    Results are cached on the step, so several losses share one computation. With ``flip``, the
+    logits of the flipped forward are cached too (under ``"student:flip:logits"``, read by
+    :func:`flipped_student_logits`), so a loss that also needs them runs no other forward.
 
     Args:
         step: The step.
@@ -89,8 +94,56 @@ def input_gradient(
         (grad,) = torch.autograd.grad(ce, x_in, create_graph=who == "student")
     if flip:
         grad = grad.flip(-1)
+        step.cache[f"{key}:logits"] = logits
     step.cache[key] = grad
     return grad
+
+
+def flipped_student_logits(step: Step, target: Tensor, loss_name: str) -> Tensor:
+    """The student's logits on the flipped input, from the forward that gives ``J_S(flip(x))``.
+
+    Runs :func:`input_gradient` with ``flip=True`` if no loss of the step has yet, and returns the
+    logits that forward produced (with their graph to the student's weights), not flipped back:
+    they are class scores.
+
+    Args:
+        step: The step.
+        target: The labels (the flipped gradient needs them).
+        loss_name: The loss asking, for messages.
+
+    Returns:
+        The logits ``(B, classes)``.
+
+    Raises:
+        CaptureError: As :func:`input_gradient`.
+
+    Example:
+        ```python
+        import torch
+        from athooks import Distiller
+        from athooks.losses.gradient import flipped_student_logits
+        from athooks.plugin import Loss
+
+        class FlipKL(Loss):  # a plugin loss on the flipped logits: no forward of its own
+            name = "flip_kl"
+            needs_input_grad = True
+
+            def forward(self, step):
+                z = step.student_output
+                z_flip = flipped_student_logits(step, step.target, self.name)
+                return torch.nn.functional.kl_div(
+                    z_flip.log_softmax(1), z.log_softmax(1), log_target=True, reduction="batchmean"
+                )
+
+        teacher, student = torch.nn.Linear(6, 3), torch.nn.Linear(6, 3)
+        with Distiller(teacher, student, losses=[FlipKL(), "symmetry"]) as d:
+            student(torch.randn(4, 6))
+            d.loss(target=torch.tensor([0, 1, 2, 0])).backward()  # one flipped forward for both
+        ```
+    """
+    input_gradient(step, "student", target, loss_name, flip=True)
+    logits: Tensor = step.cache["student:flip:logits"]
+    return logits
 
 
 def _per_sample_norm(t: Tensor) -> Tensor:
@@ -138,24 +191,92 @@ class GradAT(Loss):
 
 
 class Symmetry(GradAT):
-    """Symmetry norm: ``beta/2 * mean_b ||J_S(x) - flip(J_S(flip(x)))||_2`` (paper Eq. 6).
+    """Symmetry norm (paper Eq. 6 and the text around it): the flip invariance of the student.
 
-    The student alone: the Distiller runs the extra forward on the flipped input (in the
-    student's current mode, so a training-mode BatchNorm updates its statistics twice).
-    Needs the labels: ``d.loss(target=y)``.
+    The paper: "we propagate horizontally flipped images as well as originals, backpropagate and
+    flip gradient attention maps back. We then add l2 losses on the obtained attentions and
+    outputs, and do second backpropagation". With ``J`` the student's input gradient and ``z`` its
+    logits::
+
+        beta/2 * mean_b ||J(x) - flip(J(flip(x)))||_2          (Eq. 6, the attentions)
+        + output_beta/2 * mean_b ||z(x) - z(flip(x))||_2        (the outputs, if outputs=True)
+
+    both norms per sample (the logits are class scores, so they are not flipped back). The paper
+    gives one weight: ``output_beta=None`` uses ``beta``. ``outputs=False`` gives Eq. 6 alone.
+
+    The student alone: the Distiller runs one extra forward on the flipped input, which gives
+    both ``J(flip(x))`` and ``z(flip(x))`` (in the student's current mode, so a training-mode
+    BatchNorm updates its statistics twice). Needs the labels: ``d.loss(target=y)``.
 
     Args:
-        beta: The weight: a finite real number ``>= 0``.
+        beta: The weight of the attention term: a finite real number ``>= 0``.
+        outputs: Whether to add the output term (``True`` or ``False``).
+        output_beta: The weight of the output term: a finite real number ``>= 0``, or ``None``
+            for ``beta`` (read at each step, so a later ``loss.beta = ...`` moves both).
+
+    Raises:
+        ConfigurationError: If a weight is not a finite real number ``>= 0``, or ``outputs`` is
+            not a ``bool``.
+
+    Example:
+        ```python
+        import torch
+        import torch.nn.functional as F
+        import athooks
+        from athooks import Distiller
+        from athooks.models import create_model
+
+        torch.manual_seed(0)
+        teacher, student = create_model("wrn16_2"), create_model("wrn16_1")
+        x, y = torch.randn(2, 3, 32, 32), torch.tensor([0, 1])
+        sym = athooks.loss("symmetry", beta=1.0)  # attentions and outputs, one weight
+        print(sym)  # Symmetry(beta=1, outputs=True, output_beta=beta)
+        with Distiller(teacher, student, losses=sym) as d:
+            out = student(x)
+            (F.cross_entropy(out, y) + d.loss(target=y)).backward()
+        assert athooks.loss("symmetry", outputs=False).outputs is False  # Eq. 6 alone
+        ```
     """
 
     name = "symmetry"
+
+    def __init__(
+        self, beta: float = 1.0, outputs: bool = True, output_beta: float | None = None
+    ) -> None:
+        super().__init__(beta)
+        check_choice(f"{self.name}: outputs", outputs, (True, False), "True or False")
+        self.outputs = outputs
+        self.output_beta = (
+            None
+            if output_beta is None
+            else check_real(
+                output_beta,
+                owner=self.name,
+                option="output_beta",
+                minimum=0.0,
+                reason=NEGATIVE_WEIGHT,
+            )
+        )
 
     def forward(self, step: Step) -> Tensor:
         """The term of the step."""
         y = step.require_target(self.name)
         j = input_gradient(step, "student", y, self.name)
         j_flip = input_gradient(step, "student", y, self.name, flip=True)
-        return self.beta / 2 * _per_sample_norm(j - j_flip).mean()
+        term = self.beta / 2 * _per_sample_norm(j - j_flip).mean()
+        if not self.outputs:
+            return term
+        z = at_least_float32(logits_of(step.student_output, "student", self.name))
+        z_flip = at_least_float32(flipped_student_logits(step, y, self.name))
+        weight = self.beta if self.output_beta is None else self.output_beta
+        return term + weight / 2 * _per_sample_norm(z - z_flip).mean()
+
+    def extra_repr(self) -> str:
+        """The weights and whether the output term is on, for ``repr``."""
+        if not self.outputs:
+            return f"beta={self.beta:g}, outputs=False"
+        out = "beta" if self.output_beta is None else f"{self.output_beta:g}"
+        return f"beta={self.beta:g}, outputs=True, output_beta={out}"
 
 
 class InputGradL2(GradAT):

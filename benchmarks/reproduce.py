@@ -599,7 +599,7 @@ def paper_tables(
     paths = {m: str(teacher_file(config, m, digits, teacher_images)) for m in needed}
     runs_path = out / "paper-runs.csv"
     done: dict[str, dict[str, Any]] = {}
-    if args.resume and runs_path.exists():
+    if (args.resume or args.report) and runs_path.exists():
         with open(runs_path) as fh:
             for r in csv.DictReader(fh):
                 done[r["key"]] = r
@@ -719,7 +719,9 @@ def paper_tables(
         backlog.extend(ready_tasks())
         backlog.sort(key=priority)
 
-    if jobs == 1:
+    if args.report:  # the tables of the runs so far, nothing trained
+        pass
+    elif jobs == 1:
         saved = torch.get_num_threads()
         _init_paper_worker({**state, "threads": args.threads})
         refill()
@@ -749,7 +751,7 @@ def paper_tables(
                 refill()
     bar.close()
     teacher_errors = {}
-    for m in needed:
+    for m in [m for m in needed if Path(paths[m]).exists()]:
         t = create_model(m, num_classes=10, in_chans=split.chans)
         t.load_state_dict(torch.load(paths[m], map_location="cpu", weights_only=True))
         teacher_errors[m] = 100 * evaluate(t, split.x_test, split.y_test, "cpu")
@@ -804,6 +806,7 @@ def write_paper(
         return out_
 
     csv_rows = []
+    partial = False
     for table in [t for t in TABLE_TITLES if any(c.table == t for c in plan.cells)]:
         lines += [
             "",
@@ -833,9 +836,10 @@ def write_paper(
             else:
                 paper = PAPER[c.pair].get(c.method, "")
             if not good:
-                reason = skipped[0] if skipped else "not run"
+                reason = f"skipped: {skipped[0].split(';')[0]}" if skipped else "not run"
                 lines.append(f"| {PAIRS[c.pair].label} | {name} | | {reason} | | | 0 | {paper} |")
                 continue
+            partial = partial or len(good) < plan.seeds
             last = [float(r["test_last"]) for r in good]
             best = [float(r["test_best"]) for r in good]
             wins = sum(
@@ -861,6 +865,8 @@ def write_paper(
                     " ".join(f"{e:.2f}" for e in best),
                 ]
             )
+    if partial:
+        lines[0] += "; PARTIAL: some rows have fewer seeds than asked (see the seeds column)"
     lines += [
         "",
         "Last epoch: the test error of the weights after the last epoch; at the best validation "
@@ -972,6 +978,11 @@ def main(argv: list[str] | None = None) -> int:
         "--resume",
         action="store_true",
         help="keep the runs already in paper-runs.csv / zoo-runs.csv of the same --out",
+    )
+    parser.add_argument(
+        "--report",
+        action="store_true",
+        help="paper tables: write the tables of the runs in paper-runs.csv, train nothing",
     )
     parser.add_argument(
         "--smoke",

@@ -254,12 +254,18 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         "labels": args.labels,
         "device": args.device,
         "train_teacher": True if args.train_teacher else None,
+        "unlabeled": True if args.unlabeled else None,
     }
     config = replace(config, **{k: v for k, v in changes.items() if v is not None})
+    extra = (
+        f", and with it on the other {1300 - config.labels} images, unlabeled"
+        if config.unlabeled
+        else ""
+    )
     print(
         f"athooks demo: teacher {config.teacher} on all 1300 training digits, student "
         f"{config.student} on {config.labels} of them, with and without attention transfer "
-        f"(beta {config.beta:g}), seed {config.seed}",
+        f"(beta {config.beta:g}){extra}, seed {config.seed}",
         flush=True,
     )
     try:
@@ -418,6 +424,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--train-teacher",
         action="store_true",
         help="train the teacher here (about 2 minutes) instead of loading the shipped weights",
+    )
+    p_demo.add_argument(
+        "--unlabeled",
+        action="store_true",
+        help="also train a student with AT on the training images it has no label for",
     )
     p_demo.set_defaults(func=_cmd_demo)
     p_show = sub.add_parser(

@@ -137,3 +137,30 @@ def test_detector_levels_are_rows_without_downloading_a_backbone():
         ["backbone['1']", "BackboneWithFPN", "256x10x10", "NCHW", "32", "*"],
         ["backbone['pool']", "BackboneWithFPN", "256x5x5", "NCHW", "64", "*"],
     ]
+
+
+@pytest.mark.parametrize("flag", [[], ["--unlabeled"]])
+def test_demo_unlabeled_flag_reaches_the_config(flag, tmp_path, monkeypatch, capsys):
+    """`athooks demo --unlabeled` sets DemoConfig.unlabeled; without it the defaults stay."""
+    import athooks.demo.run
+    from athooks.cli import main
+    from athooks.demo.run import DemoConfig, DemoResult
+
+    seen = []
+
+    def fake_run_demo(config, out, **kwargs):
+        seen.append(config)
+        return DemoResult(
+            config, 0.03, 0.2, 0.1, unlabeled_error=0.08 if config.unlabeled else None
+        )
+
+    monkeypatch.setattr(athooks.demo.run, "run_demo", fake_run_demo)
+    assert main(["demo", *flag, "--out", str(tmp_path)]) == 0
+    (config,) = seen
+    assert config == DemoConfig(unlabeled=bool(flag))
+    out = capsys.readouterr().out
+    if flag:
+        assert "and with it on the other 1000 images, unlabeled" in out
+        assert "| student + AT, + 1000 unlabeled images | 8.0 |" in out
+    else:
+        assert "unlabeled images" not in out and "unlabeled," not in out

@@ -920,6 +920,14 @@ class Trigger:
     needs: tuple[str, ...] = ()  # fixtures the trigger takes: "tmp", "register", "monkeypatch"
 
 
+def _demo_unlabeled_without_distiller():
+    from athooks.demo.run import DemoConfig, train
+
+    x, y = torch.randn(4, 1, 32, 32), torch.zeros(4, dtype=torch.long)
+    student = create_model("wrn16_1", num_classes=10, in_chans=1)
+    train(student, x, y, epochs=1, config=DemoConfig(), unlabeled=x, progress=False)
+
+
 def t(id: str, cls: type[BaseException], run: Callable[..., Any], *needs: str) -> Trigger:
     return Trigger(id, cls, run, needs)
 
@@ -1152,6 +1160,15 @@ TRIGGERS = [
     t("checkpoint_junk", CE, lambda tmp: _checkpoint(tmp, "junk"), "tmp"),
     t("checkpoint_no_state", CE, lambda tmp: _checkpoint(tmp, "nostate"), "tmp"),
     t("checkpoint_misfit", CE, lambda tmp: _checkpoint(tmp, "misfit"), "tmp"),
+    t("demo_unlabeled_no_distiller", CE, _demo_unlabeled_without_distiller),
+    t(
+        "demo_unlabeled_all_labelled",
+        CE,
+        lambda tmp: __import__("athooks.demo.run").demo.run.run_demo(
+            __import__("athooks.demo.run").demo.run.DemoConfig(unlabeled=True, labels=1300), tmp
+        ),
+        "tmp",
+    ),
     # viz
     *[
         t(f"viz_{kind}", cls, (lambda tmp, k=kind: _viz(k, tmp)), "tmp")

@@ -5,12 +5,17 @@
 2. A student (WRN-16-1) is trained on the first ``labels`` training images only, twice from the
    same initialisation and the same batch order: once with cross-entropy alone, once with
    cross-entropy plus attention transfer from the teacher.
-3. Both are evaluated on the 497 test images; a table, a figure of attention maps and the three
-   models' weights (`teacher.pt`, `student.pt`, `student-at.pt`) are written.
+3. With ``unlabeled=True``, a third student from the same initialisation learns with AT on the
+   other training images as well, as unlabeled data: each step adds a batch of them to the
+   labelled batch, cross-entropy on the labelled part, ``d.loss()`` on the whole.
+4. The students are evaluated on the 497 test images; a table, a figure of attention maps and the
+   models' weights (`teacher.pt`, `student.pt`, `student-at.pt`, and `student-at-unlabeled.pt`)
+   are written.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -24,9 +29,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
+from tqdm import tqdm  # type: ignore[import-untyped]
 
-from athooks.demo.data import cluttered_digits
+from athooks.demo.data import N_TRAIN, cluttered_digits
 from athooks.distiller import Distiller
+from athooks.errors import ConfigurationError
 from athooks.losses.base import loss as make_loss
 from athooks.models import create_model
 
@@ -67,6 +74,7 @@ class DemoConfig:
     schedule: str = "cosine"  # or "paper": lr x0.2 at 30%, 60% and 80% of the epochs
     device: str = "cpu"
     train_teacher: bool = False  # train the teacher even where shipped weights fit the settings
+    unlabeled: bool = False  # also a student with AT on the unlabelled training images
 
 
 @dataclass
@@ -79,8 +87,12 @@ class DemoResult:
     at_error: float
     times: dict[str, float] = field(default_factory=dict)
     figure: str | None = None
+    unlabeled_error: float | None = None
+    """The test error of the student with AT on the unlabeled images too (``None`` without
+    ``config.unlabeled``)."""
     models: dict[str, nn.Module] = field(default_factory=dict, repr=False, compare=False)
-    """The trained models: ``teacher``, ``student`` (baseline) and ``student + AT``."""
+    """The trained models: ``teacher``, ``student`` (baseline), ``student + AT`` and, with
+    ``config.unlabeled``, ``student + AT, unlabeled``."""
 
     def as_dict(self) -> dict[str, Any]:
         """The results and settings, without the models (for JSON)."""
@@ -104,34 +116,35 @@ class DemoResult:
             f"| student + AT (beta {c.beta:g}) | {100 * self.at_error:.1f} | "
             f"{self.times.get('at', 0):.0f} |",
         ]
+        if self.unlabeled_error is not None:
+            rows.append(
+                f"| student + AT, + {self.unlabeled_images} unlabeled images | "
+                f"{100 * self.unlabeled_error:.1f} | {self.times.get('at_unlabeled', 0):.0f} |"
+            )
         head = "| model | test error (%) | time (s) |\n|---|---|---|\n"
         tail = f"\nrelative error reduction by AT: {100 * self.relative_reduction:.1f}%"
+        if self.unlabeled_error is not None:
+            share = (self.baseline_error - self.unlabeled_error) / self.baseline_error
+            tail += f"\nrelative error reduction by AT with unlabeled images: {100 * share:.1f}%"
         return head + "\n".join(rows) + tail
 
+    @property
+    def unlabeled_images(self) -> int:
+        """How many training images the student has no label for (1300 - ``config.labels``)."""
+        return max(N_TRAIN - self.config.labels, 0)
 
-class _Progress:
-    """A one-line progress report per run, on stderr."""
 
-    def __init__(self, label: str, total: int, enabled: bool = True) -> None:
-        self.label, self.total, self.enabled = label, total, enabled
-        self.start = time.perf_counter()
-
-    def update(self, epoch: int, loss: float, acc: float) -> None:
-        if not self.enabled:
-            return
-        done = int(20 * epoch / self.total)
-        bar = "#" * done + "." * (20 - done)
-        elapsed = time.perf_counter() - self.start
-        sys.stderr.write(
-            f"\r{self.label:<10} [{bar}] epoch {epoch:>3}/{self.total} loss {loss:7.4f} "
-            f"train acc {100 * acc:5.1f}% {elapsed:5.0f}s"
-        )
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
+def _progress_bar(label: str, epochs: int, enabled: bool) -> Any:
+    """One tqdm bar per run on stderr, in epochs, with an ETA (``enabled=False``: silent)."""
+    return tqdm(
+        total=epochs,
+        desc=f"{label:<10}",
+        unit="epoch",
+        file=sys.stderr,
+        disable=not enabled,
+        dynamic_ncols=True,
+        bar_format="{desc} {bar:20} epoch {n_fmt:>3}/{total_fmt} [{elapsed}<{remaining}]{postfix}",
+    )
 
 
 def train(
@@ -145,8 +158,15 @@ def train(
     label: str = "train",
     progress: bool = True,
     ce_weight: float = 1.0,
+    unlabeled: Tensor | None = None,
 ) -> float:
     """Train ``model`` with SGD (momentum 0.9, cosine learning rate) and return the time taken.
+
+    An epoch is one pass over the labelled images ``x``. With ``unlabeled`` images, each step
+    also draws as many of them as the labelled batch holds (cycling through them in an order of
+    their own generator, so the labelled batches stay those of a run without them), runs the
+    student once on both (concatenated), takes the cross-entropy on the labelled part only and
+    ``distiller.loss()`` (without labels) on the whole batch.
 
     Args:
         model: The model to train.
@@ -154,14 +174,46 @@ def train(
         y: Training labels.
         epochs: Number of epochs.
         config: Batch size, learning rate, weight decay, seed.
-        distiller: Adds ``distiller.loss(target=labels)`` to the cross-entropy when given.
-        label: Name shown in the progress line.
-        progress: Whether to show the progress line.
+        distiller: Adds ``distiller.loss(target=labels)`` to the cross-entropy when given
+            (``distiller.loss()`` with ``unlabeled``: the batch has labels for its first part
+            only).
+        label: Name shown in the progress bar.
+        progress: Whether to show the progress bar (tqdm, on stderr).
         ce_weight: Factor of the cross-entropy (``1 - alpha`` for KD as in the authors' code).
+        unlabeled: Images without labels for the distiller, ``(M, C, H, W)``; needs
+            ``distiller``.
 
     Returns:
         Seconds.
+
+    Raises:
+        ConfigurationError: If ``unlabeled`` is given without a distiller, or holds no image.
+
+    Example:
+        ```python
+        import torch
+        from athooks import Distiller, loss
+        from athooks.demo.run import DemoConfig, train
+        from athooks.models import create_model
+
+        config = DemoConfig(batch=4)
+        teacher = create_model("wrn16_1", num_classes=10, in_chans=1)
+        student = create_model("wrn16_1", num_classes=10, in_chans=1)
+        x, y = torch.randn(8, 1, 32, 32), torch.randint(0, 10, (8,))
+        extra = torch.randn(6, 1, 32, 32)  # images without labels
+        d = Distiller(teacher, student, losses=loss("at", beta=300))
+        seconds = train(student, x, y, epochs=1, config=config, distiller=d, unlabeled=extra,
+                        progress=False)
+        ```
     """
+    if unlabeled is not None and (distiller is None or len(unlabeled) == 0):
+        raise ConfigurationError(
+            "train(unlabeled=...): unlabeled images only reach the student through "
+            "distiller.loss(), so they need a distiller and at least one image; got "
+            f"distiller={'None' if distiller is None else 'a Distiller'} and "
+            f"{len(unlabeled)} unlabeled images. Pass distiller=Distiller(teacher, model, ...), "
+            "or leave unlabeled=None"
+        )
     device = torch.device(config.device)
     opt = torch.optim.SGD(
         model.parameters(), lr=config.lr, momentum=0.9, weight_decay=config.weight_decay
@@ -174,33 +226,66 @@ def train(
     else:
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * steps_per_epoch)
     order = torch.Generator().manual_seed(config.seed + 1)  # the same batches for every run
-    bar = _Progress(label, epochs, progress)
+    pool = _Cycle(unlabeled, config.seed + 2) if unlabeled is not None else None
+    bar = _progress_bar(label, epochs, progress)
     start = time.perf_counter()
     model.train()
     context = distiller if distiller is not None else _Nothing()
     with context:
-        for epoch in range(1, epochs + 1):
+        for _ in range(epochs):
             perm = torch.randperm(len(x), generator=order)
             total, correct, seen = 0.0, 0, 0
             for i in range(0, len(x), config.batch):
                 idx = perm[i : i + config.batch]
                 xb = random_shift(x[idx], config.shift, order, config.pad_mode, config.flip)
+                n = len(idx)
+                if pool is not None:  # as many unlabeled images, augmented alike
+                    extra = random_shift(
+                        pool.take(n), config.shift, pool.generator, config.pad_mode, config.flip
+                    )
+                    xb = torch.cat([xb, extra])
                 xb = xb.to(device)
                 yb = y[idx].to(device)
                 out = model(xb)
-                loss = ce_weight * F.cross_entropy(out, yb)
+                loss = ce_weight * F.cross_entropy(out[:n], yb)
                 if distiller is not None:
-                    loss = loss + distiller.loss(target=yb)
+                    loss = loss + distiller.loss(target=yb if pool is None else None)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()  # type: ignore[no-untyped-call]
                 opt.step()
                 sched.step()
-                total += loss.item() * len(idx)
-                correct += int((out.argmax(1) == yb).sum())
-                seen += len(idx)
-            bar.update(epoch, total / seen, correct / seen)
+                total += loss.item() * n
+                correct += int((out[:n].argmax(1) == yb).sum())
+                seen += n
+            bar.set_postfix(
+                {"loss": f"{total / seen:.4f}", "train acc": f"{100 * correct / seen:.1f}%"},
+                refresh=False,
+            )
+            bar.update(1)
     bar.close()
     return time.perf_counter() - start
+
+
+class _Cycle:
+    """Batches of unlabeled images, cycling through them in a random order of their own."""
+
+    def __init__(self, images: Tensor, seed: int) -> None:
+        self.images = images
+        self.generator = torch.Generator().manual_seed(seed)
+        self.order = torch.randperm(len(images), generator=self.generator)
+        self.next = 0
+
+    def take(self, n: int) -> Tensor:
+        """The next ``n`` images (a new order each time the images run out)."""
+        picked = []
+        while n > 0:
+            if self.next == len(self.order):
+                self.order = torch.randperm(len(self.images), generator=self.generator)
+                self.next = 0
+            k = min(n, len(self.order) - self.next)
+            picked.append(self.order[self.next : self.next + k])
+            self.next, n = self.next + k, n - k
+        return self.images[torch.cat(picked)]
 
 
 def random_shift(
@@ -346,13 +431,23 @@ def run_demo(
     Args:
         config: The settings (defaults: :class:`DemoConfig`).
         out: Folder for the figure and the results.
-        progress: Show a progress line per run.
+        progress: Show a progress bar per run (tqdm, on stderr).
         figure: Write the attention-map figure (needs matplotlib).
 
     Returns:
         The result.
+
+    Raises:
+        ConfigurationError: If ``config.unlabeled`` is set but the student has labels for every
+            training image (``labels >= 1300``).
     """
     config = config or DemoConfig()
+    if config.unlabeled and config.labels >= N_TRAIN:
+        raise ConfigurationError(
+            f"DemoConfig(unlabeled=True, labels={config.labels}): the student has labels for "
+            f"all {N_TRAIN} training images, so none is left as unlabeled data; give labels < "
+            f"{N_TRAIN} (default 300), or unlabeled=False"
+        )
     device = torch.device(config.device)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -388,6 +483,8 @@ def run_demo(
     baseline = create_model(config.student, num_classes=10, in_chans=1).to(device)
     with_at = create_model(config.student, num_classes=10, in_chans=1).to(device)
     with_at.load_state_dict(baseline.state_dict())  # the same initialisation
+    # a copy, not a third create_model: the global random state stays that of the default run
+    with_unlabeled = copy.deepcopy(with_at) if config.unlabeled else None
     times["baseline"] = train(
         baseline,
         x_few,
@@ -408,12 +505,29 @@ def run_demo(
         label="AT",
         progress=progress,
     )
+    unlabeled_error = None
+    if with_unlabeled is not None:
+        unlabeled = x[config.labels :]  # the training images the student has no label for
+        distiller = Distiller(teacher, with_unlabeled, losses=make_loss("at", beta=config.beta))
+        times["at_unlabeled"] = train(
+            with_unlabeled,
+            x_few,
+            y_few,
+            epochs=config.epochs,
+            config=config,
+            distiller=distiller,
+            label="AT+unlabeled",
+            progress=progress,
+            unlabeled=unlabeled,
+        )
+        unlabeled_error = evaluate(with_unlabeled, x_test, y_test, config.device)
     result = DemoResult(
         config=config,
         teacher_error=teacher_error,
         baseline_error=evaluate(baseline, x_test, y_test, config.device),
         at_error=evaluate(with_at, x_test, y_test, config.device),
         times=times,
+        unlabeled_error=unlabeled_error,
     )
     if figure:
         from athooks.demo.figure import attention_figure
@@ -422,7 +536,11 @@ def run_demo(
         attention_figure(teacher, baseline, with_at, x_test[:2], path, config.device)
         result.figure = str(path)
     result.models = {"teacher": teacher, "student": baseline, "student + AT": with_at}
-    for name, model in (("teacher", teacher), ("student", baseline), ("student-at", with_at)):
+    files = {"teacher": teacher, "student": baseline, "student-at": with_at}
+    if with_unlabeled is not None:
+        result.models["student + AT, unlabeled"] = with_unlabeled
+        files["student-at-unlabeled"] = with_unlabeled
+    for name, model in files.items():
         torch.save(model.state_dict(), out_dir / f"{name}.pt")
     (out_dir / "results.json").write_text(json.dumps(result.as_dict(), indent=2, default=str))
     (out_dir / "results.md").write_text(result.table() + "\n")

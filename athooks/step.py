@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from athooks._compile import eager
+from athooks._compile import eager, forget_compiled, hold_hook_guards
 from athooks.context import in_backward, internal_depth, internal_run
 from athooks.errors import CaptureError, ConfigurationError
 from athooks.layers import unwrap
@@ -733,7 +733,9 @@ class StepRecorder:
         if record is None:
             raise CaptureError(
                 "d.loss() was called before any forward of the student inside the Distiller; "
-                f"call student(x) first, then d.loss().{skipped}"
+                "call student(x) first, then d.loss() (a call through a model compiled before "
+                "the Distiller was made, which wraps the student, runs code without athooks' "
+                f"hooks: call torch._dynamo.reset() after creating the Distiller).{skipped}"
             )
         if record.consumed:
             raise CaptureError(
@@ -780,6 +782,8 @@ class Attachment:
         refuse_data_parallel(recorder.student, "student")
         made = cls()
         try:
+            made._releases.append(hold_hook_guards())  # compiled code sees the hooks
+            forget_compiled([recorder.student, recorder.teacher.teacher])
             made._releases.append(register_student(recorder.student))
             guard = TeacherGuard.acquire(recorder.teacher.teacher)
             made._releases.append(guard.release)

@@ -38,7 +38,6 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from athooks._compile import eager
 from athooks.context import functorch_active, internal_depth
 from athooks.errors import CaptureError
 from athooks.layers import Layer, ResolvedPair, layer_label
@@ -302,7 +301,6 @@ class _TapHook:
         self._set = weakref.ref(tapset)
         self._indices = tuple(indices)
 
-    @eager  # run eagerly inside a compiled model: a graph break per tap
     def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
         tapset = self._set()
         if tapset is None:
@@ -379,6 +377,8 @@ class Tap:
         Returns:
             The capture.
         """
+        if torch.compiler.is_compiling():
+            return self._capture_traced(output, previous)
         copy = self.copy or self.probing
         grad = torch.is_grad_enabled()
         if self.student and grad and not functorch_active():
@@ -401,6 +401,32 @@ class Tap:
             version=version,
             calls=previous.calls + 1 if previous is not None else 1,
             grad_enabled=grad,
+        )
+
+    def _capture_traced(self, output: Any, previous: Capture | None) -> Capture:
+        """:meth:`capture` as torch.compile traces it into the model's graph.
+
+        Version counters cannot be read while tracing, so the first-call probe of ``copy="auto"``
+        cannot run here: a tap that has not probed yet (no eager step before compiling) maps a
+        copy, as ``copy="always"`` does, and keeps doing so, since a later in-place op in the
+        traced forward (``ReLU(inplace=True)`` after a BatchNorm) would otherwise change what the
+        backward of the map reads, with no error under some backends. Inside inductor's graph the
+        copy fuses into the map's kernel. A tap that probed in an eager step copies only if that
+        step found an in-place overwrite. An edit of a returned output after the forward is
+        refused by autograd's own check of the graph's saved tensors.
+        """
+        copy = self.copy or self.probing
+        raw, values = apply_layer(self.layer, output, self.mappings, self.where, copy=copy)
+        if not self.layout_checked:  # pure Python on shapes: nothing enters the graph
+            refuse_tokens(self.module, raw, self.where)
+        if not self.student:
+            values = {mapping: value.detach().clone() for mapping, value in values.items()}
+        return Capture(
+            values=values,
+            source=None,
+            version=None,
+            calls=previous.calls + 1 if previous is not None else 1,
+            grad_enabled=torch.is_grad_enabled(),
         )
 
     def check_layout(self, features: Tensor) -> None:
@@ -651,10 +677,13 @@ class TapSet:
         if compiled(self.model) and not store:
             return (
                 f"{head}, nor did any other tapped layer: the student runs code that "
-                "torch.compile made before this Distiller added its hooks, and compiled code "
-                "does not see hooks added later. Create the Distiller first, then compile "
-                "(`with Distiller(teacher, student) as d: model = torch.compile(student)`), or "
-                "call torch._dynamo.reset() after creating the Distiller to recompile"
+                "torch.compile made without athooks' hooks (before this Distiller added them, "
+                "through a compiled model that wraps the student, or for another model of the "
+                "same class while torch._dynamo.config.skip_nnmodule_hook_guards was set to "
+                "True inside the block). athooks recompiles the student's own code when it "
+                "attaches and turns those guards on while attached; call torch._dynamo.reset() "
+                "after creating the Distiller to recompile everything, and leave "
+                "skip_nnmodule_hook_guards as athooks sets it inside the block"
             )
         children = list(tap.module.named_children())
         if children and any(

@@ -239,16 +239,18 @@ def _detached():
 
 
 def _compiled_before():
+    import torch._dynamo.config as config
+
     class Early(TinyCNN):
         def forward(self, x):
             return super().forward(x)
 
-    teacher, student = TinyCNN(16), Early(8)
-    compiled = torch.compile(student, backend="eager")
-    compiled(X)
+    teacher, student, twin = TinyCNN(16), Early(8), Early(8)
     try:
         with Distiller(teacher, student, layers="relu?") as d:
-            compiled(X)
+            config.skip_nnmodule_hook_guards = True  # the user undoes athooks' setting
+            torch.compile(twin, backend="eager")(X)  # a hookless twin's code, no hook guards
+            torch.compile(student, backend="eager")(X)  # ... reused for the student
             d.loss()
     finally:
         torch._dynamo.reset()

@@ -102,7 +102,12 @@ def test_the_sweep_chooses_on_validation_never_on_test():
     plan = reproduce.Plan([reproduce.Cell("1", "A", "AT+KD")], 5, True, 300.0, 40, False)
     done = {}
     # AT: beta 300 is best on validation, beta 100 on test; KD: alpha 0.5 T 8 on validation
-    for beta, val, test in [(100, 20.0, 5.0), (300, 10.0, 30.0), (1000, 10.0, 9.0)]:
+    for beta, val, test in [
+        (30, 25.0, 4.0),
+        (100, 20.0, 5.0),
+        (300, 10.0, 30.0),
+        (1000, 10.0, 9.0),
+    ]:
         k, r = _run(reproduce, "A", "AT", {"beta": beta}, False, 10, "tune", val, test)
         done[k] = r
     assert not plan.ready(("A", "AT+KD", False), done)  # KD's sweep has not run

@@ -1,0 +1,206 @@
+"""torch.compile: athooks' taps trace into the student's graph, with the values of eager mode.
+
+References are independent: the authors' AT loss written from the paper (``ref_at_loss_code``)
+on feature maps computed by hand, in float64.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+import torch._dynamo.config as dynamo_config
+import torch._dynamo.utils as dynamo_utils
+from conftest import TinyCNN, ref_at_loss_code
+from torch import nn
+
+from athooks import CaptureError, Distiller
+
+X = [torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def pre_activation_maps(model: TinyCNN, x: torch.Tensor) -> list[torch.Tensor]:
+    """The three BatchNorm outputs, before the in-place ReLUs, computed by hand."""
+    a = model.bn1(model.conv1(x))
+    b = model.bn2(model.conv2(torch.relu(a)))
+    c = model.bn3(model.conv3(torch.relu(b)))
+    return [a, b, c]
+
+
+class Student(TinyCNN):
+    def forward(self, x):
+        return super().forward(x)
+
+
+def explain_breaks(model: nn.Module, x: torch.Tensor) -> list[str]:
+    out = torch._dynamo.explain(model)(x)
+    assert out.graph_break_count == len(out.break_reasons) or out.break_reasons
+    return [r.reason.splitlines()[0] for r in out.break_reasons] if out.graph_break_count else []
+
+
+def test_no_graph_break_on_a_timm_resnet_with_auto_layers():
+    torch.manual_seed(0)
+    teacher = timm.create_model("resnet34", num_classes=10)
+    student = timm.create_model("resnet18", num_classes=10)
+    x = torch.randn(2, 3, 64, 64)
+    with Distiller(teacher, student, layers="auto") as d:
+        compiled = torch.compile(student, backend="eager")
+        compiled(x)
+        d.loss()
+        out = torch._dynamo.explain(student)(x)
+        assert out.graph_break_count == 0, [r.reason for r in out.break_reasons]
+        assert out.graph_count == 1
+        compiled(x)
+        assert d.loss().item() > 0
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_steps_match_the_reference_with_inplace_relu_after_the_taps(backend):
+    """Taps on BatchNorms that an in-place ReLU overwrites: eager athooks copies them; in the
+    compiled graph nothing needs copying. Loss and gradient of each step are the reference's."""
+    torch.manual_seed(0)
+    teacher, student = TinyCNN(16).double(), Student(8).double()
+    teacher.eval()
+    reference = copy.deepcopy(student)
+    with Distiller(teacher, student, layers="bn?") as d:
+        compiled = torch.compile(student, backend=backend)
+        for x in X:
+            x = x.double()
+            compiled(x)
+            loss = d.loss()
+            student.zero_grad()
+            loss.backward()
+            with torch.no_grad():
+                t_maps = pre_activation_maps(teacher, x)
+            want = ref_at_loss_code(
+                list(zip(t_maps, pre_activation_maps(reference, x), strict=True))
+            )
+            reference.zero_grad()
+            want.backward()
+            assert loss.item() == pytest.approx(want.item(), rel=1e-9)
+            for p, q in zip(student.parameters(), reference.parameters(), strict=True):
+                if q.grad is not None:
+                    torch.testing.assert_close(p.grad, q.grad, rtol=1e-7, atol=1e-10)
+        assert explain_breaks(student, X[0].double()) == []
+
+
+class Returns(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = TinyCNN(8)
+
+    def forward(self, x):
+        feats = self.body.relu2(self.body.bn2(self.body.conv2(self.body.relu1(self.body.conv1(x)))))
+        return feats
+
+
+def test_output_edited_after_the_compiled_forward_is_refused_at_backward():
+    torch.manual_seed(0)
+    teacher, student = Returns(), Returns()
+    with Distiller(teacher, student, layers="body.relu2") as d:
+        compiled = torch.compile(student, backend="aot_eager")
+        out = compiled(X[0])
+        out.mul_(3)  # an edit of the tapped output, after the forward
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            d.loss().backward()
+
+
+class Validated(TinyCNN):
+    def forward(self, x):
+        return super().forward(x)
+
+
+def test_validation_between_steps_captures_nothing_and_compiles_once_per_mode():
+    torch.manual_seed(0)
+    teacher, student = TinyCNN(16), Validated(8)
+    twin = copy.deepcopy(student)
+    with Distiller(teacher, student, layers="relu?") as d:
+        compiled = torch.compile(student, backend="aot_eager")
+        graphs = []
+        for x in X:
+            compiled(x)
+            loss = d.loss()
+            with torch.no_grad():
+                compiled(x)  # validation: not a step
+            with pytest.raises(CaptureError, match="already called"):
+                d.loss()
+            graphs.append(dynamo_utils.counters["stats"]["unique_graphs"])
+    assert graphs[1] == graphs[2], "a step must not recompile"
+    with Distiller(teacher, twin, layers="relu?") as d:
+        twin(X[-1])
+        assert loss.item() == pytest.approx(d.loss().item(), rel=1e-5)
+
+
+class Shared(TinyCNN):
+    def forward(self, x):
+        return super().forward(x)
+
+
+def test_a_hookless_model_of_the_same_class_compiled_first_does_not_hide_the_taps():
+    """A baseline or EMA copy of the student's class compiled without hooks: its code must not
+    run for the hooked student (dynamo skips hook guards by default)."""
+    torch.manual_seed(0)
+    teacher, student = TinyCNN(16), Shared(8)
+    baseline, twin = copy.deepcopy(student), copy.deepcopy(student)
+    compiled_baseline = torch.compile(baseline, backend="aot_eager")
+    compiled_baseline(X[0])
+    with Distiller(teacher, twin, layers="relu?") as d:
+        twin(X[0])
+        want = d.loss().item()
+    with Distiller(teacher, student, layers="relu?") as d:
+        compiled = torch.compile(student, backend="aot_eager")
+        compiled(X[0])
+        assert d.loss().item() == pytest.approx(want, rel=1e-5)
+        torch.testing.assert_close(compiled_baseline(X[1]), baseline(X[1]))
+        compiled_baseline = torch.compile(copy.deepcopy(baseline), backend="aot_eager")
+        compiled_baseline(X[1])  # another hookless one compiled inside the block
+        compiled(X[0])
+        assert d.loss().item() == pytest.approx(want, rel=1e-5)
+
+
+class After(TinyCNN):
+    def forward(self, x):
+        return super().forward(x)
+
+
+def test_after_the_block_compiled_code_runs_without_the_taps_and_the_setting_is_back():
+    torch.manual_seed(0)
+    before = dynamo_config.skip_nnmodule_hook_guards
+    teacher, student = TinyCNN(16), After(8)
+    calls = []
+    teacher.register_forward_hook(lambda *a: calls.append(1))
+    with Distiller(teacher, student, layers="relu?") as d:
+        assert dynamo_config.skip_nnmodule_hook_guards is False
+        compiled = torch.compile(student, backend="aot_eager")
+        compiled(X[0])
+        d.loss()
+    assert dynamo_config.skip_nnmodule_hook_guards == before
+    ran = len(calls)
+    torch.testing.assert_close(compiled(X[1]), student(X[1]))
+    assert len(calls) == ran  # the teacher no longer runs
+    assert not student._forward_hooks and not student.relu1._forward_hooks
+
+
+class Nested(TinyCNN):
+    def forward(self, x):
+        return super().forward(x)
+
+
+def test_nested_distillers_restore_the_setting_once_the_last_detaches():
+    before = dynamo_config.skip_nnmodule_hook_guards
+    teacher = TinyCNN(16)
+    first = Distiller(teacher, Nested(8), layers="relu?").attach()
+    second = Distiller(teacher, Nested(8), layers="relu?").attach()
+    first.detach()
+    assert dynamo_config.skip_nnmodule_hook_guards is False
+    second.detach()
+    assert dynamo_config.skip_nnmodule_hook_guards == before

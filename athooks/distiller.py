@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -33,6 +33,7 @@ from athooks.step import (
     check_per_image,
 )
 from athooks.taps import PairedTaps
+from athooks.teacher import teacher_options
 
 __all__ = ["Distiller"]
 
@@ -85,6 +86,16 @@ class Distiller:
             input of each model's classifier (:meth:`athooks.Layer.pre_logits`); else a name, a
             :class:`athooks.Layer` (``Layer("head.fc", of="input")``), a module, or a
             ``(teacher, student)`` tuple of them.
+        teacher_compile: Compile the teacher once, on the first step (``True``, or a dict of
+            ``torch.compile`` arguments such as ``{"mode": "max-autotune"}``); the teacher
+            module itself is not changed.
+        teacher_dtype: ``torch.bfloat16`` or ``torch.float16``: run the teacher under
+            ``torch.autocast`` with it; its maps and outputs reach the losses in float32.
+        teacher_channels_last: Give the teacher its 4-D inputs in the channels-last memory
+            format (convert its weights yourself for the whole gain).
+        truncate_teacher: Stop the teacher's forward after its last tapped layer (refused when
+            a loss needs the teacher's output, e.g. KD). See "Performance" for what each of
+            these four saves and how close its maps stay to the float32 eager teacher's.
 
     Example:
         ```python
@@ -119,6 +130,10 @@ class Distiller:
         check_finite: bool = False,
         no_grad: NoGradPolicy = "skip",
         embedding: Any = "auto",
+        teacher_compile: bool | Mapping[str, Any] = False,
+        teacher_dtype: torch.dtype | None = None,
+        teacher_channels_last: bool = False,
+        truncate_teacher: bool = False,
     ) -> None:
         check_pair(teacher, student)
         if teacher_input is not None and not callable(teacher_input):
@@ -152,7 +167,15 @@ class Distiller:
             if self._losses.needs_classifier
             else None
         )
-        self._runner = TeacherRunner(teacher, teacher_input)
+        options = teacher_options(
+            teacher_compile,
+            teacher_dtype,
+            teacher_channels_last,
+            truncate_teacher,
+            needs_output=self._losses.needs_teacher_output,
+            losses=", ".join(self._losses.labels),
+        )
+        self._runner = TeacherRunner(teacher, teacher_input, options)
         self._recorder = StepRecorder(
             student,
             self._runner,

@@ -24,7 +24,7 @@ import sys
 import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, Literal
@@ -37,7 +37,8 @@ from athooks._compile import eager, forget_compiled, hold_hook_guards
 from athooks.context import in_backward, internal_depth, internal_run
 from athooks.errors import CaptureError, ConfigurationError
 from athooks.layers import unwrap
-from athooks.taps import Captures, InertHook, TapSet, is_replica
+from athooks.taps import Captures, InertHook, StopForward, TapSet, is_replica
+from athooks.teacher import TeacherOptions, float32_outputs
 from athooks.tensors import (
     adapted_input,
     all_tensors,
@@ -361,13 +362,81 @@ class TeacherRunner:
     Args:
         teacher: The teacher model.
         teacher_input: The user's adapter of the student's inputs, or ``None``.
+        options: How to run it (:mod:`athooks.teacher`); the default runs it as it is.
     """
 
-    def __init__(self, teacher: nn.Module, teacher_input: Callable[..., Any] | None) -> None:
+    def __init__(
+        self,
+        teacher: nn.Module,
+        teacher_input: Callable[..., Any] | None,
+        options: TeacherOptions | None = None,
+    ) -> None:
         self.teacher = teacher
         self.teacher_input = teacher_input
+        self.options = options if options is not None else TeacherOptions()
         self.taps: TapSet | None = None
         self.guard: TeacherGuard | None = None
+        self._compiled: Callable[..., Any] | None = None
+        self._prepared: TapSet | None = None  # the tap set the options were applied to
+        self._calls: dict[int, int] | None = None  # tap index -> calls in a whole forward
+
+    def _callable(self) -> Callable[..., Any]:
+        if not self.options.compile:
+            return self.teacher
+        if self._compiled is None:
+            self._compiled = torch.compile(self.teacher, **self.options.compile_options)
+        return self._compiled
+
+    def _prepare(self, taps: TapSet) -> None:
+        """Apply the options to the teacher's taps (once per tap set)."""
+        if self._prepared is taps:
+            return
+        for tap in taps.taps:
+            tap.float_maps = self.options.dtype is not None
+        taps.stop_after = None
+        self._calls = None
+        self._prepared = taps
+
+    def _arguments(
+        self, t_args: tuple[Any, ...], t_kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        if not self.options.channels_last:
+            return t_args, t_kwargs
+
+        def convert(value: Any) -> Any:
+            if isinstance(value, Tensor) and value.dim() == 4 and value.is_floating_point():
+                return value.contiguous(memory_format=torch.channels_last)
+            return value
+
+        return tuple(convert(a) for a in t_args), {k: convert(v) for k, v in t_kwargs.items()}
+
+    def _autocast(self, t_args: tuple[Any, ...], t_kwargs: dict[str, Any]) -> Any:
+        dtype = self.options.dtype
+        if dtype is None:
+            return nullcontext()
+        first = first_tensor((t_args, t_kwargs))
+        device = first.device.type if first is not None else "cpu"
+        return torch.autocast(device, dtype=dtype)
+
+    def _check_calls(self, store: Captures | None, stopped: bool) -> None:
+        """``truncate``: learn the calls of a whole forward, then check each cut one."""
+        taps = self.taps
+        if store is None or taps is None or not self.options.truncate:
+            return
+        calls = {index: cap.calls for index, cap in store.items()}
+        if self._calls is None:
+            self._calls = calls
+            taps.stop_after = store.calls if calls else None
+            return
+        if calls != self._calls or (not stopped and taps.stop_after is not None):
+            names = ", ".join(taps.taps[i].name for i in sorted(set(calls) ^ set(self._calls)))
+            raise CaptureError(
+                "truncate_teacher=True cuts the teacher's forward after as many calls of its "
+                f"tapped layers as the first step made ({store.calls} of {self._calls}), but "
+                f"this step's calls differ ({calls}{'; ' + names if names else ''}): the "
+                "teacher runs other layers for other inputs. Drop truncate_teacher for this "
+                "teacher"
+            )
 
     def call_args(
         self, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -403,13 +472,26 @@ class TeacherRunner:
         inputs = [t for t in all_tensors((args, kwargs)) if not t.is_inference()]
         versions = [t._version for t in inputs]
         store = None
+        options = self.options
+        stopped = False
         with self._frozen():
             taps = self.taps if capture else None
             if taps is not None:
+                self._prepare(taps)
                 store = taps.arm()
+            if options.default:
+                teacher: Callable[..., Any] = self.teacher
+            else:
+                t_args, t_kwargs = self._arguments(t_args, t_kwargs)
+                teacher = self._callable() if not grad else self.teacher
+            saved_stop = taps.stop_after if taps is not None else None
+            if taps is not None and grad:
+                taps.stop_after = None  # a run for input gradients needs the whole output
             try:
-                with torch.set_grad_enabled(grad):
-                    output = self.teacher(*t_args, **t_kwargs)
+                with torch.set_grad_enabled(grad), self._autocast(t_args, t_kwargs):
+                    output = teacher(*t_args, **t_kwargs)
+            except StopForward:
+                output, stopped = None, True
             except Exception as err:
                 if hasattr(err, "add_note"):
                     err.add_note(
@@ -420,7 +502,12 @@ class TeacherRunner:
                 raise
             finally:
                 if taps is not None:
+                    taps.stop_after = saved_stop
                     taps.disarm()
+        if not options.default:
+            self._check_calls(store, stopped)
+            if options.dtype is not None:
+                output = float32_outputs(output)
         if any(t._version != v for t, v in zip(inputs, versions, strict=True)):
             raise CaptureError(
                 "the teacher modified its input in place (e.g. `x.sub_(mean)` in its forward), "

@@ -50,6 +50,7 @@ __all__ = [
     "Captures",
     "InertHook",
     "PairedTaps",
+    "StopForward",
     "Tap",
     "TapSet",
     "apply_layer",
@@ -157,6 +158,7 @@ def apply_layer(
     where: str,
     *,
     copy: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, dict[AttentionMapping, Tensor]]:
     """Compute every mapping on a module's output, as the layer spec says to read it.
 
@@ -169,6 +171,8 @@ def apply_layer(
         mappings: The mappings to apply.
         where: The layer, for error messages (``"student layer 'layer3'"``).
         copy: Whether to map a copy of the selected tensor rather than the tensor itself.
+        dtype: Map the selected tensor converted to this floating dtype (a copy, if it is not in
+            it already), e.g. float32 for a teacher run in bfloat16.
 
     Returns:
         The selected tensor (before any copy) and the result of each mapping.
@@ -196,7 +200,10 @@ def apply_layer(
             "key), as athooks.Distiller does"
         )
     raw = select_tensor(output, layer.select, where)
-    source = raw.clone() if copy else raw
+    if dtype is not None and raw.is_floating_point() and raw.dtype != dtype:
+        source = raw.to(dtype)  # a copy already
+    else:
+        source = raw.clone() if copy else raw
     features = layer.transform(source) if layer.transform is not None else source
     if not isinstance(features, Tensor):
         raise CaptureError(
@@ -240,6 +247,15 @@ class Captures(dict[int, Capture]):
         super().__init__()
         self.depth = depth
         self.replicas: list[str] = []
+        self.calls = 0  # of the tapped modules, in this step
+
+
+class StopForward(BaseException):
+    """Raised by a teacher's last tap to cut its forward short (``truncate_teacher=True``).
+
+    A :class:`BaseException`, so that a model's own ``except Exception`` does not swallow it;
+    athooks' teacher runner catches it around the teacher's call, and it never reaches the user.
+    """
 
 
 class InertHook:
@@ -276,6 +292,14 @@ def is_replica(module: nn.Module, original: nn.Module) -> bool:
         and getattr(module, "_is_replica", False) is True
         and module._forward_hooks is original._forward_hooks
     )
+
+
+def _device_type(output: Any) -> str:
+    """The device type of the first tensor in a module's output (``"cpu"`` if none)."""
+    for value in output if isinstance(output, (tuple, list)) else (output,):
+        if isinstance(value, Tensor):
+            return value.device.type
+    return "cpu"
 
 
 def _shares_memory(a: Tensor, b: Tensor) -> bool:
@@ -318,6 +342,9 @@ class _TapHook:
             store[index] = tap.capture(
                 args if tap.layer.of == "input" else output, store.get(index)
             )
+        store.calls += 1
+        if tapset.stop_after is not None and store.calls == tapset.stop_after:
+            raise StopForward
 
     def __deepcopy__(self, memo: dict[int, Any]) -> _TapHook:
         return self
@@ -366,6 +393,7 @@ class Tap:
         self.probing = self.student and copy == "auto"
         self.warned_no_grad = False
         self.layout_checked = layer.transform is not None  # a transform says what it returns
+        self.float_maps = False  # maps of a float32 copy, autocast off (teacher_dtype)
 
     def capture(self, output: Any, previous: Capture | None = None) -> Capture:
         """Compute the maps of one call of the module (the last call of a step wins).
@@ -377,15 +405,25 @@ class Tap:
         Returns:
             The capture.
         """
+        if self.float_maps:
+            with torch.autocast(_device_type(output), enabled=False):
+                return self._capture(output, previous)
+        return self._capture(output, previous)
+
+    def _capture(self, output: Any, previous: Capture | None) -> Capture:
         if torch.compiler.is_compiling():
             return self._capture_traced(output, previous)
         copy = self.copy or self.probing
         grad = torch.is_grad_enabled()
         if self.student and grad and not functorch_active():
             with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
-                raw, values = apply_layer(self.layer, output, self.mappings, self.where, copy=copy)
+                raw, values = apply_layer(
+                    self.layer, output, self.mappings, self.where, copy=copy, dtype=self.dtype
+                )
         else:
-            raw, values = apply_layer(self.layer, output, self.mappings, self.where, copy=copy)
+            raw, values = apply_layer(
+                self.layer, output, self.mappings, self.where, copy=copy, dtype=self.dtype
+            )
         if not self.layout_checked:
             self.check_layout(raw)
         if not self.student:
@@ -416,7 +454,9 @@ class Tap:
         refused by autograd's own check of the graph's saved tensors.
         """
         copy = self.copy or self.probing
-        raw, values = apply_layer(self.layer, output, self.mappings, self.where, copy=copy)
+        raw, values = apply_layer(
+            self.layer, output, self.mappings, self.where, copy=copy, dtype=self.dtype
+        )
         if not self.layout_checked:  # pure Python on shapes: nothing enters the graph
             refuse_tokens(self.module, raw, self.where)
         if not self.student:
@@ -428,6 +468,11 @@ class Tap:
             calls=previous.calls + 1 if previous is not None else 1,
             grad_enabled=torch.is_grad_enabled(),
         )
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        """The dtype the maps are computed in, if not the features' own."""
+        return torch.float32 if self.float_maps else None
 
     def check_layout(self, features: Tensor) -> None:
         """Refuse a token sequence ``(B, N, C)`` read as a 1-D feature map (once per tap).
@@ -511,6 +556,7 @@ class TapSet:
         self.mappings = tuple(mappings)
         self.copy_policy = copy
         self.taps: list[Tap] = []
+        self.stop_after: int | None = None  # raise StopForward after this many calls
         self._index: dict[tuple[int, Layer, tuple[int, ...]], int] = {}
         self._handles: list[RemovableHandle] = []
         self._local = threading.local()

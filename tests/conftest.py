@@ -6,6 +6,7 @@ The reference functions below are written from the paper and the authors' code a
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
@@ -138,3 +139,16 @@ def data_parallel_replica(model: torch.nn.Module) -> torch.nn.Module:
             replica._modules[name] = copies[id(child)] if child is not None else None
         replica._parameters = module._parameters
     return copies[id(model)]
+
+
+SMALL_BATCHES = [
+    torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(i)) for i in range(3)
+]
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """Dynamo's caches emptied before and after, so no test reuses another's compiled code."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()

@@ -2,7 +2,7 @@
 
 The layers, bottom to top (a module may import its own layer and those below, never above):
 
-errors, version -> checks, specs, tensors, context, _compile -> layers, models, schedules ->
+errors, version -> checks, specs, tensors, context, _compile, teacher -> layers, models, schedules ->
 hookspecs -> registry -> mappings -> losses -> builtins, plugin | taps | discovery -> step, plan ->
 distiller -> viz, lightning, demo -> cli -> athooks
 
@@ -27,6 +27,7 @@ LAYERS: list[tuple[str, ...]] = [
         "athooks.context",
         "athooks._compile",
         "athooks.connectors",
+        "athooks.teacher",
     ),
     ("athooks.layers", "athooks.models", "athooks.schedules"),
     ("athooks.geometry",),

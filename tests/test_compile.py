@@ -13,19 +13,13 @@ import timm
 import torch
 import torch._dynamo.config as dynamo_config
 import torch._dynamo.utils as dynamo_utils
-from conftest import TinyCNN, ref_at_loss_code
+from conftest import SMALL_BATCHES, TinyCNN, ref_at_loss_code
 from torch import nn
 
 from athooks import CaptureError, Distiller
 
-X = [torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(i)) for i in range(3)]
-
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+X = SMALL_BATCHES
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def pre_activation_maps(model: TinyCNN, x: torch.Tensor) -> list[torch.Tensor]:
@@ -63,7 +57,7 @@ def test_no_graph_break_on_a_timm_resnet_with_auto_layers():
         assert d.loss().item() > 0
 
 
-@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("backend", ["eager", "aot_eager", "inductor"])
 def test_compiled_steps_match_the_reference_with_inplace_relu_after_the_taps(backend):
     """Taps on BatchNorms that an in-place ReLU overwrites: eager athooks copies them; in the
     compiled graph nothing needs copying. Loss and gradient of each step are the reference's."""

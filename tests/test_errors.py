@@ -256,6 +256,20 @@ def _compiled_before():
         torch._dynamo.reset()
 
 
+def _truncate_calls_differ():
+    class Branchy(TinyCNN):
+        def forward(self, x):
+            _, b, c = self.features(x)
+            if x.shape[-1] > 16:  # another count of tapped calls for wide inputs
+                c = self.relu3(self.bn3(self.conv3(b)))
+            return self.head(c.mean((2, 3)))
+
+    with Distiller(Branchy(16), TinyCNN(8), layers="relu?", truncate_teacher=True) as d:
+        d.student(torch.randn(2, 3, 32, 32))
+        d.loss()
+        d.student(torch.randn(2, 3, 16, 16))
+
+
 def _timm_checkpointing():
     import timm
 
@@ -944,6 +958,16 @@ TRIGGERS = [
     t("resize", CE, lambda: Distiller(*_pair(), layers="relu?", resize="nearest")),
     t("copy_outputs", CE, lambda: Distiller(*_pair(), layers="relu?", copy_outputs="never")),
     t("check_finite", CE, lambda: Distiller(*_pair(), layers="relu?", check_finite="yes")),
+    t("teacher_compile", CE, lambda: Distiller(*_pair(), layers="relu?", teacher_compile=1)),
+    t("teacher_dtype", CE, lambda: Distiller(*_pair(), layers="relu?", teacher_dtype=torch.int8)),
+    t("channels_last", CE, lambda: Distiller(*_pair(), layers="relu?", teacher_channels_last=1)),
+    t("truncate_type", CE, lambda: Distiller(*_pair(), layers="relu?", truncate_teacher="y")),
+    t(
+        "truncate_needs_output",
+        CE,
+        lambda: Distiller(*_pair(), layers="relu?", losses=["at", "kd"], truncate_teacher=True),
+    ),
+    t("truncate_calls_differ", CP, _truncate_calls_differ),
     t("losses_type", CE, lambda: Distiller(*_pair(), layers="relu?", losses=3)),
     t("losses_item", CE, lambda: Distiller(*_pair(), layers="relu?", losses=[nn.MSELoss()])),
     t("losses_empty", CE, lambda: Distiller(*_pair(), layers="relu?", losses=[])),

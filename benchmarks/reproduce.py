@@ -693,7 +693,14 @@ def paper_tables(
         + len(tuning)
         + args.seeds * len({run_key(plan.spec(g[0], g[1], {}, g[2], 0, "final")) for g in wanted})
     )
-    bar = tqdm(total=total, desc="runs", unit="run", file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(
+        total=total,
+        desc="runs",
+        unit="run",
+        file=sys.stderr,
+        dynamic_ncols=True,
+        disable=args.report,  # nothing trains
+    )
     pending_groups = [g for g in groups if g in wanted]
     queued: set[str] = set()
     phases = {"tune": 1, "probe": 2, "final": 3}

@@ -16,6 +16,7 @@ import torch._dynamo.utils as dynamo_utils
 from conftest import SMALL_BATCHES, TinyCNN, ref_at_loss_code
 from torch import nn
 
+import athooks
 from athooks import CaptureError, Distiller
 
 X = SMALL_BATCHES
@@ -85,6 +86,59 @@ def test_compiled_steps_match_the_reference_with_inplace_relu_after_the_taps(bac
                 if q.grad is not None:
                     torch.testing.assert_close(p.grad, q.grad, rtol=1e-7, atol=1e-10)
         assert explain_breaks(student, X[0].double()) == []
+
+
+def relu_outputs(model: TinyCNN, x: torch.Tensor) -> list[torch.Tensor]:
+    """The three ReLU outputs, computed by hand."""
+    a = torch.relu(model.bn1(model.conv1(x)))
+    b = torch.relu(model.bn2(model.conv2(a)))
+    return [a, b, torch.relu(model.bn3(model.conv3(b)))]
+
+
+class Wrapped(TinyCNN):
+    def forward(self, x):
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("in_place", [False, True], ids=["torch.compile", "model.compile"])
+@pytest.mark.parametrize("before", [False, True], ids=["after-attach", "before-attach"])
+def test_compiled_before_or_after_attach_wrapped_or_in_place(in_place, before):
+    """``torch.compile(student)`` or ``student.compile()``, before or after the Distiller: no
+    graph break, and each step's loss and gradient are the float64 reference's."""
+    torch.manual_seed(0)
+    teacher, student = TinyCNN(16).double().eval(), Wrapped(8, inplace=False).double()
+    reference = copy.deepcopy(student)
+
+    def compile_student() -> nn.Module:
+        if in_place:
+            student.compile(backend="aot_eager")
+            return student
+        return torch.compile(student, backend="aot_eager")
+
+    compiled = compile_student() if before else None
+    if before:
+        compiled(X[0].double())  # compiled code without the taps, from before the block
+    with Distiller(teacher, student, layers="relu?") as d:
+        if compiled is None:
+            compiled = compile_student()
+        dynamo_utils.counters.clear()
+        for x in X:
+            x = x.double()
+            compiled(x)
+            loss = d.loss()
+            student.zero_grad()
+            loss.backward()
+            with torch.no_grad():
+                t_maps = relu_outputs(teacher, x)
+            want = ref_at_loss_code(list(zip(t_maps, relu_outputs(reference, x), strict=True)))
+            reference.zero_grad()
+            want.backward()
+            assert loss.item() == pytest.approx(want.item(), rel=1e-9)
+            for p, q in zip(student.parameters(), reference.parameters(), strict=True):
+                if q.grad is not None:
+                    torch.testing.assert_close(p.grad, q.grad, rtol=1e-7, atol=1e-10)
+        assert not dynamo_utils.counters["graph_break"]
+        assert dynamo_utils.counters["stats"]["unique_graphs"] == 1
 
 
 class Returns(nn.Module):
@@ -198,3 +252,43 @@ def test_nested_distillers_restore_the_setting_once_the_last_detaches():
     assert dynamo_config.skip_nnmodule_hook_guards is False
     second.detach()
     assert dynamo_config.skip_nnmodule_hook_guards == before
+
+
+def paper_grad_at(teacher: nn.Module, student: nn.Module, x, y, beta: float):
+    """Eq. 3-5: beta/2 * mean_b ||J_S - J_T||_2, J = d CE_sum / dx, from copies in float64;
+    with the student's copy, for its gradients."""
+    t, s = copy.deepcopy(teacher).double(), copy.deepcopy(student).double()
+    xs = x.double().requires_grad_()
+    (j_s,) = torch.autograd.grad(
+        torch.nn.functional.cross_entropy(s(xs), y, reduction="sum"), xs, create_graph=True
+    )
+    xt = x.double().requires_grad_()
+    (j_t,) = torch.autograd.grad(torch.nn.functional.cross_entropy(t(xt), y, reduction="sum"), xt)
+    return beta / 2 * (j_s - j_t).flatten(1).norm(dim=1).mean(), s
+
+
+class GradStudent(TinyCNN):
+    def forward(self, x):
+        return super().forward(x)
+
+
+def test_grad_at_with_a_compiled_student_eager_backend_or_a_clear_error():
+    """Double backward: the eager backend gives the paper's value; AOTAutograd backends, which
+    cannot differentiate twice, are refused at d.loss() with the remedy, not at backward."""
+    torch.manual_seed(0)
+    teacher, student = TinyCNN(16).eval(), GradStudent(8, inplace=False).eval()
+    y = torch.arange(4) % 5
+    with Distiller(teacher, student, losses=athooks.loss("grad_at", beta=2.0)) as d:
+        torch.compile(student, backend="eager")(X[0])
+        got = d.loss(y)
+        want, reference = paper_grad_at(teacher, student, X[0], y, 2.0)
+        assert got.item() == pytest.approx(want.item(), rel=1e-4)
+        got.backward()
+        want.backward()
+        for p, q in zip(student.parameters(), reference.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, q.grad.float(), rtol=1e-3, atol=1e-5)
+    torch._dynamo.reset()
+    with Distiller(teacher, student, losses="grad_at") as d:
+        torch.compile(student, backend="aot_eager")(X[0])
+        with pytest.raises(CaptureError, match="double backward.*backend='eager'"):
+            d.loss(y)

@@ -383,6 +383,16 @@ def _grad_loss_no_grad():
         d.loss(torch.arange(4) % 5)
 
 
+def _grad_loss_compiled():
+    teacher, student = _pair()
+    try:
+        with Distiller(teacher, student, losses="grad_at") as d:
+            torch.compile(student, backend="aot_eager")(X)
+            d.loss(torch.arange(4) % 5)
+    finally:
+        torch._dynamo.reset()
+
+
 def _grad_loss_outside_distiller():
     from athooks.losses.base import Step
 
@@ -1127,6 +1137,7 @@ TRIGGERS = [
     t("grad_beta", CE, lambda: athooks.loss("grad_at", beta="big")),
     t("grad_outside_distiller", CP, _grad_loss_outside_distiller),
     t("grad_no_graph", CP, _grad_loss_no_grad),
+    t("grad_compiled", CP, _grad_loss_compiled),
     t("grad_no_input", CP, _grad_loss_without_input),
     t("grad_target_size", CP, _grad_target_size),
     # schedules and per-pair weights

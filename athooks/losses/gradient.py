@@ -84,6 +84,14 @@ def input_gradient(
         x_in = x.detach().requires_grad_()
         output = runner.run_teacher_on(x_in)
     logits = logits_of(output, who, loss_name)
+    if who == "student" and _through_compiled_autograd(logits):
+        raise CaptureError(
+            f"loss {loss_name!r} differentiates the student's input gradient (double backward), "
+            "but the student's forward ran through torch.compile's AOTAutograd (the inductor or "
+            "aot_eager backend), which does not support double backward; run this student "
+            "eagerly (without torch.compile or model.compile()), or compile it with "
+            "backend='eager'"
+        )
     if target.shape[0] != logits.shape[0]:
         raise CaptureError(
             f"loss {loss_name!r}: the target has {target.shape[0]} labels for a batch of "
@@ -97,6 +105,21 @@ def input_gradient(
         step.cache[f"{key}:logits"] = logits
     step.cache[key] = grad
     return grad
+
+
+def _through_compiled_autograd(t: Tensor) -> bool:
+    """Whether ``t``'s autograd graph has a node of AOTAutograd's compiled backward."""
+    seen: set[int] = set()
+    todo = [t.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if type(node).__name__ == "CompiledFunctionBackward":
+            return True
+        todo.extend(n for n, _ in node.next_functions)
+    return False
 
 
 def flipped_student_logits(step: Step, target: Tensor, loss_name: str) -> Tensor:

@@ -58,6 +58,26 @@ def test_no_graph_break_on_a_timm_resnet_with_auto_layers():
         assert d.loss().item() > 0
 
 
+def steps_match_the_reference(d, compiled, teacher, student, reference, maps) -> None:
+    """Steps on ``X`` in float64: each loss and gradient is the AT loss from the paper on the
+    maps ``maps(model, x)`` computed by hand (``reference``: an untouched copy of the student)."""
+    for x in X:
+        x = x.double()
+        compiled(x)
+        loss = d.loss()
+        student.zero_grad()
+        loss.backward()
+        with torch.no_grad():
+            t_maps = maps(teacher, x)
+        want = ref_at_loss_code(list(zip(t_maps, maps(reference, x), strict=True)))
+        reference.zero_grad()
+        want.backward()
+        assert loss.item() == pytest.approx(want.item(), rel=1e-9)
+        for p, q in zip(student.parameters(), reference.parameters(), strict=True):
+            if q.grad is not None:
+                torch.testing.assert_close(p.grad, q.grad, rtol=1e-7, atol=1e-10)
+
+
 @pytest.mark.parametrize("backend", ["eager", "aot_eager", "inductor"])
 def test_compiled_steps_match_the_reference_with_inplace_relu_after_the_taps(backend):
     """Taps on BatchNorms that an in-place ReLU overwrites: eager athooks copies them; in the
@@ -68,23 +88,7 @@ def test_compiled_steps_match_the_reference_with_inplace_relu_after_the_taps(bac
     reference = copy.deepcopy(student)
     with Distiller(teacher, student, layers="bn?") as d:
         compiled = torch.compile(student, backend=backend)
-        for x in X:
-            x = x.double()
-            compiled(x)
-            loss = d.loss()
-            student.zero_grad()
-            loss.backward()
-            with torch.no_grad():
-                t_maps = pre_activation_maps(teacher, x)
-            want = ref_at_loss_code(
-                list(zip(t_maps, pre_activation_maps(reference, x), strict=True))
-            )
-            reference.zero_grad()
-            want.backward()
-            assert loss.item() == pytest.approx(want.item(), rel=1e-9)
-            for p, q in zip(student.parameters(), reference.parameters(), strict=True):
-                if q.grad is not None:
-                    torch.testing.assert_close(p.grad, q.grad, rtol=1e-7, atol=1e-10)
+        steps_match_the_reference(d, compiled, teacher, student, reference, pre_activation_maps)
         assert explain_breaks(student, X[0].double()) == []
 
 
@@ -122,21 +126,7 @@ def test_compiled_before_or_after_attach_wrapped_or_in_place(in_place, before):
         if compiled is None:
             compiled = compile_student()
         dynamo_utils.counters.clear()
-        for x in X:
-            x = x.double()
-            compiled(x)
-            loss = d.loss()
-            student.zero_grad()
-            loss.backward()
-            with torch.no_grad():
-                t_maps = relu_outputs(teacher, x)
-            want = ref_at_loss_code(list(zip(t_maps, relu_outputs(reference, x), strict=True)))
-            reference.zero_grad()
-            want.backward()
-            assert loss.item() == pytest.approx(want.item(), rel=1e-9)
-            for p, q in zip(student.parameters(), reference.parameters(), strict=True):
-                if q.grad is not None:
-                    torch.testing.assert_close(p.grad, q.grad, rtol=1e-7, atol=1e-10)
+        steps_match_the_reference(d, compiled, teacher, student, reference, relu_outputs)
         assert not dynamo_utils.counters["graph_break"]
         assert dynamo_utils.counters["stats"]["unique_graphs"] == 1
 

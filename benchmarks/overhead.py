@@ -33,11 +33,20 @@ tensors), ``torch.cuda.max_memory_allocated`` on CUDA. Settings:
   batch 32: each variant's own transfer work (its forward-side code timed by wrapping it, the
   backward of the autograd nodes it adds from the profiler) and the end-to-end difference, with
   the cost per layer from a least-squares line;
-* a breakdown of athooks' extra time per step (taps, ``d.loss()``, backward) at batch 32.
+* a breakdown of athooks' extra time per step (taps, ``d.loss()``, backward) at batch 32;
+* the options part (``--only options``, or any of its flags alone): the compiled student
+  (``--compile``: ``floor+compile`` and ``athooks+compile``, backend ``--compile-backend``, with
+  the graph count and graph breaks of ``torch._dynamo.explain``) and the opt-in teacher options
+  (``--teacher-dtype bf16|fp16``, ``--teacher-compile``, ``--teacher-channels-last``,
+  ``--truncate``: variants ``athooks+teacher_bf16`` and so on), each with its step time and
+  memory against its floor and, for the teacher options, how far the teacher's normalised maps
+  and the AT loss move from the float32 eager teacher's; at the smallest batch of each pair.
 
 Run: python3 benchmarks/overhead.py [--out overhead.md] [--budget 75] [--rounds 40]
      [--device cpu|cuda] [--channels-last] [--bf16] [--threads 1]
-     [--only timing memory sweep breakdown] [--smoke]
+     [--only timing memory sweep breakdown options] [--smoke]
+     [--compile [--compile-backend inductor]] [--teacher-dtype bf16|fp16] [--teacher-compile]
+     [--teacher-channels-last] [--truncate]
      [--baseline-src DIR [--baseline-label main]]
 
 Against another commit (no regression in step time or peak memory against main, in one run):
@@ -492,6 +501,7 @@ class Options:
     threads: int = 1
     baseline_src: str | None = None  # another checkout whose athooks is variant athooks@LABEL
     baseline_label: str = "main"
+    compile_backend: str = "inductor"  # for the "+compile" variants
 
     @property
     def baseline(self) -> str | None:
@@ -501,6 +511,7 @@ class Options:
     def argv(self) -> list[str]:
         """The command-line flags that recreate these options (for the memory children)."""
         flags = ["--device", str(self.device), "--threads", str(self.threads)]
+        flags += ["--compile-backend", self.compile_backend]
         if self.baseline_src:
             flags += ["--baseline-src", self.baseline_src, "--baseline-label", self.baseline_label]
         return flags + ["--channels-last"] * self.channels_last + ["--bf16"] * self.bf16
@@ -528,6 +539,37 @@ class Options:
 
 Step = Callable[[Tensor, Tensor], Tensor]
 
+#: The opt-in teacher options, as variant flags: ``athooks+teacher_bf16`` and so on.
+TEACHER_FLAGS = ("teacher_bf16", "teacher_fp16", "teacher_compile", "teacher_cl", "truncate")
+
+
+def teacher_option(flag: str, backend: str = "inductor") -> dict[str, Any]:
+    """The Distiller arguments of a variant flag (``backend``: of ``teacher_compile``)."""
+    options: dict[str, dict[str, Any]] = {
+        "teacher_bf16": {"teacher_dtype": torch.bfloat16},
+        "teacher_fp16": {"teacher_dtype": torch.float16},
+        "teacher_compile": {
+            "teacher_compile": True if backend == "inductor" else {"backend": backend}
+        },
+        "teacher_cl": {"teacher_channels_last": True},
+        "truncate": {"truncate_teacher": True},
+    }
+    if flag not in options:
+        raise ValueError(f"unknown variant flag {flag!r}; choose from compile, {TEACHER_FLAGS}")
+    return options[flag]
+
+
+def split_variant(name: str) -> tuple[str, set[str]]:
+    """``"athooks+compile+truncate"`` -> ``("athooks", {"compile", "truncate"})``."""
+    base, *flags = name.split("+")
+    return base, set(flags)
+
+
+def with_module(step: Step, module: nn.Module) -> Step:
+    """The step, knowing its (uncompiled) student: the graph-break count explains it."""
+    step.module = module  # type: ignore[attr-defined]
+    return step
+
 
 def make_variant(
     name: str, teacher: nn.Module, student: nn.Module, names: Sequence[str], opts: Options
@@ -537,6 +579,7 @@ def make_variant(
     The models are used as they are (the caller passes copies); the teacher is put in eval mode
     with frozen parameters, the student in train mode.
     """
+    name, flags = split_variant(name)
     teacher, student = opts.place(teacher), opts.place(student)
     teacher.eval()
     for p in teacher.parameters():
@@ -544,6 +587,11 @@ def make_variant(
     student.train()
     opt = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     pairs = list(zip(names, names, strict=True))
+    if flags and (name not in ("floor", "athooks") or (name == "floor" and flags != {"compile"})):
+        raise ValueError(f"variant {name}+{'+'.join(sorted(flags))}: no such variant")
+    if "teacher_cl" in flags:  # the Distiller gives the teacher NHWC inputs; its weights too
+        teacher = teacher.to(memory_format=torch.channels_last)
+    model = student  # what the step calls: the student, or the student compiled
 
     def update(loss: Tensor) -> Tensor:
         opt.zero_grad(set_to_none=True)
@@ -552,18 +600,20 @@ def make_variant(
         return loss.detach()
 
     if name == "floor":
+        if "compile" in flags:
+            model = torch.compile(student, backend=opts.compile_backend)
 
         def floor_step(x: Tensor, y: Tensor) -> Tensor:
             with opts.autocast():
                 with torch.no_grad():
                     teacher(x)
-                loss = F.cross_entropy(student(x), y)
+                loss = F.cross_entropy(model(x), y)
             return update(loss)
 
         def floor_transfer(x: Tensor) -> Tensor:
             return torch.zeros(())
 
-        return floor_step, floor_transfer
+        return with_module(floor_step, student), floor_transfer
 
     if name == "reference":
 
@@ -588,19 +638,26 @@ def make_variant(
     if name == "athooks" or name == opts.baseline:
         # the baseline is another athooks package, used exactly as today's, public API only
         package = athooks if name == "athooks" else load_baseline(opts.baseline_src or "")
-        d = package.Distiller(teacher, student, layers=pairs, losses=package.loss("at", beta=BETA))
+        options: dict[str, Any] = {}
+        for flag in flags - {"compile"}:
+            options.update(teacher_option(flag, opts.compile_backend))
+        d = package.Distiller(
+            teacher, student, layers=pairs, losses=package.loss("at", beta=BETA), **options
+        )
         d.attach()  # a training run attaches once
+        if "compile" in flags:  # compiled after the Distiller, as the Performance page says
+            model = torch.compile(student, backend=opts.compile_backend)
 
         def athooks_step(x: Tensor, y: Tensor) -> Tensor:
             with opts.autocast():
-                loss = F.cross_entropy(student(x), y) + d.loss()
+                loss = F.cross_entropy(model(x), y) + d.loss()
             return update(loss)
 
         def athooks_transfer(x: Tensor) -> Tensor:
-            student(x)
+            model(x)
             return d.loss()
 
-        return athooks_step, athooks_transfer
+        return with_module(athooks_step, student), athooks_transfer
 
     if name == "torchdistill":
         from torchdistill.core.forward_hook import ForwardHookManager
@@ -672,7 +729,7 @@ def build_variants(
             variant, copy.deepcopy(teacher), copy.deepcopy(student), names, opts
         )
         steps[variant] = step
-        if variant != "floor":
+        if split_variant(variant)[0] != "floor":
             with opts.autocast():
                 losses[variant] = float(transfer(x).detach())
     if control:
@@ -683,8 +740,9 @@ def build_variants(
         check_baseline_isolated(load_baseline(opts.baseline_src or ""))
     if losses:
         ref = losses.get("reference", next(iter(losses.values())))
-        tol = 2e-2 if opts.bf16 else 1e-4
         for variant, value in losses.items():
+            low = opts.bf16 or bool({"teacher_bf16", "teacher_fp16"} & split_variant(variant)[1])
+            tol = 2e-2 if low else 1e-4
             if abs(value - ref) > tol * abs(ref):
                 raise RuntimeError(
                     f"{setting.label}: {variant}'s transfer loss {value:.6g} differs from the "
@@ -1050,6 +1108,150 @@ def memory_section(
         rows,
     )
     return results
+
+
+class _TeacherMaps(athooks.Loss):
+    """A loss of value 0 that keeps the teacher's AT maps of each step (for the agreement)."""
+
+    name = "teacher_maps"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mapping = athooks.mapping("sum_p", p=2)
+        self.seen: list[list[Tensor]] = []
+
+    def captures(self) -> tuple[Any, ...]:
+        return (self.mapping,)
+
+    def forward(self, step: Any) -> Tensor:
+        maps = step.maps(self.mapping)
+        self.seen.append([t.detach().float() for t, _ in maps])
+        return maps[0][1].sum() * 0
+
+
+def teacher_agreement(setting: Setting, flags: set[str], opts: Options) -> tuple[float, float]:
+    """How far the teacher options move the teacher's maps and the AT loss, at the 2nd step.
+
+    Two Distillers on copies of the same models and batch, with and without the options; the
+    maps are normalised per sample (``F.normalize`` of the flattened map, as AT does). Returns
+    the largest absolute difference of a normalised map's element and the relative difference
+    of the AT loss (the second step: truncation learns its cut on the first).
+    """
+    teacher, student = fresh_pair(setting)
+    names = tap_names(student, setting.taps)
+    pairs = list(zip(names, names, strict=True))
+    x, _ = opts.batch(setting, seed=2)
+    runs = []
+    chosen = {k: v for f in flags for k, v in teacher_option(f, opts.compile_backend).items()}
+    for options in ({}, chosen):
+        t, s = opts.place(copy.deepcopy(teacher)).eval(), opts.place(copy.deepcopy(student))
+        if "teacher_cl" in flags and options:
+            t = t.to(memory_format=torch.channels_last)
+        spy = _TeacherMaps()
+        losses = [athooks.loss("at"), spy]
+        with athooks.Distiller(t, s, layers=pairs, losses=losses, **options) as d:
+            for _ in range(2):
+                s(x)
+                loss = float(d.loss().detach())
+        runs.append(([F.normalize(m.flatten(1), dim=1) for m in spy.seen[-1]], loss))
+    (want_maps, want), (got_maps, got) = runs
+    diff = max(float((a - b).abs().max()) for a, b in zip(got_maps, want_maps, strict=True))
+    return diff, abs(got - want) / abs(want)
+
+
+def graph_breaks(step: Step, x: Tensor) -> tuple[int, list[str]]:
+    """The student's graph count and graph-break reasons under ``torch._dynamo.explain``."""
+    out = torch._dynamo.explain(step.module)(x)  # type: ignore[attr-defined]
+    return out.graph_count, [r.reason.splitlines()[0] for r in out.break_reasons]
+
+
+def options_section(
+    report: Report,
+    settings: Sequence[Setting],
+    variants: Sequence[str],
+    opts: Options,
+    warmup: int,
+    rounds: int,
+    budget: float | None,
+    jobs: int,
+) -> None:
+    """The compiled student and the opt-in teacher options: time, memory, graph breaks, maps."""
+    report("### The compiled student and the teacher options: step time, peak memory, graph breaks")
+    report()
+    report(
+        "Variants: `+compile` compiles the student (`torch.compile`, backend "
+        f"`{opts.compile_backend}`; after attaching, for athooks), the teacher eager; "
+        "`floor+compile` is its floor. The teacher options (athooks only): `teacher_bf16` / "
+        "`teacher_fp16` (`teacher_dtype=`), `teacher_compile`, `teacher_cl` "
+        "(`teacher_channels_last=True`, the teacher's weights converted too) and `truncate` "
+        "(`truncate_teacher=True`). Step time as above (interleaved rounds, median of the "
+        "round-by-round ratios, interquartile range in brackets); memory from a fresh process per "
+        "variant, steps 2+ (compilation happens in step 1). Graphs and breaks: "
+        "`torch._dynamo.explain` on the student as the variant runs it. Maps: the largest "
+        "difference of an element of the teacher's normalised AT maps, and the relative "
+        "difference of the AT loss, against the float32 eager teacher, at the second step."
+    )
+    report()
+    rows: list[Sequence[str]] = []
+    for setting in settings:
+        steps, names = build_variants(setting, variants, opts)
+        x, y = opts.batch(setting)
+        explained = {
+            v: graph_breaks(steps[v], x) for v in variants if "compile" in split_variant(v)[1]
+        }
+        start_load = load()
+        timing = interleaved(steps, x, y, opts.device, warmup, rounds, budget=budget)
+        report(
+            f"- {setting.label}: {len(timing.wall['floor'])} rounds; taps {', '.join(names)}; "
+            f"load {start_load} -> {load()}"
+        )
+        with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+            futures = {v: pool.submit(measure_memory, setting, v, opts) for v in variants}
+            mem = {v: f.result() for v, f in futures.items()}
+        for v in variants:
+            flags = split_variant(v)[1]
+            floor = "floor+compile" if "compile" in flags and "floor+compile" in steps else "floor"
+            later = max(mem[v]["steps"][1:] or [mem[v]["peak"]])
+            floor_later = max(mem[floor]["steps"][1:] or [mem[floor]["peak"]])
+            graphs, reasons = explained.get(v, (0, []))
+            teacher_flags = flags - {"compile"}
+            maps = "-"
+            if teacher_flags:
+                diff, rel = teacher_agreement(setting, teacher_flags, opts)
+                maps = f"{diff:.1e} / {rel:.1e}"
+            rows.append(
+                (
+                    setting.label,
+                    v,
+                    floor,
+                    f"{timing.median(v) * 1e3:.1f}",
+                    _ratio_cell(timing, v, "wall", floor),
+                    _ratio_cell(timing, v, "cpu", floor),
+                    f"{timing.ratio(v, 'floor', 'cpu'):.3f}",
+                    f"{later / floor_later:.3f}",
+                    f"{graphs} / {len(reasons)}" if v in explained else "-",
+                    "; ".join(dict.fromkeys(reasons)) or "-",
+                    maps,
+                )
+            )
+            report.progress(" | ".join(rows[-1]))
+    report()
+    report.table(
+        (
+            "setting",
+            "variant",
+            "its floor",
+            "median step (ms)",
+            "wall vs its floor",
+            "CPU vs its floor",
+            "CPU vs eager floor",
+            "memory, steps 2+, vs its floor",
+            "graphs / breaks",
+            "break reasons",
+            "maps / loss vs fp32 teacher",
+        ),
+        rows,
+    )
 
 
 def memory_vs(m: dict[str, Any], base: dict[str, Any]) -> tuple[str, str]:
@@ -1469,9 +1671,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batches", type=int, nargs="+", default=[32, 128])
     parser.add_argument(
         "--only",
-        choices=("timing", "memory", "sweep", "breakdown"),
+        choices=("timing", "memory", "sweep", "breakdown", "options"),
         nargs="+",
-        help="run only these parts",
+        help="run only these parts ('options': the compiled student and the teacher options; "
+        "without --only, the flags of the options part run that part alone)",
     )
     parser.add_argument(
         "--jobs",
@@ -1493,6 +1696,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--sweep-torchdistill", action="store_true", help="include torchdistill in the sweep"
     )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="the compiled student: floor+compile and athooks+compile (part 'options')",
+    )
+    parser.add_argument(
+        "--compile-backend", default="inductor", help="torch.compile backend (default inductor)"
+    )
+    parser.add_argument(
+        "--teacher-dtype",
+        choices=("bf16", "fp16"),
+        help="athooks with teacher_dtype= (part 'options')",
+    )
+    parser.add_argument(
+        "--teacher-compile", action="store_true", help="athooks with teacher_compile=True"
+    )
+    parser.add_argument(
+        "--teacher-channels-last", action="store_true", help="athooks with teacher_channels_last"
+    )
+    parser.add_argument("--truncate", action="store_true", help="athooks with truncate_teacher")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, a few seconds")
     parser.add_argument("--out", help="also write the tables to this markdown file")
     parser.add_argument("--child", nargs=2, metavar=("SETTING", "VARIANT"), help=argparse.SUPPRESS)
@@ -1513,6 +1736,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         threads,
         os.path.abspath(args.baseline_src) if args.baseline_src else None,
         args.baseline_label,
+        args.compile_backend,
     )
     if opts.device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
@@ -1520,6 +1744,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     # packages then run on the same footing, built-ins only, here and in the memory children
     with environment(AUTOLOAD_ENV, "1") if opts.baseline_src else contextlib.nullcontext():
         return run(args, opts, argv)
+
+
+def options_variants(args: argparse.Namespace) -> list[str]:
+    """The variants of the options part that the flags ask for (empty: no such flag)."""
+    flags = [
+        f
+        for f, on in (
+            (f"teacher_{args.teacher_dtype}", args.teacher_dtype),
+            ("teacher_compile", args.teacher_compile),
+            ("teacher_cl", args.teacher_channels_last),
+            ("truncate", args.truncate),
+        )
+        if on
+    ]
+    if not flags and not args.compile:
+        return []
+    variants = ["floor", "athooks", *(f"athooks+{f}" for f in flags)]
+    if args.compile:
+        variants += ["floor+compile", "athooks+compile"]
+    return variants
 
 
 def run(args: argparse.Namespace, opts: Options, argv: Sequence[str] | None) -> int:
@@ -1534,7 +1778,13 @@ def run(args: argparse.Namespace, opts: Options, argv: Sequence[str] | None) -> 
     budget = args.budget if args.budget is not None else (None if smoke else 75.0)
     warmup = args.warmup if args.warmup is not None else (1 if smoke else 2)
     sweep_rounds = args.sweep_rounds if args.sweep_rounds is not None else (2 if smoke else 8)
-    parts = set(args.only or ("timing", "memory", "sweep", "breakdown"))
+    option_variants = options_variants(args)
+    default_parts = ("options",) if option_variants else ("timing", "memory", "sweep", "breakdown")
+    parts = set(args.only or default_parts)
+    if "options" in parts and not option_variants:
+        option_variants = ["floor", "athooks", "floor+compile", "athooks+compile"] + [
+            f"athooks+{f}" for f in TEACHER_FLAGS if f != "teacher_fp16"
+        ]
     variants = [v for v in VARIANTS if v != "torchdistill"]
     if opts.baseline:
         variants.insert(variants.index("athooks") + 1, opts.baseline)
@@ -1591,6 +1841,11 @@ def run(args: argparse.Namespace, opts: Options, argv: Sequence[str] | None) -> 
         ]
         sweep_section(
             report, cfg["sweep"], cfg["counts"], sweep_variants, opts, warmup, sweep_rounds
+        )
+    if "options" in parts:
+        light = [s for s in cfg["light"] if s.batch == min(x.batch for x in cfg["light"])]
+        options_section(
+            report, light, option_variants, opts, warmup, rounds, budget, jobs=args.jobs
         )
     if "breakdown" in parts:
         for setting in cfg["light"]:

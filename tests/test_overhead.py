@@ -112,6 +112,34 @@ def test_smoke_mode_end_to_end(overhead, tmp_path):
     assert "**athooks step minus floor step**" in text
 
 
+@pytest.mark.slow
+def test_smoke_mode_of_the_options_part(overhead, tmp_path):
+    """--compile and the teacher flags run the options part alone: every variant gets a row with
+    its floor, the compiled ones a graph count with no break, the teacher options their maps'
+    agreement with the float32 teacher within the tolerance the tests of athooks state."""
+    out = tmp_path / "options.md"
+    argv = ["--smoke", "--compile", "--compile-backend", "aot_eager", "--teacher-dtype", "bf16"]
+    assert overhead.main([*argv, "--truncate", "--no-torchdistill", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "### The compiled student and the teacher options" in text
+    assert "### Step time" not in text  # the flags run the options part alone
+    rows = {
+        r.split("|")[2].strip(): [c.strip() for c in r.split("|")[1:-1]]
+        for r in text.splitlines()
+        if r.startswith("| ") and "(stages)" in r
+    }
+    assert set(rows) == {
+        "floor", "athooks", "athooks+teacher_bf16", "athooks+truncate",
+        "floor+compile", "athooks+compile",
+    }  # fmt: skip
+    assert rows["athooks+compile"][2] == "floor+compile" and rows["athooks"][2] == "floor"
+    for variant in ("floor+compile", "athooks+compile"):
+        assert rows[variant][8] == "1 / 0", rows[variant]
+    maps, loss = (float(v) for v in rows["athooks+teacher_bf16"][10].split(" / "))
+    assert 0 < maps < 2e-2 and loss < 1e-2
+    assert rows["athooks+truncate"][10] == "0.0e+00 / 0.0e+00"
+
+
 # --------------------------------------------------------------------------- --baseline-src
 
 BASELINE_MARK = "0.0+baseline-test"

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from athooks.checks import check_real
+from athooks.context import functorch_active
 from athooks.errors import CaptureError, ConfigurationError, PluginError
 from athooks.registry import build
 
@@ -102,20 +103,40 @@ def at_least_float32(t: Tensor) -> Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
+def _abs_pow_sum_forward(a: Tensor, p: float) -> Tensor:
+    af = at_least_float32(a)
+    if p == 2:
+        return af.square().sum(dim=1)
+    if p == 1:
+        return af.abs().sum(dim=1)
+    return af.abs().pow(p).sum(dim=1)
+
+
+def _abs_pow_sum_backward(a: Tensor, p: float, grad: Tensor) -> Tensor:
+    # type promotion computes in the gradient's float32 (or wider) without a widened copy
+    # of `a`; for p = 2 a single full-size product (the small (B, *S) side is scaled)
+    if p == 2:
+        ga = a * (2.0 * grad).unsqueeze(1)
+    elif p == 1:
+        ga = a.sign() * grad.unsqueeze(1)
+    else:
+        af = at_least_float32(a)
+        ga = grad.unsqueeze(1) * (p * af.abs().pow(p - 1) * af.sign())
+    return ga.to(a.dtype)
+
+
 class _AbsPowSum(torch.autograd.Function):
     """``sum_c |a_c|^p`` in float32 or wider, saving only ``a`` for backward.
 
-    Written with ``setup_context`` so that ``torch.func`` transforms can differentiate it.
+    Written with ``setup_context`` so that ``torch.func`` transforms can differentiate it, and
+    used there and under ``torch.compile``; elsewhere :class:`_AbsPowSumEager` runs, since
+    ``Function.apply`` binds a ``setup_context`` function's arguments with
+    ``inspect.signature`` at every call (about 0.08 ms a call on CPU, 6 calls a step).
     """
 
     @staticmethod
     def forward(a: Tensor, p: float) -> Tensor:
-        af = at_least_float32(a)
-        if p == 2:
-            return af.square().sum(dim=1)
-        if p == 1:
-            return af.abs().sum(dim=1)
-        return af.abs().pow(p).sum(dim=1)
+        return _abs_pow_sum_forward(a, p)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Tensor, float], output: Tensor) -> None:
@@ -126,17 +147,22 @@ class _AbsPowSum(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None]:
         (a,) = ctx.saved_tensors
-        p = ctx.p
-        # type promotion computes in the gradient's float32 (or wider) without a widened copy
-        # of `a`; for p = 2 a single full-size product (the small (B, *S) side is scaled)
-        if p == 2:
-            ga = a * (2.0 * grad).unsqueeze(1)
-        elif p == 1:
-            ga = a.sign() * grad.unsqueeze(1)
-        else:
-            af = at_least_float32(a)
-            ga = grad.unsqueeze(1) * (p * af.abs().pow(p - 1) * af.sign())
-        return ga.to(a.dtype), None
+        return _abs_pow_sum_backward(a, ctx.p, grad), None
+
+
+class _AbsPowSumEager(torch.autograd.Function):
+    """:class:`_AbsPowSum` in the classic form (``forward(ctx, ...)``): no argument binding."""
+
+    @staticmethod
+    def forward(ctx: Any, a: Tensor, p: float) -> Tensor:
+        ctx.save_for_backward(a)
+        ctx.p = p
+        return _abs_pow_sum_forward(a, p)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None]:
+        (a,) = ctx.saved_tensors
+        return _abs_pow_sum_backward(a, ctx.p, grad), None
 
 
 def abs_pow_sum(features: Tensor, p: float = 2.0) -> Tensor:
@@ -161,7 +187,12 @@ def abs_pow_sum(features: Tensor, p: float = 2.0) -> Tensor:
         assert abs_pow_sum(video, 2).shape == (2, 5, 4, 4)
         ```
     """
-    out: Tensor = _AbsPowSum.apply(features, float(p))
+    if torch.compiler.is_compiling() or functorch_active():
+        out: Tensor = _AbsPowSum.apply(features, float(p))
+    elif not (torch.is_grad_enabled() and features.requires_grad):
+        out = _abs_pow_sum_forward(features, float(p))  # nothing to differentiate
+    else:
+        out = _AbsPowSumEager.apply(features, float(p))
     return out
 
 

@@ -59,8 +59,28 @@ def losses_with(**options) -> tuple[list[float], list[float], TinyCNN]:
         ({"teacher_compile": {"backend": "aot_eager"}}, 1e-5),
         ({"teacher_compile": {"backend": "aot_eager"}, "truncate_teacher": True}, 1e-5),
         ({"teacher_dtype": torch.bfloat16, "teacher_channels_last": True}, 1e-2),
+        ({"teacher_dtype": torch.float16}, 1e-2),
+        (
+            {
+                "teacher_dtype": torch.bfloat16,
+                "teacher_channels_last": True,
+                "teacher_compile": {"backend": "aot_eager"},
+                "truncate_teacher": True,
+            },
+            1e-2,
+        ),
     ],
-    ids=["default", "channels_last", "truncate", "bf16", "compile", "compile+truncate", "bf16+cl"],
+    ids=[
+        "default",
+        "channels_last",
+        "truncate",
+        "bf16",
+        "compile",
+        "compile+truncate",
+        "bf16+cl",
+        "fp16",
+        "all four",
+    ],
 )
 def test_each_option_gives_the_reference_loss_within_its_tolerance(options, rel):
     got, want, _ = losses_with(**options)
@@ -148,3 +168,37 @@ def test_truncate_refuses_a_teacher_whose_layers_depend_on_the_input():
 def test_wrong_option_values_are_refused(options, match):
     with pytest.raises(ConfigurationError, match=match):
         Distiller(TinyCNN(16), TinyCNN(8), layers="relu?", **options)
+
+
+def test_truncate_leaves_the_users_own_teacher_calls_whole():
+    """The cut applies to athooks' run of the teacher only: the user's own call of the teacher
+    inside the block (its logits, for a loss of their own), or a student that calls the teacher
+    in its forward, runs the teacher whole, with the logits of the teacher alone."""
+    torch.manual_seed(0)
+    teacher, student = TinyCNN(16).eval(), TinyCNN(8, inplace=False)
+    want = teacher(X[0])
+    with Distiller(teacher, student, layers="relu?", truncate_teacher=True) as d:
+        for x in X:
+            student(x)
+            assert d.loss().item() == pytest.approx(reference(teacher, student, x), rel=1e-5)
+            with torch.no_grad():
+                torch.testing.assert_close(teacher(X[0]), want)
+
+    class CallsTheTeacher(TinyCNN):
+        def __init__(self, other: nn.Module) -> None:
+            super().__init__(8, inplace=False)
+            self.other = [other]  # not a submodule
+            self.seen: list[torch.Tensor] = []
+
+        def forward(self, x):
+            with torch.no_grad():
+                self.seen.append(self.other[0](x))
+            return super().forward(x)
+
+    student = CallsTheTeacher(teacher)
+    with Distiller(teacher, student, layers="relu?", truncate_teacher=True) as d:
+        for x in X:
+            student(x)
+            assert d.loss().item() == pytest.approx(reference(teacher, student, x), rel=1e-5)
+    for x, seen in zip(X, student.seen, strict=True):
+        torch.testing.assert_close(seen, teacher(x))

@@ -202,3 +202,36 @@ def test_truncate_leaves_the_users_own_teacher_calls_whole():
             assert d.loss().item() == pytest.approx(reference(teacher, student, x), rel=1e-5)
     for x, seen in zip(X, student.seen, strict=True):
         torch.testing.assert_close(seen, teacher(x))
+
+
+class SameClass(TinyCNN):
+    def forward(self, x):
+        return super().forward(x)
+
+
+def test_teacher_and_student_of_one_class_both_compiled_with_inference_mode_validation():
+    """A teacher compiled by athooks and a student compiled by the user, of the same class: each
+    runs its own code (dynamo guards on the hooks), the loss is the float64 reference's, and a
+    validation forward under inference_mode passes through without a step."""
+    torch.manual_seed(0)
+    teacher, student = SameClass(16), SameClass(8, inplace=False)
+    backend = {"backend": "aot_eager"}
+    with Distiller(teacher, student, layers="relu?", teacher_compile=backend) as d:
+        compiled = torch.compile(student, **backend)
+        for x in X:
+            compiled(x)
+            assert d.loss().item() == pytest.approx(reference(teacher, student, x), rel=1e-5)
+            with torch.inference_mode():
+                torch.testing.assert_close(compiled(x), student(x))
+            with pytest.raises(CaptureError, match="already called"):
+                d.loss()
+
+
+def test_a_teacher_the_user_compiled_given_with_teacher_compile():
+    torch.manual_seed(0)
+    teacher, student = TinyCNN(16), TinyCNN(8, inplace=False)
+    given = torch.compile(teacher, backend="aot_eager")
+    with Distiller(given, student, layers="relu?", teacher_compile={"backend": "aot_eager"}) as d:
+        for x in X:
+            student(x)
+            assert d.loss().item() == pytest.approx(reference(teacher, student, x), rel=1e-5)

@@ -34,6 +34,9 @@ tensors), ``torch.cuda.max_memory_allocated`` on CUDA. Settings:
   backward of the autograd nodes it adds from the profiler) and the end-to-end difference, with
   the cost per layer from a least-squares line;
 * a breakdown of athooks' extra time per step (taps, ``d.loss()``, backward) at batch 32;
+* with ``--gpu`` (for ``--device cuda``), the settings are resnet34->resnet18 and
+  resnet50->resnet34 at 224x224, batch 64 and 128, and the heavy setting resnet50->resnet34 at
+  224x224 with every block tapped;
 * the options part (``--only options``, or any of its flags alone): the compiled student
   (``--compile``: ``floor+compile`` and ``athooks+compile``, backend ``--compile-backend``, with
   the graph count and graph breaks of ``torch._dynamo.explain``) and the opt-in teacher options
@@ -45,8 +48,8 @@ tensors), ``torch.cuda.max_memory_allocated`` on CUDA. Settings:
 Run: python3 benchmarks/overhead.py [--out overhead.md] [--budget 75] [--rounds 40]
      [--device cpu|cuda] [--channels-last] [--bf16] [--threads 1]
      [--only timing memory sweep breakdown options] [--smoke]
-     [--compile [--compile-backend inductor]] [--teacher-dtype bf16|fp16] [--teacher-compile]
-     [--teacher-channels-last] [--truncate]
+     [--gpu] [--compile [--compile-backend inductor]] [--teacher-dtype bf16|fp16]
+     [--teacher-compile] [--teacher-channels-last] [--truncate]
      [--baseline-src DIR [--baseline-label main]]
 
 Against another commit (no regression in step time or peak memory against main, in one run):
@@ -1618,7 +1621,14 @@ def instrumentation_notes(report: Report, notes: Sequence[str], consequence: str
 # --------------------------------------------------------------------------- main
 
 
-def settings_for(smoke: bool, batches: Sequence[int]) -> dict[str, Any]:
+def settings_for(smoke: bool, batches: Sequence[int], gpu: bool = False) -> dict[str, Any]:
+    """The settings of each part: ``smoke`` (seconds), ``gpu`` (the GPU settings: 224x224) or
+    the CPU default."""
+    if gpu and not smoke:
+        pairs = [("timm:resnet34", "timm:resnet18"), ("timm:resnet50", "timm:resnet34")]
+        light = [Setting(t, s, 224, b) for t, s in pairs for b in batches]
+        heavy = Setting("timm:resnet50", "timm:resnet34", 224, min(batches), taps="blocks")
+        return {"light": light, "memory": [*light, heavy], "sweep": heavy, "counts": (1, 4, 16)}
     if smoke:
         light = [Setting("athooks:wrn16_2", "athooks:wrn16_1", 16, 2)]
         heavy = Setting("timm:resnet18", "timm:resnet18", 32, 2, taps="blocks")
@@ -1668,7 +1678,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--warmup", type=int, default=None, help="warm-up rounds")
     parser.add_argument("--sweep-rounds", type=int, default=None, help="rounds of the sweep")
-    parser.add_argument("--batches", type=int, nargs="+", default=[32, 128])
+    parser.add_argument(
+        "--batches",
+        type=int,
+        nargs="+",
+        default=None,
+        help="batch sizes of the timing settings (default 32 128; 64 128 with --gpu)",
+    )
+    parser.add_argument(
+        "--gpu",
+        action="store_true",
+        help="the GPU settings: resnet34->resnet18 and resnet50->resnet34 at 224x224 (use with "
+        "--device cuda)",
+    )
     parser.add_argument(
         "--only",
         choices=("timing", "memory", "sweep", "breakdown", "options"),
@@ -1793,7 +1815,8 @@ def run(args: argparse.Namespace, opts: Options, argv: Sequence[str] | None) -> 
         )
     if have_torchdistill() and not args.no_torchdistill:
         variants.append("torchdistill")
-    cfg = settings_for(smoke, args.batches)
+    batches = args.batches if args.batches is not None else ([64, 128] if args.gpu else [32, 128])
+    cfg = settings_for(smoke, batches, gpu=args.gpu)
 
     report = Report()
     started = datetime.datetime.now(datetime.timezone.utc)

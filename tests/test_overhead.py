@@ -52,6 +52,17 @@ def test_staged_forward_is_the_model_run_by_hand(overhead, spec):
         torch.testing.assert_close(feat, seen[name], msg=name)
 
 
+def test_gpu_settings(overhead):
+    cfg = overhead.settings_for(False, [64, 128], gpu=True)
+    assert [s.label for s in cfg["light"]] == [
+        f"{pair} 224x224 b{b} (stages)"
+        for pair in ("resnet34->resnet18", "resnet50->resnet34")
+        for b in (64, 128)
+    ]
+    assert cfg["memory"][-1].label == "resnet50->resnet34 224x224 b64 (blocks)"
+    assert overhead.settings_for(True, [64], gpu=True) == overhead.settings_for(True, [64])
+
+
 def test_tap_names(overhead):
     model = overhead.build_model("timm:resnet34")  # 3-4-6-3 blocks
     assert overhead.tap_names(model, "stages") == ["layer1", "layer2", "layer3", "layer4"]

@@ -42,6 +42,7 @@ from athooks.teacher import TeacherOptions, float32_outputs
 from athooks.tensors import (
     adapted_input,
     all_tensors,
+    device_type,
     first_tensor,
     image_list_length,
     non_tensor_input,
@@ -414,9 +415,7 @@ class TeacherRunner:
         dtype = self.options.dtype
         if dtype is None:
             return nullcontext()
-        first = first_tensor((t_args, t_kwargs))
-        device = first.device.type if first is not None else "cpu"
-        return torch.autocast(device, dtype=dtype)
+        return torch.autocast(device_type((t_args, t_kwargs)), dtype=dtype)
 
     def _check_calls(self, store: Captures | None, stopped: bool) -> None:
         """``truncate``: learn the calls of a whole forward, then check each cut one."""

@@ -43,7 +43,7 @@ from athooks.errors import CaptureError
 from athooks.layers import Layer, ResolvedPair, layer_label
 from athooks.mappings import Mapping as AttentionMapping
 from athooks.mappings import apply_mapping
-from athooks.tensors import first_tensor, select_tensor
+from athooks.tensors import device_type, first_tensor, select_tensor
 
 __all__ = [
     "Capture",
@@ -294,14 +294,6 @@ def is_replica(module: nn.Module, original: nn.Module) -> bool:
     )
 
 
-def _device_type(output: Any) -> str:
-    """The device type of the first tensor in a module's output (``"cpu"`` if none)."""
-    for value in output if isinstance(output, (tuple, list)) else (output,):
-        if isinstance(value, Tensor):
-            return value.device.type
-    return "cpu"
-
-
 def _shares_memory(a: Tensor, b: Tensor) -> bool:
     """Whether two tensors share storage (``True`` when it cannot be told: torch.func wrappers)."""
     try:
@@ -406,7 +398,7 @@ class Tap:
             The capture.
         """
         if self.float_maps:
-            with torch.autocast(_device_type(output), enabled=False):
+            with torch.autocast(device_type(output), enabled=False):
                 return self._capture(output, previous)
         return self._capture(output, previous)
 

@@ -20,6 +20,7 @@ from athooks.errors import CaptureError
 __all__ = [
     "adapted_input",
     "all_tensors",
+    "device_type",
     "first_tensor",
     "image_list_length",
     "non_tensor_input",
@@ -73,6 +74,28 @@ def first_tensor(value: Any, depth: int = 0) -> Tensor | None:
         if found is not None:
             return found
     return None
+
+
+def device_type(value: Any) -> str:
+    """The device type of the first tensor in ``value`` (``"cpu"`` if there is none).
+
+    Args:
+        value: A tensor, or containers holding tensors (a module's inputs or output).
+
+    Returns:
+        ``"cpu"``, ``"cuda"``, ...: what :func:`torch.autocast` takes.
+
+    Example:
+        ```python
+        import torch
+        from athooks.tensors import device_type
+
+        assert device_type((3, {"x": torch.zeros(1)})) == "cpu"
+        assert device_type("no tensor") == "cpu"
+        ```
+    """
+    first = first_tensor(value)
+    return first.device.type if first is not None else "cpu"
 
 
 def all_tensors(value: Any, depth: int = 0) -> list[Tensor]:

@@ -562,6 +562,19 @@ def teacher_option(flag: str, backend: str = "inductor") -> dict[str, Any]:
     return options[flag]
 
 
+def with_teacher_flags(
+    teacher: nn.Module, flags: set[str], backend: str
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The teacher as the flags want it (NHWC weights for ``teacher_cl``), and the Distiller
+    arguments of its flags (``compile``, the student's flag, is not one of them)."""
+    if "teacher_cl" in flags:  # the Distiller gives the teacher NHWC inputs; its weights too
+        teacher = teacher.to(memory_format=torch.channels_last)
+    options: dict[str, Any] = {}
+    for flag in flags - {"compile"}:
+        options.update(teacher_option(flag, backend))
+    return teacher, options
+
+
 def split_variant(name: str) -> tuple[str, set[str]]:
     """``"athooks+compile+truncate"`` -> ``("athooks", {"compile", "truncate"})``."""
     base, *flags = name.split("+")
@@ -592,8 +605,7 @@ def make_variant(
     pairs = list(zip(names, names, strict=True))
     if flags and (name not in ("floor", "athooks") or (name == "floor" and flags != {"compile"})):
         raise ValueError(f"variant {name}+{'+'.join(sorted(flags))}: no such variant")
-    if "teacher_cl" in flags:  # the Distiller gives the teacher NHWC inputs; its weights too
-        teacher = teacher.to(memory_format=torch.channels_last)
+    teacher, options = with_teacher_flags(teacher, flags, opts.compile_backend)
     model = student  # what the step calls: the student, or the student compiled
 
     def update(loss: Tensor) -> Tensor:
@@ -641,9 +653,6 @@ def make_variant(
     if name == "athooks" or name == opts.baseline:
         # the baseline is another athooks package, used exactly as today's, public API only
         package = athooks if name == "athooks" else load_baseline(opts.baseline_src or "")
-        options: dict[str, Any] = {}
-        for flag in flags - {"compile"}:
-            options.update(teacher_option(flag, opts.compile_backend))
         d = package.Distiller(
             teacher, student, layers=pairs, losses=package.loss("at", beta=BETA), **options
         )
@@ -1145,11 +1154,9 @@ def teacher_agreement(setting: Setting, flags: set[str], opts: Options) -> tuple
     pairs = list(zip(names, names, strict=True))
     x, _ = opts.batch(setting, seed=2)
     runs = []
-    chosen = {k: v for f in flags for k, v in teacher_option(f, opts.compile_backend).items()}
-    for options in ({}, chosen):
+    for chosen in (set(), flags):
         t, s = opts.place(copy.deepcopy(teacher)).eval(), opts.place(copy.deepcopy(student))
-        if "teacher_cl" in flags and options:
-            t = t.to(memory_format=torch.channels_last)
+        t, options = with_teacher_flags(t, chosen, opts.compile_backend)
         spy = _TeacherMaps()
         losses = [athooks.loss("at"), spy]
         with athooks.Distiller(t, s, layers=pairs, losses=losses, **options) as d:

@@ -91,6 +91,9 @@ class Mapping(nn.Module):
         return f"{self.name}({extra})"
 
 
+_WIDE = (torch.float32, torch.float64)  # float32 or wider: the dtypes maps are computed in
+
+
 def at_least_float32(t: Tensor) -> Tensor:
     """``t`` in float32, or in its own dtype if that is wider (float64).
 
@@ -100,6 +103,8 @@ def at_least_float32(t: Tensor) -> Tensor:
     Returns:
         The tensor, cast only when its dtype is narrower than float32.
     """
+    if t.dtype in _WIDE:  # no dispatch for the common case: two calls per map otherwise
+        return t
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
@@ -204,7 +209,6 @@ def abs_pow_sum(features: Tensor, p: float = 2.0) -> Tensor:
 # (0.3 ns an element on a 2026 CPU core) costs less than a Function's forward and backward
 # Python calls (about 40 us), measured by benchmarks/overhead.py at batch 2
 _SMALL = 1 << 17
-_WIDE = (torch.float32, torch.float64)  # no widening copy for autograd to save
 
 
 def _check_p(p: Any, name: str) -> float:

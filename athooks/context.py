@@ -10,8 +10,7 @@ for a user's forward captures anything from it. This module keeps the count of t
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from contextvars import ContextVar
 
 import torch
@@ -21,9 +20,23 @@ __all__ = ["functorch_active", "in_backward", "internal_depth", "internal_run"]
 _DEPTH: ContextVar[int] = ContextVar("athooks_internal_runs", default=0)
 
 
-@contextmanager
-def internal_run() -> Iterator[None]:
+class _InternalRun:
+    """The context manager :func:`internal_run` returns (a class: cheaper than a generator)."""
+
+    __slots__ = ("_token",)
+
+    def __enter__(self) -> None:
+        self._token = _DEPTH.set(_DEPTH.get() + 1)
+
+    def __exit__(self, *exc: object) -> None:
+        _DEPTH.reset(self._token)
+
+
+def internal_run() -> AbstractContextManager[None]:
     """Mark the models run inside this block as athooks' own (invisible to attached Distillers).
+
+    Returns:
+        A context manager; each ``with`` needs its own (``with internal_run():``).
 
     Example:
         ```python
@@ -34,11 +47,7 @@ def internal_run() -> Iterator[None]:
         assert internal_depth() == 0
         ```
     """
-    token = _DEPTH.set(_DEPTH.get() + 1)
-    try:
-        yield
-    finally:
-        _DEPTH.reset(token)
+    return _InternalRun()
 
 
 def internal_depth() -> int:

@@ -196,9 +196,19 @@ def abs_pow_sum(features: Tensor, p: float = 2.0) -> Tensor:
         out: Tensor = _AbsPowSum.apply(features, float(p))
     elif not (torch.is_grad_enabled() and features.requires_grad):
         out = _abs_pow_sum_forward(features, float(p))  # nothing to differentiate
+    elif p in (1, 2) and features.dtype in _WIDE and features.numel() <= _SMALL:
+        # autograd's own ops: they save only `features` too (square and abs save their
+        # input), and for a small map cost less than the Python calls of a Function
+        out = _abs_pow_sum_forward(features, float(p))
     else:
         out = _AbsPowSumEager.apply(features, float(p))
     return out
+
+
+# below this many elements, the extra full-size pass of autograd's backward of square/abs
+# (0.3 ns an element on a 2026 CPU core) costs less than a Function's forward and backward
+# Python calls: 0.3 ms a step on WRN-16 at batch 2 (the Performance page, "Fixed cost")
+_SMALL = 1 << 17
 
 
 def _check_p(p: Any, name: str) -> float:

@@ -24,7 +24,7 @@ import sys
 import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, Literal
@@ -45,6 +45,7 @@ from athooks.tensors import (
     device_type,
     first_tensor,
     image_list_length,
+    lone_tensor,
     non_tensor_input,
 )
 
@@ -336,10 +337,15 @@ def refuse_data_parallel(model: nn.Module, role: str) -> None:
 # ---------------------------------------------------------------------------- running the teacher
 
 
+_NULL = nullcontext()  # stateless: one object serves every call
+
+
 def _check_teacher_device(
     teacher: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], adapted: bool
 ) -> None:
-    x = first_tensor((args, kwargs))
+    x = lone_tensor(args, kwargs)
+    if x is None:
+        x = first_tensor((args, kwargs))
     param = next(teacher.parameters(), None)
     if x is None or param is None or x.device == param.device:
         return
@@ -414,7 +420,7 @@ class TeacherRunner:
     def _autocast(self, t_args: tuple[Any, ...], t_kwargs: dict[str, Any]) -> Any:
         dtype = self.options.dtype
         if dtype is None:
-            return nullcontext()
+            return _NULL
         return torch.autocast(device_type((t_args, t_kwargs)), dtype=dtype)
 
     def _check_calls(self, store: Captures | None, stopped: bool) -> None:
@@ -443,14 +449,16 @@ class TeacherRunner:
         """The teacher's arguments for the student's (through ``teacher_input``)."""
         return adapted_input(self.teacher_input, args, kwargs)
 
+    def _frozen(self) -> AbstractContextManager[None]:
+        if self.guard is None:
+            return internal_run()
+        return self._frozen_guarded()
+
     @contextmanager
-    def _frozen(self) -> Iterator[None]:
-        with internal_run():
-            if self.guard is None:
-                yield
-            else:
-                with self.guard.run():
-                    yield
+    def _frozen_guarded(self) -> Iterator[None]:
+        assert self.guard is not None
+        with internal_run(), self.guard.run():
+            yield
 
     def run(
         self, args: tuple[Any, ...], kwargs: dict[str, Any], *, capture: bool, grad: bool = False
@@ -468,7 +476,9 @@ class TeacherRunner:
         """
         t_args, t_kwargs = self.call_args(args, kwargs)
         _check_teacher_device(self.teacher, t_args, t_kwargs, self.teacher_input is not None)
-        inputs = [t for t in all_tensors((args, kwargs)) if not t.is_inference()]
+        lone = lone_tensor(args, kwargs)
+        found = [lone] if lone is not None else all_tensors((args, kwargs))
+        inputs = [t for t in found if not t.is_inference()]
         versions = [t._version for t in inputs]
         store = None
         options = self.options
@@ -704,7 +714,8 @@ class StepRecorder:
     def _begin(
         self, call: _Call, args: tuple[Any, ...], kwargs: dict[str, Any], grad: bool
     ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
-        if self.teacher.teacher_input is None:
+        lone = lone_tensor(args, kwargs)
+        if self.teacher.teacher_input is None and lone is None:
             bad = non_tensor_input(args, kwargs)
             if bad is not None:
                 raise ConfigurationError(
@@ -716,8 +727,10 @@ class StepRecorder:
         if self.prepare is not None:
             self.prepare(args, kwargs)
         self._enter_thread()
-        images = image_list_length(args, kwargs)
-        first = first_tensor((args, kwargs)) if images is None else None
+        images = image_list_length(args, kwargs) if lone is None else None
+        first = lone
+        if first is None and images is None:
+            first = first_tensor((args, kwargs))
         batch = int(first.shape[0]) if first is not None and first.dim() else None
         record = StepRecord(grad_enabled=grad, images=images, batch=batch)
         self._state.last = record

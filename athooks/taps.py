@@ -386,6 +386,9 @@ class Tap:
         self.warned_no_grad = False
         self.layout_checked = layer.transform is not None  # a transform says what it returns
         self.float_maps = False  # maps of a float32 copy, autocast off (teacher_dtype)
+        # the output itself, when it is a tensor, is what apply_layer would map: no select, no
+        # transform (a step's fixed cost is mostly such Python calls at small batches)
+        self._whole = layer.select is None and layer.transform is None and layer.of == "output"
 
     def capture(self, output: Any, previous: Capture | None = None) -> Capture:
         """Compute the maps of one call of the module (the last call of a step wins).
@@ -409,18 +412,15 @@ class Tap:
         grad = torch.is_grad_enabled()
         if self.student and grad and not functorch_active():
             with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
-                raw, values = apply_layer(
-                    self.layer, output, self.mappings, self.where, copy=copy, dtype=self.dtype
-                )
+                raw, values = self._apply(output, copy)
         else:
-            raw, values = apply_layer(
-                self.layer, output, self.mappings, self.where, copy=copy, dtype=self.dtype
-            )
+            raw, values = self._apply(output, copy)
         if not self.layout_checked:
             self.check_layout(raw)
         if not self.student:
             for mapping, value in values.items():
-                value = value.detach()
+                if value.requires_grad:
+                    value = value.detach()
                 if _shares_memory(value, raw):
                     value = value.clone()  # a view of the output could be overwritten later
                 values[mapping] = value
@@ -431,6 +431,15 @@ class Tap:
             version=version,
             calls=previous.calls + 1 if previous is not None else 1,
             grad_enabled=grad,
+        )
+
+    def _apply(self, output: Any, copy: bool) -> tuple[Tensor, dict[AttentionMapping, Tensor]]:
+        """:func:`apply_layer` for this tap, without its selection steps for a whole tensor."""
+        if self._whole and isinstance(output, Tensor) and not self.float_maps:
+            source = output.clone() if copy else output
+            return output, {m: apply_mapping(m, source, self.where) for m in self.mappings}
+        return apply_layer(
+            self.layer, output, self.mappings, self.where, copy=copy, dtype=self.dtype
         )
 
     def _capture_traced(self, output: Any, previous: Capture | None) -> Capture:

@@ -23,6 +23,7 @@ __all__ = [
     "device_type",
     "first_tensor",
     "image_list_length",
+    "lone_tensor",
     "non_tensor_input",
     "select_tensor",
     "slice_batch",
@@ -33,6 +34,11 @@ _MAX_DEPTH = 4
 
 def _children(value: Any) -> Any:
     """The items of a container athooks looks into, or ``None`` for anything else."""
+    kind = type(value)
+    if kind is tuple or kind is list:  # the common case, before the slower ABC check
+        return value
+    if kind is dict:
+        return value.values()
     if isinstance(value, MappingABC):
         return value.values()
     if isinstance(value, (tuple, list)):
@@ -73,6 +79,34 @@ def first_tensor(value: Any, depth: int = 0) -> Tensor | None:
         found = first_tensor(item, depth + 1)
         if found is not None:
             return found
+    return None
+
+
+def lone_tensor(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor | None:
+    """The tensor of a call made with one tensor and nothing else (``model(x)``), else ``None``.
+
+    The common case, told apart in a few checks: for it :func:`first_tensor` and
+    :func:`all_tensors` of ``(args, kwargs)`` are that tensor.
+
+    Args:
+        args: The positional arguments of a call.
+        kwargs: Its keyword arguments.
+
+    Returns:
+        The tensor, or ``None`` for any other call.
+
+    Example:
+        ```python
+        import torch
+        from athooks.tensors import lone_tensor
+
+        x = torch.zeros(2, 3)
+        assert lone_tensor((x,), {}) is x
+        assert lone_tensor((x,), {"mask": None}) is None and lone_tensor((x, x), {}) is None
+        ```
+    """
+    if len(args) == 1 and not kwargs and isinstance(args[0], Tensor):
+        return args[0]
     return None
 
 

@@ -505,6 +505,7 @@ class Options:
     baseline_src: str | None = None  # another checkout whose athooks is variant athooks@LABEL
     baseline_label: str = "main"
     compile_backend: str = "inductor"  # for the "+compile" variants
+    steps_per_round: int = 1  # consecutive steps of a variant timed together in a round
 
     @property
     def baseline(self) -> str | None:
@@ -819,11 +820,15 @@ def interleaved(
     rounds: int,
     budget: float | None = None,
     min_rounds: int = 6,
+    repeat: int = 1,
 ) -> Timing:
     """Run every variant once per round (order rotated each round); keep the measured rounds.
 
     With ``budget`` (seconds), the number of measured rounds is what fits in it at the pace of
-    the last warm-up round, between ``min_rounds`` and ``rounds``.
+    the last warm-up round, between ``min_rounds`` and ``rounds``. With ``repeat`` above 1 a
+    variant runs that many steps in a row in each round and its time is their mean, as in a
+    training loop, where a step follows a step of the same code (a single step after another
+    variant's runs with that variant's code and data in the caches instead).
     """
     order = list(steps)
     wall: dict[str, list[float]] = {v: [] for v in order}
@@ -836,9 +841,11 @@ def interleaved(
         for variant in order[shift:] + order[:shift]:
             sync(device)
             start, start_cpu = time.perf_counter(), time.process_time()
-            steps[variant](x, y)
+            for _ in range(repeat):
+                steps[variant](x, y)
             sync(device)
-            elapsed, elapsed_cpu = time.perf_counter() - start, time.process_time() - start_cpu
+            elapsed = (time.perf_counter() - start) / repeat
+            elapsed_cpu = (time.process_time() - start_cpu) / repeat
             if r >= warmup:
                 wall[variant].append(elapsed)
                 cpu[variant].append(elapsed_cpu)
@@ -994,6 +1001,11 @@ def timing_section(
     baseline = opts.baseline if opts.baseline in variants else None
     report(
         f"### Step time: {warmup} warm-up rounds, then measured rounds, interleaved, per setting"
+        + (
+            f"; {opts.steps_per_round} steps in a row per variant and round, timed together"
+            if opts.steps_per_round > 1
+            else ""
+        )
     )
     report()
     report(
@@ -1008,7 +1020,9 @@ def timing_section(
         steps, names = build_variants(setting, variants, opts, control=True)
         x, y = opts.batch(setting)
         start_load = load()
-        timing = interleaved(steps, x, y, opts.device, warmup, rounds, budget=budget)
+        timing = interleaved(
+            steps, x, y, opts.device, warmup, rounds, budget=budget, repeat=opts.steps_per_round
+        )
         n = len(timing.wall["floor"])
         results[setting.label] = timing
         for variant in steps:
@@ -1684,6 +1698,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "fits at the pace of the warm-up, at least 6, at most --rounds",
     )
     parser.add_argument("--warmup", type=int, default=None, help="warm-up rounds")
+    parser.add_argument(
+        "--steps-per-round",
+        type=int,
+        default=1,
+        help="eager step time: steps of a variant run in a row per round, timed together "
+        "(default 1); more is closer to a training loop, where a step follows a step of the "
+        "same code",
+    )
     parser.add_argument("--sweep-rounds", type=int, default=None, help="rounds of the sweep")
     parser.add_argument(
         "--batches",
@@ -1766,6 +1788,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.path.abspath(args.baseline_src) if args.baseline_src else None,
         args.baseline_label,
         args.compile_backend,
+        max(1, args.steps_per_round),
     )
     if opts.device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import numpy as np
 import pytest
@@ -70,6 +71,40 @@ def test_abs_pow_sum_same_values_and_gradients_eager_under_torch_func_and_compil
     torch._dynamo.reset()
     with torch.no_grad():
         torch.testing.assert_close(abs_pow_sum(a, p), a.abs().pow(p).sum(1))
+
+
+@pytest.mark.parametrize("p", [1.0, 2.0, 4.0])
+@pytest.mark.parametrize("size", ["small", "large"])
+def test_both_eager_paths_save_only_the_features_and_match_the_formula(p, size):
+    """Eager abs_pow_sum with gradient takes autograd's own ops for a small map (p 1 or 2,
+    float32 or wider) and the one-pass Function otherwise: both give sum_c |a_c|^p and its
+    gradient (float64, autograd of the formula), and both save only the features for backward
+    (no full-size intermediate kept)."""
+    from athooks.mappings import _SMALL
+
+    shape = (2, 4, 8, 8) if size == "small" else (2, 33, 64, 64)
+    assert (math.prod(shape) <= _SMALL) == (size == "small")
+    gen = torch.Generator().manual_seed(3)
+    a = torch.randn(shape, dtype=torch.float64, generator=gen)
+    w = torch.randn(shape[0], *shape[2:], dtype=torch.float64, generator=gen)
+    ref = a.clone().requires_grad_()
+    (ref.abs().pow(p).sum(1) * w).sum().backward()
+    leaf = a.clone().requires_grad_()
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = abs_pow_sum(leaf, p)
+    (out * w).sum().backward()
+    torch.testing.assert_close(out, a.abs().pow(p).sum(1))
+    torch.testing.assert_close(leaf.grad, ref.grad)
+    function = type(out.grad_fn).__name__.startswith("_AbsPowSum")
+    assert function == (size == "large" or p == 4.0)
+    full = [t for t in saved if t.numel() == leaf.numel()]
+    assert len(full) == 1 and full[0].data_ptr() == leaf.data_ptr()
 
 
 def test_a_training_step_binds_no_arguments_through_inspect(monkeypatch):

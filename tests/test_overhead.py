@@ -320,3 +320,24 @@ def test_breakdown_notes_renamed_internals(overhead, monkeypatch, capsys):
     assert "`athooks.no_such_module.Thing` does not exist" in text
     assert "`athooks.distiller.Distiller.detach` exists but was never called" in text
     assert "update `instrumentation_targets()`" in capsys.readouterr().out
+
+
+def test_interleaved_runs_steps_in_a_row_and_keeps_their_mean(overhead):
+    """--steps-per-round K: each round runs a variant K times in a row, one time per round."""
+    calls = {"a": 0, "b": 0}
+    order = []
+
+    def step(name):
+        def run(x, y):
+            calls[name] += 1
+            order.append(name)
+
+        return run
+
+    timing = overhead.interleaved(
+        {"a": step("a"), "b": step("b")}, None, None, torch.device("cpu"), 1, 3, repeat=4
+    )
+    assert calls == {"a": 16, "b": 16}
+    assert order[:8] == ["a"] * 4 + ["b"] * 4 and order[8:16] == ["b"] * 4 + ["a"] * 4
+    assert [len(v) for v in timing.wall.values()] == [3, 3]
+    assert all(t >= 0 for v in timing.cpu.values() for t in v)

@@ -284,3 +284,39 @@ def test_attachment_release_removes_every_hook_and_gives_the_teacher_back():
     assert len(teacher._forward_hooks) == 1  # only the test's own hook
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in r.student.modules())
     assert not any(m._forward_hooks for m in teacher.modules() if m is not teacher)
+
+
+def test_a_steady_training_step_makes_few_python_calls_of_athooks():
+    """The fixed cost per step is Python calls (the Performance page, "Fixed cost"): a step of
+    three AT pairs on WRN-16 at batch 2 makes 216 calls of athooks' own functions after the first
+    step (265 before the capture and teacher-run fast paths). Counted, not timed, so it holds on
+    a loaded machine; the bound leaves room for a check or two, not for a new layer of calls."""
+    import collections
+    import os
+    import sys
+
+    import torch.nn.functional as F  # noqa: N812
+
+    from athooks.models import create_model
+
+    package = os.path.dirname(athooks.__file__)
+    torch.manual_seed(0)
+    teacher, student = create_model("wrn16_2").eval(), create_model("wrn16_1")
+    x, y = torch.randn(2, 3, 16, 16), torch.tensor([0, 1])
+    pairs = [(n, n) for n in ("layer1", "layer2", "layer3")]
+    calls: collections.Counter[str] = collections.Counter()
+
+    def profile(frame, event, arg):
+        name = frame.f_code.co_filename
+        if event == "call" and name.startswith(package) and not name.endswith("models.py"):
+            calls[frame.f_code.co_name] += 1
+
+    with athooks.Distiller(teacher, student, layers=pairs, losses=athooks.loss("at")) as d:
+        for _ in range(2):  # the first step probes and checks once
+            (F.cross_entropy(student(x), y) + d.loss()).backward()
+        sys.setprofile(profile)
+        try:
+            (F.cross_entropy(student(x), y) + d.loss()).backward()
+        finally:
+            sys.setprofile(None)
+    assert 150 < sum(calls.values()) <= 230, calls.most_common(20)

@@ -6,7 +6,6 @@ import warnings
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F  # noqa: N812
 from torch import Tensor
 
 from athooks.checks import NEGATIVE_WEIGHT, check_real
@@ -20,6 +19,12 @@ __all__ = ["AT"]
 Distance = Literal["code", "paper"]
 
 _EPS = 1e-12  # F.normalize's default eps, used for the maps
+
+
+def _unit_rows(m: Tensor) -> Tensor:
+    """``F.normalize(m, dim=1)``: the same operations and values, without its Python layers."""
+    norms: Tensor = torch.linalg.vector_norm(m, 2, dim=1, keepdim=True)
+    return m / norms.clamp_min(_EPS)
 
 
 class AT(Loss):
@@ -137,8 +142,8 @@ class AT(Loss):
             (``"paper"``) of the normalised maps.
         """
         dtype = torch.promote_types(student_map.dtype, torch.float32)
-        qt = F.normalize(teacher_map.flatten(1).to(dtype), dim=1)
-        qs = F.normalize(student_map.flatten(1).to(dtype), dim=1)
+        qt = _unit_rows(teacher_map.flatten(1).to(dtype))
+        qs = _unit_rows(student_map.flatten(1).to(dtype))
         diff = qs - qt
         if self.distance == "code":
             return diff.pow(2).mean()

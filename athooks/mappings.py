@@ -207,7 +207,8 @@ def abs_pow_sum(features: Tensor, p: float = 2.0) -> Tensor:
 
 # below this many elements, the extra full-size pass of autograd's backward of square/abs
 # (0.3 ns an element on a 2026 CPU core) costs less than a Function's forward and backward
-# Python calls: 0.3 ms a step on WRN-16 at batch 2 (the Performance page, "Fixed cost")
+# Python calls (0.3 ms a step on WRN-16 at batch 2 in an interleaved ablation; the Performance
+# page, "Fewer Python calls per step")
 _SMALL = 1 << 17
 
 

@@ -24,7 +24,7 @@ import sys
 import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, Literal
@@ -449,17 +449,6 @@ class TeacherRunner:
         """The teacher's arguments for the student's (through ``teacher_input``)."""
         return adapted_input(self.teacher_input, args, kwargs)
 
-    def _frozen(self) -> AbstractContextManager[None]:
-        if self.guard is None:
-            return internal_run()
-        return self._frozen_guarded()
-
-    @contextmanager
-    def _frozen_guarded(self) -> Iterator[None]:
-        assert self.guard is not None
-        with internal_run(), self.guard.run():
-            yield
-
     def run(
         self, args: tuple[Any, ...], kwargs: dict[str, Any], *, capture: bool, grad: bool = False
     ) -> tuple[Any, Captures | None]:
@@ -483,7 +472,8 @@ class TeacherRunner:
         store = None
         options = self.options
         stopped = False
-        with self._frozen():
+        guard = self.guard.run() if self.guard is not None else _NULL
+        with internal_run(), guard:
             taps = self.taps if capture else None
             if taps is not None:
                 self._prepare(taps)
@@ -727,10 +717,8 @@ class StepRecorder:
         if self.prepare is not None:
             self.prepare(args, kwargs)
         self._enter_thread()
-        images = image_list_length(args, kwargs) if lone is None else None
-        first = lone
-        if first is None and images is None:
-            first = first_tensor((args, kwargs))
+        images = image_list_length(args, kwargs)
+        first = lone if lone is not None or images is not None else first_tensor((args, kwargs))
         batch = int(first.shape[0]) if first is not None and first.dim() else None
         record = StepRecord(grad_enabled=grad, images=images, batch=batch)
         self._state.last = record
